@@ -1,0 +1,11 @@
+"""TSKDLib: task-specific knowledge distillation for medical image segmentation.
+
+Backend of the TSKD 3D Slicer extension (it never imports qt, ctk or slicer). Method: Liang et
+al., "Task-specific knowledge distillation from the vision foundation model for enhanced medical
+image segmentation", arXiv 2503.06976.
+"""
+
+__version__ = "0.1.0"
+
+from .errors import (CheckpointError, ConfigError, GeometryError, InputError, LabelError,  # noqa: F401
+                     ModelPackageError, RunExistsError, TSKDError)

@@ -1,0 +1,132 @@
+"""The ``tskd`` command.
+
+Subcommands are thin wrappers over the Python API; every error TSKD raises on purpose
+(:class:`TSKDLib.errors.TSKDError`) is printed as one line (and, with ``--progress-json``, as a
+final ``{"event": "error"}`` line) and the command exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from . import __version__
+from .errors import TSKDError
+
+EXIT_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+def _parse_slices(spec: str | None) -> list[int] | None:
+    """``"3,7,10-12"`` -> ``[3, 7, 10, 11, 12]``."""
+    if spec is None:
+        return None
+    out: list[int] = []
+    for part in spec.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        if "-" in part:
+            a, b = part.split("-", 1)
+            out.extend(range(int(a), int(b) + 1))
+        else:
+            out.append(int(part))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+def cmd_inspect(args) -> int:
+    """Load a scan (and labels) through the data layer and print what TSKD sees."""
+    import warnings
+
+    import numpy as np
+
+    from .case import load_case
+    from .geometry import describe_geometry, orientation_code
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        case = load_case(args.image, args.labels, args.class_map, classes=args.classes,
+                         labelled_slices=_parse_slices(args.labelled_slices), axis=args.axis)
+    report = {
+        "image": str(args.image), "modality": case.modality,
+        "geometry": describe_geometry(case.image), "orientation": orientation_code(case.image),
+        "axis": case.axis, "slices": case.num_slices, "slice_spacing_mm": case.slice_spacing(),
+        "warnings": [str(w.message) for w in caught],
+    }
+    if case.labels is not None:
+        lab = case.label_slices()
+        labelled = case.labelled_indices()
+        per_class = {}
+        for i, name in enumerate(case.class_map.names, start=1):
+            present = [int(k) for k in labelled if np.any(lab[k] == i)]
+            per_class[name] = {"labelled_slices_with_class": len(present),
+                               "voxels_in_labelled_slices": int(sum((lab[k] == i).sum() for k in labelled))}
+        report.update(labelled_slices=labelled, classes=per_class)
+    if args.json:
+        print(json.dumps(report, indent=1))
+    else:
+        for k, v in report.items():
+            if k == "classes":
+                for name, d in v.items():
+                    print(f"  {name:>16}: {d['labelled_slices_with_class']} labelled slice(s), "
+                          f"{d['voxels_in_labelled_slices']} voxels")
+            elif k != "warnings" or v:
+                print(f"{k}: {v}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="tskd",
+        description="Task-specific knowledge distillation (arXiv 2503.06976) for medical image "
+                    "segmentation: fine-tune a foundation model on a few labelled slices, "
+                    "distil a fast student, segment whole scans on a CPU.")
+    p.add_argument("--version", action="version", version=f"tskd {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    q = sub.add_parser("inspect", help="show how TSKD reads a scan and its labels (geometry, "
+                                       "labelled slices per class)")
+    q.add_argument("image", help="volume file, DICOM folder or 2D image")
+    q.add_argument("--labels", help="label volume, .seg.nrrd or 2D mask")
+    q.add_argument("--class-map", help="JSON {value: name} for label volumes")
+    q.add_argument("--classes", nargs="+", help="class names to learn (default: all)")
+    q.add_argument("--labelled-slices", help="labelled slice indices, e.g. 2,7,12-14")
+    q.add_argument("--axis", default="axial", choices=["axial", "coronal", "sagittal"])
+    q.add_argument("--json", action="store_true", help="print JSON")
+    q.set_defaults(func=cmd_inspect)
+
+    try:  # the pipeline commands (train, segment, info, export, benchmark, demo)
+        from .pipeline_cli import add_pipeline_commands
+    except ImportError:  # pragma: no cover - during development of the pipeline
+        add_pipeline_commands = None
+    if add_pipeline_commands is not None:
+        add_pipeline_commands(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0
+    try:
+        return int(args.func(args) or 0)
+    except TSKDError as exc:
+        if getattr(args, "progress_json", False):
+            sys.stdout.write(json.dumps({"v": 1, "event": "error", "stage": None, "message": str(exc),
+                                         "error_type": type(exc).__name__}) + "\n")
+            sys.stdout.flush()
+        print(f"tskd: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("tskd: interrupted; run the same command again to resume.", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
