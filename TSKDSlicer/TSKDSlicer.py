@@ -1,0 +1,995 @@
+"""TSKD: task-specific knowledge distillation for segmentation in 3D Slicer.
+
+Label a few slices, train a small student network from a LoRA-fine-tuned foundation model
+(teacher) and a diffusion-synthesised transfer set, then segment new scans with the student.
+
+This file holds the Slicer classes only (module, parameter node, widget, logic, test). The work is
+done by plain classes in ``TSKDSlicerLib`` (tested without Slicer) and by the ``TSKDLib`` backend,
+which runs as a separate process (``python -m TSKDLib train ... --progress-json``).
+
+Python console API (see README-slicer.md)::
+
+    logic = slicer.util.getModuleLogic("TSKDSlicer")
+    job = logic.train(volumeNode, segmentationNode, ["Segment_1"], preset="fast")
+    job.wait()                      # or job.cancel(); job.resume()
+    seg = logic.segment(volumeNode, job.modelDir)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+from typing import Annotated
+
+import qt
+import slicer
+import vtk
+from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
+from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
+from slicer.ScriptedLoadableModule import (
+    ScriptedLoadableModule,
+    ScriptedLoadableModuleLogic,
+    ScriptedLoadableModuleTest,
+    ScriptedLoadableModuleWidget,
+)
+from slicer.util import VTKObservationMixin
+
+try:
+    from slicer.i18n import tr as _
+    from slicer.i18n import translate
+except ImportError:  # Slicer < 5.4
+    def _(text):
+        return text
+
+    def translate(context, text):
+        return text
+
+from TSKDSlicerLib import install, jobs, labels, models, mrml_io, training
+
+SETTINGS_PREFIX = "TSKD/"
+
+
+# ---------------------------------------------------------------------------------------------
+# Module
+# ---------------------------------------------------------------------------------------------
+
+class TSKDSlicer(ScriptedLoadableModule):
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = _("TSKD")
+        self.parent.categories = [translate("qSlicerAbstractCoreModule", "Segmentation")]
+        self.parent.dependencies = []
+        self.parent.contributors = ["TSKD developers"]
+        self.parent.helpText = _(
+            "Label a few slices, train a small student network distilled from a foundation model "
+            "(task-specific knowledge distillation, arXiv 2503.06976), then segment new scans. "
+            'See the <a href="https://github.com/tskd/tskd#slicer">documentation</a>.')
+        self.parent.acknowledgementText = _(
+            "Method: Liang et al., task-specific knowledge distillation from vision foundation "
+            "models for medical image segmentation (arXiv 2503.06976).")
+        # Stop background jobs when Slicer quits (SIGTERM: the runs stay resumable). The launcher
+        # also stops a job by itself if Slicer dies without quitting cleanly.
+        if hasattr(slicer, "app") and slicer.app is not None:
+            slicer.app.connect("aboutToQuit()", lambda: jobs.JOBS.cancel_all(timeout=10))
+
+
+# ---------------------------------------------------------------------------------------------
+# Parameter node
+# ---------------------------------------------------------------------------------------------
+
+@parameterNodeWrapper
+class TSKDSlicerParameterNode:
+    """GUI state saved with the scene.
+
+    inputVolume, labelSegmentation - the volume and its partial segmentation.
+    backgroundSlices - all-background slices that count as labelled ("3,8-9", axial file index).
+    preset, device - training preset and device.
+    foundationModel, checkpointPath, loraRank, numSynthetic, studentType - advanced overrides
+        (default/empty/0 = the preset's value).
+    retrainMode - how "Retrain" works.
+    modelDir - the model package used for segmenting.
+    """
+
+    inputVolume: vtkMRMLScalarVolumeNode
+    labelSegmentation: vtkMRMLSegmentationNode
+    backgroundSlices: str = ""
+    preset: Annotated[str, Choice(list(jobs.PRESETS))] = "fast"
+    device: Annotated[str, Choice(list(jobs.DEVICES))] = "auto"
+    foundationModel: Annotated[str, Choice(list(training.FOUNDATION_MODELS))] = "default"
+    checkpointPath: str = ""
+    loraRank: Annotated[int, WithinRange(0, 256)] = 0
+    numSynthetic: Annotated[int, WithinRange(0, 100000)] = 0
+    studentType: str = ""
+    retrainMode: Annotated[str, Choice(list(training.RETRAIN_MODES))] = "rerun pipeline"
+    modelDir: str = ""
+
+
+# ---------------------------------------------------------------------------------------------
+# Training job handle (console API)
+# ---------------------------------------------------------------------------------------------
+
+class TrainingJob:
+    """A running ``tskd train`` as seen from Slicer: poll timer, callbacks, wait/cancel/resume.
+
+    Attributes: ``state`` (:class:`TSKDSlicerLib.jobs.JobState`), ``runDir``, ``modelDir`` (set
+    when done and copied into the model library), ``job`` (the :class:`BackendJob`).
+    Callbacks (``onUpdate(job)``, ``onLog(line)``, ``onFinished(job)``) run on the main thread.
+    """
+
+    POLL_MS = 250
+    _active: set = set()  # keeps jobs (and their timers) alive when the caller drops its reference
+
+    def __init__(self, logic, backendJob: jobs.BackendJob, runDir: str, name: str):
+        self.logic = logic
+        self.job = backendJob
+        self.runDir = runDir
+        self.name = name
+        self.modelDir: str | None = None
+        self.onUpdate = None
+        self.onLog = None
+        self.onFinished = None
+        backendJob.on_event = lambda event, job: self.onUpdate and self.onUpdate(self)
+        backendJob.on_log = lambda line, job: self.onLog and self.onLog(line)
+        backendJob.on_finished = lambda job: self._finished()
+        self._timer = qt.QTimer()
+        self._timer.setInterval(self.POLL_MS)
+        self._timer.connect("timeout()", self._poll)
+
+    @property
+    def state(self) -> jobs.JobState:
+        return self.job.state
+
+    def start(self):
+        self.job.start()
+        jobs.JOBS.add(self.job)
+        TrainingJob._active.add(self)
+        self._timer.start()
+        return self
+
+    def _poll(self):
+        if not self.job.poll():
+            self._timer.stop()
+
+    def _finished(self):
+        self._timer.stop()
+        TrainingJob._active.discard(self)
+        if self.state.status == jobs.DONE:
+            package = self.state.model_dir or os.path.join(self.runDir, "model")
+            try:
+                self.modelDir = self.logic.modelLibrary().add(package, name=self.name).path
+            except models.ModelLibraryError as exc:
+                self.state.error = str(exc)
+                logging.error(f"TSKD: training finished but the model could not be added: {exc}")
+        if self.onFinished:
+            self.onFinished(self)
+
+    def isRunning(self) -> bool:
+        return self.job.is_running()
+
+    def wait(self, timeout: float | None = None) -> str:
+        """Block (keeping Slicer's GUI alive) until the job ends; returns the final status."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.job.is_running():
+            self._poll()
+            slicer.app.processEvents()
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"training still running after {timeout} s")
+            time.sleep(0.05)
+        return self.state.status
+
+    def cancel(self):
+        """Stop the process tree; the run dir stays resumable (``resume()``)."""
+        with slicer.util.WaitCursor():
+            self.job.cancel()
+            self.job.wait(timeout=60)
+
+    def resume(self):
+        """Run the same command again: the backend continues the run where it stopped."""
+        self.job.restart()
+        jobs.JOBS.add(self.job)
+        TrainingJob._active.add(self)
+        self._timer.start()
+        return self
+
+
+# ---------------------------------------------------------------------------------------------
+# Widget
+# ---------------------------------------------------------------------------------------------
+
+class TSKDSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    """Thin GUI over :class:`TSKDSlicerLogic` (behaviour lives in TSKDSlicerLib)."""
+
+    def __init__(self, parent=None) -> None:
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic = None
+        self._parameterNode = None
+        self._parameterNodeGuiTag = None
+        self._trainingJob: TrainingJob | None = None
+        self._cases: list = []  # (volumeNode, segmentationNode, segmentIds, backgroundSlices)
+
+    # -- set-up -----------------------------------------------------------------------------
+    def setup(self) -> None:
+        ScriptedLoadableModuleWidget.setup(self)
+        uiWidget = slicer.util.loadUI(self.resourcePath("UI/TSKDSlicer.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+        self.logic = TSKDSlicerLogic()
+
+        self.ui.modelsTableWidget.setHorizontalHeaderLabels(
+            [_("Name"), _("Classes"), _("Val. Dice"), _("Created"), _("Size")])
+        self.ui.modelsTableWidget.horizontalHeader().setStretchLastSection(True)
+        self.ui.casesTableWidget.setHorizontalHeaderLabels([_("Volume"), _("Labels"), _("Segments")])
+        self.ui.casesTableWidget.horizontalHeader().setStretchLastSection(True)
+        self.ui.runsFolderLabel.text = self.logic.dataDir
+        self.ui.pythonLineEdit.text = self.logic.externalPython or ""
+        self.ui.cancelButton.enabled = False
+        self.ui.resumeButton.enabled = False
+
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+
+        self.ui.segmentationSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.updateSegmentList)
+        self.ui.inputVolumeSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.updateSegmentList)
+        self.ui.refreshLabelsButton.connect("clicked()", self.updateSegmentList)
+        self.ui.segmentsListWidget.connect("itemChanged(QListWidgetItem*)", lambda item: self.updateLabelledSummary())
+        self.ui.backgroundSlicesLineEdit.connect("editingFinished()", self.updateLabelledSummary)
+        self.ui.markBackgroundSliceButton.connect("clicked()", self.onMarkBackgroundSlice)
+        self.ui.addCaseButton.connect("clicked()", self.onAddCase)
+        self.ui.removeCaseButton.connect("clicked()", self.onRemoveCase)
+        self.ui.checkpointBrowseButton.connect("clicked()", self.onBrowseCheckpoint)
+        self.ui.pythonBrowseButton.connect("clicked()", self.onBrowsePython)
+        self.ui.pythonLineEdit.connect("editingFinished()", self.onPythonChanged)
+        self.ui.trainButton.connect("clicked()", self.onTrain)
+        self.ui.cancelButton.connect("clicked()", self.onCancel)
+        self.ui.resumeButton.connect("clicked()", self.onResume)
+        self.ui.loadModelButton.connect("clicked()", self.onUseModel)
+        self.ui.renameModelButton.connect("clicked()", self.onRenameModel)
+        self.ui.deleteModelButton.connect("clicked()", self.onDeleteModel)
+        self.ui.exportModelButton.connect("clicked()", self.onExportModel)
+        self.ui.importModelButton.connect("clicked()", self.onImportModel)
+        self.ui.refreshModelsButton.connect("clicked()", self.refreshModels)
+        self.ui.segmentButton.connect("clicked()", self.onSegment)
+        self.ui.segmentSliceButton.connect("clicked()", self.onSegmentSlice)
+        self.ui.editSegmentsButton.connect("clicked()", self.onEditSegments)
+        self.ui.retrainButton.connect("clicked()", self.onRetrain)
+
+        self.initializeParameterNode()
+        self.refreshModels()
+
+    def cleanup(self) -> None:
+        """Module widget destroyed (Slicer quits): the running job is stopped by the module."""
+        self.removeObservers()
+
+    def enter(self) -> None:
+        self.initializeParameterNode()
+
+    def exit(self) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
+
+    def onSceneStartClose(self, caller, event) -> None:
+        # The training job is not part of the scene: it keeps running (its inputs are on disk)
+        # and its model lands in the model library. Only node references are dropped.
+        self._cases = []
+        self._updateCasesTable()
+        self.setParameterNode(None)
+
+    def onSceneEndClose(self, caller, event) -> None:
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    def initializeParameterNode(self) -> None:
+        self.setParameterNode(self.logic.getParameterNode())
+        if not self._parameterNode.inputVolume:
+            node = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+            if node:
+                self._parameterNode.inputVolume = node
+        if not self._parameterNode.labelSegmentation:
+            node = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLSegmentationNode")
+            if node:
+                self._parameterNode.labelSegmentation = node
+
+    def setParameterNode(self, inputParameterNode) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
+        self._parameterNode = inputParameterNode
+        if self._parameterNode:
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
+            self._updateButtons()
+            self.updateSegmentList()
+            self._updateCurrentModelLabel()
+
+    def _updateButtons(self, caller=None, event=None) -> None:
+        p = self._parameterNode
+        running = bool(self._trainingJob and self._trainingJob.isRunning())
+        canTrain = bool(self._cases) or bool(p and p.inputVolume and p.labelSegmentation and self._checkedSegmentIds())
+        self.ui.trainButton.enabled = canTrain and not running
+        self.ui.retrainButton.enabled = canTrain and not running
+        self.ui.cancelButton.enabled = running
+        self.ui.resumeButton.enabled = bool(self._trainingJob) and not running and \
+            self._trainingJob.state.status in (jobs.CANCELLED, jobs.FAILED)
+        hasModel = bool(p and p.modelDir and os.path.isdir(p.modelDir))
+        self.ui.segmentButton.enabled = hasModel and bool(p.inputVolume or self._checkedVolumes())
+        self.ui.segmentSliceButton.enabled = hasModel and bool(p.inputVolume)
+
+    # -- data and labels ----------------------------------------------------------------------
+    def _checkedSegmentIds(self) -> list[str]:
+        out = []
+        for row in range(self.ui.segmentsListWidget.count):
+            item = self.ui.segmentsListWidget.item(row)
+            if item.checkState() == qt.Qt.Checked:
+                out.append(item.data(qt.Qt.UserRole))
+        return out
+
+    def _backgroundSlices(self) -> list[int]:
+        try:
+            return labels.parse_ranges(self.ui.backgroundSlicesLineEdit.text)
+        except ValueError:
+            return []
+
+    def updateSegmentList(self, *args) -> None:
+        """List the segments with their number of labelled slices (all checked by default)."""
+        p = self._parameterNode
+        widget = self.ui.segmentsListWidget
+        previous = set(self._checkedSegmentIds())
+        widget.blockSignals(True)
+        widget.clear()
+        counts = {}
+        if p and p.inputVolume and p.labelSegmentation:
+            try:
+                counts = self.logic.labelledSliceCounts(p.inputVolume, p.labelSegmentation)
+            except Exception as exc:  # noqa: BLE001 - shown to the user
+                self.ui.labelledSummaryLabel.text = _("Cannot read the labels: {error}").format(error=exc)
+        if p and p.labelSegmentation:
+            seg = p.labelSegmentation.GetSegmentation()
+            for n in range(seg.GetNumberOfSegments()):
+                sid = seg.GetNthSegmentID(n)
+                name = seg.GetSegment(sid).GetName()
+                item = qt.QListWidgetItem(f"{name}  ({counts.get(sid, 0)} labelled slices)")
+                item.setData(qt.Qt.UserRole, sid)
+                item.setFlags(item.flags() | qt.Qt.ItemIsUserCheckable)
+                item.setCheckState(qt.Qt.Checked if (not previous or sid in previous) else qt.Qt.Unchecked)
+                widget.addItem(item)
+        widget.blockSignals(False)
+        self.updateLabelledSummary()
+
+    def updateLabelledSummary(self) -> None:
+        p = self._parameterNode
+        if not (p and p.inputVolume and p.labelSegmentation and self._checkedSegmentIds()):
+            self.ui.labelledSummaryLabel.text = _("Labelled slices: select a volume, its labels and segments.")
+            self._updateButtons()
+            return
+        try:
+            slices = self.logic.labelledSlices(p.inputVolume, p.labelSegmentation, self._checkedSegmentIds(),
+                                               self._backgroundSlices())
+            self.ui.labelledSummaryLabel.text = _("Labelled slices (axial): {n} - {spec}").format(
+                n=len(slices), spec=labels.compress_ranges(slices) or "-")
+        except Exception as exc:  # noqa: BLE001
+            self.ui.labelledSummaryLabel.text = str(exc)
+        self._updateButtons()
+
+    def onMarkBackgroundSlice(self) -> None:
+        p = self._parameterNode
+        if not (p and p.inputVolume):
+            return
+        with slicer.util.tryWithErrorDisplay(_("Cannot find the current slice."), waitCursor=True):
+            axis, index = self.logic.currentSliceIndex(p.inputVolume)
+            current = self._backgroundSlices()
+            self.ui.backgroundSlicesLineEdit.text = labels.compress_ranges(current + [index])
+            p.backgroundSlices = self.ui.backgroundSlicesLineEdit.text
+            self.updateLabelledSummary()
+
+    def onAddCase(self) -> None:
+        p = self._parameterNode
+        ids = self._checkedSegmentIds()
+        if not (p and p.inputVolume and p.labelSegmentation and ids):
+            slicer.util.warningDisplay(_("Select a volume, its partial labels and the segments first."))
+            return
+        self._cases.append((p.inputVolume, p.labelSegmentation, ids, self._backgroundSlices()))
+        self._updateCasesTable()
+
+    def onRemoveCase(self) -> None:
+        row = self.ui.casesTableWidget.currentRow()
+        if 0 <= row < len(self._cases):
+            del self._cases[row]
+            self._updateCasesTable()
+
+    def _updateCasesTable(self) -> None:
+        table = self.ui.casesTableWidget
+        table.setRowCount(len(self._cases))
+        for row, (vol, seg, ids, _bg) in enumerate(self._cases):
+            names = mrml_io.segment_names(seg, ids) if seg else []
+            for col, text in enumerate([vol.GetName(), seg.GetName(), ", ".join(names)]):
+                table.setItem(row, col, qt.QTableWidgetItem(text))
+        self._updateButtons()
+
+    # -- training -----------------------------------------------------------------------------
+    def _advanced(self) -> dict:
+        p = self._parameterNode
+        return {"foundation_model": p.foundationModel, "checkpoint": p.checkpointPath.strip(),
+                "lora_rank": p.loraRank, "num_synthetic": p.numSynthetic, "student": p.studentType.strip()}
+
+    def _currentCases(self):
+        if self._cases:
+            return list(self._cases)
+        p = self._parameterNode
+        return [(p.inputVolume, p.labelSegmentation, self._checkedSegmentIds(), self._backgroundSlices())]
+
+    def onTrain(self, initStudent: str = "") -> None:
+        p = self._parameterNode
+        with slicer.util.tryWithErrorDisplay(_("Failed to start training."), waitCursor=True):
+            if not self.logic.ensureDependencies(training=True):
+                return
+            advanced = self._advanced()
+            if initStudent:
+                advanced["init_student"] = initStudent
+            job = self.logic.trainCases(self._currentCases(), preset=p.preset, device=p.device, advanced=advanced)
+            self._attachJob(job)
+
+    def _attachJob(self, job: TrainingJob) -> None:
+        self._trainingJob = job
+        job.onUpdate = self._onJobUpdate
+        job.onLog = self._appendLog
+        job.onFinished = self._onJobFinished
+        self.ui.logTextEdit.clear()
+        self._appendLog(_("Run folder: {dir}").format(dir=job.runDir))
+        self.ui.progressBar.value = 0
+        self.ui.statusLabel.text = _("Training started.")
+        self._updateButtons()
+
+    def _appendLog(self, line: str) -> None:
+        self.ui.logTextEdit.appendPlainText(line)
+
+    def _onJobUpdate(self, job: TrainingJob) -> None:
+        st = job.state
+        self.ui.progressBar.value = int(round(100 * st.overall_fraction))
+        self.ui.stageLabel.text = st.stage_label + (f" ({st.step}/{st.total})" if st.total else "")
+        self.ui.etaLabel.text = _("{eta} for this stage").format(eta=jobs.format_duration(st.eta_s)) \
+            if st.eta_s is not None else "-"
+        self.ui.diceLabel.text = f"{st.val_dice:.3f}" if st.val_dice is not None else "-"
+        if job.job.events and job.job.events[-1].get("event") == "log":
+            self._appendLog(job.job.events[-1].get("message", ""))
+
+    def _onJobFinished(self, job: TrainingJob) -> None:
+        st = job.state
+        self.ui.statusLabel.text = st.summary()
+        self._updateButtons()
+        if st.status == jobs.DONE:
+            self.ui.progressBar.value = 100
+            self.refreshModels()
+            if job.modelDir:
+                self._parameterNode.modelDir = job.modelDir
+                self._updateCurrentModelLabel()
+        elif st.status == jobs.FAILED:
+            self._appendLog(st.error or "")
+            slicer.util.errorDisplay(_("Training failed: {error}").format(error=st.error),
+                                     detailedText="\n".join(list(job.job.log)[-50:]))
+
+    def onCancel(self) -> None:
+        if self._trainingJob and self._trainingJob.isRunning():
+            self.ui.statusLabel.text = _("Stopping...")
+            slicer.app.processEvents()
+            self._trainingJob.cancel()
+        self._updateButtons()
+
+    def onResume(self) -> None:
+        if self._trainingJob and not self._trainingJob.isRunning():
+            with slicer.util.tryWithErrorDisplay(_("Failed to resume."), waitCursor=True):
+                self._trainingJob.resume()
+                self._appendLog(_("Resuming the run in {dir}").format(dir=self._trainingJob.runDir))
+                self.ui.statusLabel.text = _("Resumed.")
+        self._updateButtons()
+
+    def onRetrain(self) -> None:
+        p = self._parameterNode
+        if p.retrainMode == "fine-tune student" and p.modelDir:
+            self.onTrain(initStudent=p.modelDir)
+        else:
+            self.onTrain()
+
+    def onBrowseCheckpoint(self) -> None:
+        path = qt.QFileDialog.getOpenFileName(None, _("Foundation model checkpoint"), "",
+                                              "Checkpoints (*.pth *.pt *.ckpt *.safetensors);;All files (*)")
+        if path:
+            self._parameterNode.checkpointPath = path
+
+    def onBrowsePython(self) -> None:
+        path = qt.QFileDialog.getOpenFileName(None, _("Python executable with TSKD installed"))
+        if path:
+            self.ui.pythonLineEdit.text = path
+            self.onPythonChanged()
+
+    def onPythonChanged(self) -> None:
+        self.logic.externalPython = self.ui.pythonLineEdit.text.strip()
+
+    # -- models -------------------------------------------------------------------------------
+    def _selectedModel(self):
+        row = self.ui.modelsTableWidget.currentRow()
+        if row < 0 or row >= len(self._models):
+            slicer.util.warningDisplay(_("Select a model in the list first."))
+            return None
+        return self._models[row]
+
+    def refreshModels(self) -> None:
+        self._models = self.logic.modelLibrary().list()
+        table = self.ui.modelsTableWidget
+        table.setRowCount(len(self._models))
+        for row, info in enumerate(self._models):
+            for col, text in enumerate(info.row()):
+                item = qt.QTableWidgetItem(text)
+                item.setToolTip(info.path)
+                table.setItem(row, col, item)
+        self._updateCurrentModelLabel()
+
+    def _updateCurrentModelLabel(self) -> None:
+        p = self._parameterNode
+        if p and p.modelDir and os.path.isdir(p.modelDir):
+            try:
+                info = models.model_info(p.modelDir)
+                self.ui.currentModelLabel.text = f"{info.name}: {', '.join(info.class_names)}"
+            except models.ModelLibraryError as exc:
+                self.ui.currentModelLabel.text = str(exc)
+        else:
+            self.ui.currentModelLabel.text = _("(choose one in Models)")
+        self._updateButtons()
+
+    def onUseModel(self) -> None:
+        info = self._selectedModel()
+        if info:
+            self._parameterNode.modelDir = info.path
+            self._updateCurrentModelLabel()
+
+    def onRenameModel(self) -> None:
+        info = self._selectedModel()
+        if not info:
+            return
+        name = qt.QInputDialog.getText(None, _("Rename model"), _("New name:"), qt.QLineEdit.Normal, info.name)
+        if name:
+            with slicer.util.tryWithErrorDisplay(_("Rename failed.")):
+                new = self.logic.modelLibrary().rename(info.path, name)
+                if self._parameterNode.modelDir == info.path:
+                    self._parameterNode.modelDir = new.path
+        self.refreshModels()
+
+    def onDeleteModel(self) -> None:
+        info = self._selectedModel()
+        if info and slicer.util.confirmYesNoDisplay(_("Delete model {name}?").format(name=info.name)):
+            with slicer.util.tryWithErrorDisplay(_("Delete failed.")):
+                self.logic.modelLibrary().delete(info.path)
+                if self._parameterNode.modelDir == info.path:
+                    self._parameterNode.modelDir = ""
+        self.refreshModels()
+
+    def onExportModel(self) -> None:
+        info = self._selectedModel()
+        if not info:
+            return
+        folder = qt.QFileDialog.getExistingDirectory(None, _("Export model package to folder"))
+        if folder:
+            with slicer.util.tryWithErrorDisplay(_("Export failed."), waitCursor=True):
+                dest = self.logic.modelLibrary().export(info.path, folder)
+                slicer.util.infoDisplay(_("Model exported to {dest}").format(dest=dest))
+
+    def onImportModel(self) -> None:
+        folder = qt.QFileDialog.getExistingDirectory(None, _("Model package folder (with model_card.json)"))
+        if folder:
+            with slicer.util.tryWithErrorDisplay(_("Import failed."), waitCursor=True):
+                self.logic.modelLibrary().add(folder)
+        self.refreshModels()
+
+    # -- segmenting ---------------------------------------------------------------------------
+    def _checkedVolumes(self) -> list:
+        return list(self.ui.segmentVolumesSelector.checkedNodes())
+
+    def onSegment(self) -> None:
+        p = self._parameterNode
+        volumes = self._checkedVolumes() or [p.inputVolume]
+        with slicer.util.tryWithErrorDisplay(_("Segmentation failed."), waitCursor=True):
+            if not self.logic.ensureDependencies(training=False):
+                return
+            start = time.monotonic()
+            results = self.logic.segment(volumes, p.modelDir, device=p.device, logCallback=self._appendLog)
+            elapsed = time.monotonic() - start
+            self.ui.segmentTimeLabel.text = _("{n} volume(s) segmented in {t:.1f} s").format(n=len(results), t=elapsed)
+            if results:
+                slicer.util.setSliceViewerLayers(background=volumes[0])
+                p.labelSegmentation = results[0]
+
+    def onSegmentSlice(self) -> None:
+        p = self._parameterNode
+        with slicer.util.tryWithErrorDisplay(_("Slice segmentation failed."), waitCursor=True):
+            if not self.logic.ensureDependencies(training=False):
+                return
+            start = time.monotonic()
+            seg, index = self.logic.segmentSlice(p.inputVolume, p.modelDir, device=p.device)
+            self.ui.segmentTimeLabel.text = _("Slice {k} segmented in {t:.1f} s").format(
+                k=index, t=time.monotonic() - start)
+
+    def onEditSegments(self) -> None:
+        p = self._parameterNode
+        editor = slicer.util.getModuleWidget("SegmentEditor")
+        slicer.util.selectModule("SegmentEditor")
+        if p.labelSegmentation:
+            editor.editor.setSegmentationNode(p.labelSegmentation)
+        if p.inputVolume:
+            editor.editor.setSourceVolumeNode(p.inputVolume) if hasattr(editor.editor, "setSourceVolumeNode") \
+                else editor.editor.setMasterVolumeNode(p.inputVolume)
+
+
+# ---------------------------------------------------------------------------------------------
+# Logic
+# ---------------------------------------------------------------------------------------------
+
+class TSKDSlicerLogic(ScriptedLoadableModuleLogic):
+    """Console API of TSKD in Slicer. All heavy work runs in a backend subprocess.
+
+    Main entry points: :meth:`train`, :meth:`segment`, :meth:`segmentSlice`,
+    :meth:`modelLibrary`, :meth:`labelledSliceCounts`.
+    """
+
+    def __init__(self) -> None:
+        ScriptedLoadableModuleLogic.__init__(self)
+        self.moduleDir = os.path.dirname(os.path.abspath(__file__))
+
+    def getParameterNode(self):
+        return TSKDSlicerParameterNode(super().getParameterNode())
+
+    # -- settings ----------------------------------------------------------------------------
+    @property
+    def dataDir(self) -> str:
+        """Folder holding ``runs/`` and ``models/`` (setting ``TSKD/DataDirectory``)."""
+        default = training.default_data_dir(os.path.dirname(slicer.app.slicerUserSettingsFilePath))
+        path = slicer.util.settingsValue(SETTINGS_PREFIX + "DataDirectory", default)
+        os.makedirs(path, exist_ok=True)
+        return path
+
+    @property
+    def externalPython(self) -> str:
+        """Python executable used to run the backend; empty = Slicer's own (PythonSlicer)."""
+        return slicer.util.settingsValue(SETTINGS_PREFIX + "Python", "") or ""
+
+    @externalPython.setter
+    def externalPython(self, path: str) -> None:
+        qt.QSettings().setValue(SETTINGS_PREFIX + "Python", path or "")
+
+    def pythonExecutable(self) -> str:
+        return self.externalPython or shutil.which("PythonSlicer") or sys.executable
+
+    def backendEnvironment(self, device: str | None = None) -> dict:
+        """Environment for backend processes: Slicer's startup environment (what PythonSlicer
+        expects) plus ``PYTHONPATH`` to TSKDLib/TSKDSlicerLib."""
+        base = slicer.util.startupEnvironment() if not self.externalPython else dict(os.environ)
+        return jobs.backend_env(base, self.moduleDir, device)
+
+    def modelLibrary(self) -> models.ModelLibrary:
+        return models.ModelLibrary(os.path.join(self.dataDir, "models"))
+
+    # -- dependencies ---------------------------------------------------------------------------
+    def ensureDependencies(self, training: bool = True) -> bool:
+        """Install what is missing (first use only). False if Slicer must restart first."""
+        if self.externalPython:
+            return True  # the user's own environment
+        resources = os.path.join(self.moduleDir, "Resources")
+        try:
+            if training:
+                install.ensure_torch()
+            req = "requirements.txt" if training else "requirements-segment.txt"
+            install.ensure_requirements(os.path.join(resources, req),
+                                        os.path.join(resources, "constraints.txt"), requester="TSKD")
+        except install.InstallError as exc:
+            if exc.restart_required:
+                if slicer.util.confirmYesNoDisplay(str(exc) + "\n\n" + _("Restart Slicer now?")):
+                    slicer.util.restart()
+                return False
+            raise
+        return True
+
+    # -- labels ---------------------------------------------------------------------------------
+    def _labelArray(self, volumeNode, segmentationNode, segmentIds=None):
+        seg = segmentationNode.GetSegmentation()
+        ids = list(segmentIds) if segmentIds else [seg.GetNthSegmentID(n) for n in range(seg.GetNumberOfSegments())]
+        if not ids:
+            return None, []
+        return mrml_io.segments_to_label_array(segmentationNode, ids, volumeNode), ids
+
+    def sliceAxis(self, volumeNode, orientation: str = "axial") -> int:
+        """numpy axis of ``arrayFromVolume`` holding ``orientation`` slices."""
+        return labels.slice_axis_for(mrml_io.ijk_to_ras(volumeNode), orientation)
+
+    def labelledSliceCounts(self, volumeNode, segmentationNode) -> dict:
+        """``{segmentId: number of axial slices holding it}`` on the volume's grid."""
+        array, ids = self._labelArray(volumeNode, segmentationNode)
+        if array is None:
+            return {}
+        axis = self.sliceAxis(volumeNode)
+        return {sid: len(labels.labelled_slices(array, axis, [n])) for n, sid in enumerate(ids, start=1)}
+
+    def labelledSlices(self, volumeNode, segmentationNode, segmentIds, backgroundSlices=()) -> list[int]:
+        """Axial slices counted as labelled: any selected label, plus ``backgroundSlices``."""
+        array, _ids = self._labelArray(volumeNode, segmentationNode, segmentIds)
+        if array is None:
+            return []
+        return labels.effective_labelled_slices(array, self.sliceAxis(volumeNode), backgroundSlices)
+
+    def currentSliceIndex(self, volumeNode, viewName: str = "Red", orientation: str = "axial"):
+        """``(axis, index)`` of the slice shown in a slice view, on ``volumeNode``'s grid."""
+        sliceNode = slicer.app.layoutManager().sliceWidget(viewName).mrmlSliceNode()
+        m = sliceNode.GetSliceToRAS()
+        ras = [m.GetElement(0, 3), m.GetElement(1, 3), m.GetElement(2, 3), 1.0]
+        rasToIjk = vtk.vtkMatrix4x4()
+        volumeNode.GetRASToIJKMatrix(rasToIjk)
+        transform = volumeNode.GetParentTransformNode()
+        if transform:
+            worldToLocal = vtk.vtkGeneralTransform()
+            transform.GetTransformFromWorld(worldToLocal)
+            ras = [*worldToLocal.TransformPoint(ras[:3]), 1.0]
+        ijk = rasToIjk.MultiplyPoint(ras)
+        axis = self.sliceAxis(volumeNode, orientation)
+        index = int(round(ijk[2 - axis]))
+        dims = volumeNode.GetImageData().GetDimensions()
+        if not 0 <= index < dims[2 - axis]:
+            raise ValueError(_("The {view} view shows no slice of {name}.").format(view=viewName, name=volumeNode.GetName()))
+        return axis, index
+
+    # -- training -------------------------------------------------------------------------------
+    def train(self, volumeNode, segmentationNode, segmentIds, preset: str = "fast", device: str = "auto",
+              backgroundSlices=(), advanced: dict | None = None, runName: str | None = None) -> TrainingJob:
+        """Start training a student on one volume; returns a :class:`TrainingJob` (running).
+
+        ``volumeNode``/``segmentationNode`` may also be lists (one segmentation per volume).
+        ``segmentIds``: the segments to learn (same names in every case). ``backgroundSlices``:
+        axial slice indices with no label that count as labelled. ``advanced``: see
+        :class:`TSKDSlicerLib.training.AdvancedSettings`. ``job.wait()`` blocks, ``job.cancel()``
+        stops, ``job.resume()`` continues, ``job.modelDir`` is the model after success.
+        """
+        vols = volumeNode if isinstance(volumeNode, (list, tuple)) else [volumeNode]
+        segs = segmentationNode if isinstance(segmentationNode, (list, tuple)) else [segmentationNode] * len(vols)
+        cases = []
+        for vol, seg in zip(vols, segs):
+            ids = segmentIds
+            if seg is not segs[0]:  # map by name onto the other segmentations
+                names = mrml_io.segment_names(segs[0], segmentIds)
+                ids = [seg.GetSegmentation().GetSegmentIdBySegmentName(n) for n in names]
+            cases.append((vol, seg, list(ids), list(backgroundSlices)))
+        return self.trainCases(cases, preset=preset, device=device, advanced=advanced, runName=runName)
+
+    def trainCases(self, cases, preset="fast", device="auto", advanced=None, runName=None) -> TrainingJob:
+        """Export each ``(volume, segmentation, segmentIds, backgroundSlices)`` case and start
+        ``tskd train`` in the background."""
+        if not cases:
+            raise ValueError(_("No training case."))
+        firstNames = mrml_io.segment_names(cases[0][1], cases[0][2])
+        name = runName or training.new_run_name("_".join(firstNames[:3]))
+        runDir = os.path.join(self.dataDir, "runs", name)
+        images, labelFiles, specs, anyBackground, classMap = [], [], [], False, ""
+        for n, (vol, seg, ids, background) in enumerate(cases):
+            if not vol or not seg or not ids:
+                raise ValueError(_("Case {n}: select a volume, its labels and at least one segment.").format(n=n + 1))
+            names = mrml_io.segment_names(seg, ids)
+            if names != firstNames:
+                raise ValueError(_("Case {n}: segments {names} differ from {first}.").format(
+                    n=n + 1, names=names, first=firstNames))
+            out = mrml_io.export_training_inputs(vol, seg, ids, os.path.join(runDir, "inputs", f"case_{n:03d}"))
+            axis = self.sliceAxis(vol)
+            labelled = labels.effective_labelled_slices(out["array"], axis, background)
+            if not labelled:
+                raise ValueError(_("{name}: no labelled slice. Draw at least one slice.").format(name=vol.GetName()))
+            classMap = classMap or out["class_map"]  # same names/values in every case
+            images.append(out["image"])
+            labelFiles.append(out["labels"])
+            specs.append(labels.labelled_slices_spec(labelled))
+            anyBackground = anyBackground or bool(background)
+        # Explicit slices only when the user marked background slices (then for every image, as
+        # the backend wants one spec per image); otherwise the backend's default is the same.
+        request = training.TrainRequest(run_dir=runDir, images=images, labels=labelFiles,
+                                        labelled_slices=specs if anyBackground else [],
+                                        preset=preset, device=device, advanced=advanced or {}, class_map=classMap,
+                                        classes={str(i + 1): n for i, n in enumerate(firstNames)})
+        request.write()
+        argv = jobs.launcher_prefix(self.pythonExecutable()) + request.args()
+        logging.info("TSKD: " + " ".join(argv))
+        backend = jobs.BackendJob(argv, env=self.backendEnvironment(device), cwd=runDir)
+        return TrainingJob(self, backend, runDir, name).start()
+
+    def resumeRun(self, runDir: str) -> TrainingJob:
+        """Resume a cancelled/failed run folder (also after a Slicer restart)."""
+        request = training.TrainRequest.read(runDir)
+        argv = jobs.launcher_prefix(self.pythonExecutable()) + request.args()
+        backend = jobs.BackendJob(argv, env=self.backendEnvironment(request.device), cwd=runDir)
+        return TrainingJob(self, backend, runDir, os.path.basename(runDir)).start()
+
+    # -- segmenting -----------------------------------------------------------------------------
+    def _runBackend(self, args, device=None, logCallback=None) -> jobs.BackendJob:
+        """Run a short backend command while keeping the GUI alive; raises on failure."""
+        job = jobs.BackendJob(jobs.launcher_prefix(self.pythonExecutable()) + args,
+                              env=self.backendEnvironment(device),
+                              on_log=(lambda line, j: logCallback(line)) if logCallback else None)
+        job.start()
+        jobs.JOBS.add(job)
+        while job.poll():
+            slicer.app.processEvents()
+            time.sleep(0.02)
+        if job.state.status != jobs.DONE:
+            raise RuntimeError(job.state.error or _("The backend failed."))
+        return job
+
+    def segment(self, volumeNode, modelDir: str, device: str | None = None, logCallback=None):
+        """Segment volume(s) with a model package; returns the new segmentation node (a list of
+        nodes if ``volumeNode`` is a list). Segment names/colours come from the model card; each
+        result is in its volume's geometry and subject-hierarchy study."""
+        card = models.read_card(modelDir)
+        classes = mrml_io.classes_from_card(card)
+        vols = volumeNode if isinstance(volumeNode, (list, tuple)) else [volumeNode]
+        results = []
+        with tempfile.TemporaryDirectory(prefix="tskd-seg-") as tmp:
+            inputs, outputs = [], []
+            for n, vol in enumerate(vols):
+                inputs.append(mrml_io.write_volume(vol, os.path.join(tmp, f"in_{n:03d}.nrrd")))
+            outDir = os.path.join(tmp, "out")
+            os.makedirs(outDir)
+            if len(vols) == 1:
+                outputs = [os.path.join(outDir, "in_000.nii.gz")]
+                self._runBackend(jobs.segment_args(modelDir, inputs, outputs[0], device), device, logCallback)
+            else:
+                self._runBackend(jobs.segment_args(modelDir, inputs, outDir, device), device, logCallback)
+                outputs = [self._findOutput(outDir, f"in_{n:03d}") for n in range(len(vols))]
+            for vol, path in zip(vols, outputs):
+                seg = mrml_io.import_labelmap_file(path, vol, classes,
+                                                   name=f"{vol.GetName()} {card.get('name', 'TSKD')}")
+                seg.CreateDefaultDisplayNodes()
+                results.append(seg)
+        return results if isinstance(volumeNode, (list, tuple)) else results[0]
+
+    @staticmethod
+    def _findOutput(outDir: str, stem: str) -> str:
+        for name in sorted(os.listdir(outDir)):
+            if name.startswith(stem) and name.endswith((".nii.gz", ".nrrd")):
+                return os.path.join(outDir, name)
+        raise RuntimeError(_("The backend wrote no result for {stem} in {dir}.").format(stem=stem, dir=outDir))
+
+    def segmentSlice(self, volumeNode, modelDir: str, index: int | None = None, segmentationNode=None,
+                     device: str | None = None):
+        """Segment one slice (the Red view's if ``index`` is None) into ``segmentationNode``
+        (default: this model's segmentation of the volume, created if needed). Returns
+        ``(segmentationNode, index)``. Other slices are left as they are."""
+        card = models.read_card(modelDir)
+        classes = mrml_io.classes_from_card(card)
+        orientation = card.get("slice_axis", "axial")
+        if index is None:
+            axis, index = self.currentSliceIndex(volumeNode, orientation=orientation)
+        else:
+            axis = self.sliceAxis(volumeNode, orientation)
+        if segmentationNode is None:
+            name = f"{volumeNode.GetName()} {card.get('name', 'TSKD')}"
+            segmentationNode = slicer.mrmlScene.GetFirstNodeByName(name)
+            if segmentationNode is None or not segmentationNode.IsA("vtkMRMLSegmentationNode"):
+                segmentationNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
+                segmentationNode.CreateDefaultDisplayNodes()
+                segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(volumeNode)
+                mrml_io.place_next_to(segmentationNode, volumeNode)
+        sliceVolume = mrml_io.extract_slice_volume(volumeNode, axis, index)
+        try:
+            with tempfile.TemporaryDirectory(prefix="tskd-slice-") as tmp:
+                path = mrml_io.write_volume(sliceVolume, os.path.join(tmp, "slice.nrrd"))
+                out = os.path.join(tmp, "slice_pred.nii.gz")
+                self._runBackend(jobs.segment_args(modelDir, [path], out, device), device)
+                pred = mrml_io.load_volume(slicer.mrmlScene, out, "TSKD slice", labelmap=True)
+                try:
+                    sliceLabels = slicer.util.arrayFromVolume(pred).take(0, axis=axis)
+                finally:
+                    slicer.mrmlScene.RemoveNode(pred)
+        finally:
+            slicer.mrmlScene.RemoveNode(sliceVolume)
+        mrml_io.write_slice_prediction(segmentationNode, sliceLabels, volumeNode, axis, index, classes)
+        return segmentationNode, index
+
+
+# ---------------------------------------------------------------------------------------------
+# Test
+# ---------------------------------------------------------------------------------------------
+
+class TSKDSlicerTest(ScriptedLoadableModuleTest):
+    """In-Slicer tests: widget, MRML glue and (opt-in) the full label -> train -> segment loop.
+
+    The full loop needs torch and several minutes; it runs when ``TSKD_SLICER_FULL_TEST=1``.
+    """
+
+    def setUp(self):
+        slicer.mrmlScene.Clear()
+
+    def runTest(self):
+        self.setUp()
+        self.test_widget()
+        self.setUp()
+        self.test_export_import_roundtrip()
+        self.setUp()
+        self.test_full_loop()
+
+    def _dataPath(self, name):
+        here = os.path.dirname(os.path.abspath(__file__))
+        for root in (os.path.join(here, "..", "Testing", "Data", "totalseg"),
+                     os.path.join(here, "Testing", "Data")):
+            path = os.path.join(root, name)
+            if os.path.exists(path):
+                return path
+        return None
+
+    def _volumeAndLabels(self):
+        import numpy as np
+        ct, seg = self._dataPath("example_ct_sm.nii.gz"), self._dataPath("example_seg.nii.gz")
+        if ct and seg:
+            volume = slicer.util.loadVolume(ct)
+            labelmap = slicer.util.loadLabelVolume(seg)
+            arr = slicer.util.arrayFromVolume(labelmap)
+            keep = np.zeros_like(arr)
+            keep[[8, 14]] = np.where(arr[[8, 14]] == 5, 1, 0)  # liver on two slices
+            slicer.util.updateVolumeFromArray(labelmap, keep)
+        else:  # synthetic: a bright sphere
+            z, y, x = np.mgrid[:24, :64, :64]
+            sphere = ((z - 12) ** 2 + (y - 32) ** 2 + (x - 32) ** 2) < 100
+            volume = slicer.util.addVolumeFromArray((sphere * 200 + 20).astype(np.int16), name="sphere")
+            labelmap = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode")
+            labelmap.CopyOrientation(volume)
+            keep = np.zeros_like(sphere, dtype=np.uint8)
+            keep[[10, 14]] = sphere[[10, 14]]
+            slicer.util.updateVolumeFromArray(labelmap, keep)
+        segmentation = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "labels")
+        slicer.modules.segmentations.logic().ImportLabelmapToSegmentationNode(labelmap, segmentation)
+        slicer.mrmlScene.RemoveNode(labelmap)
+        segmentation.GetSegmentation().GetNthSegment(0).SetName("liver")
+        return volume, segmentation
+
+    def test_widget(self):
+        self.delayDisplay("Widget")
+        slicer.util.selectModule("TSKDSlicer")
+        widget = slicer.modules.TSKDSlicerWidget
+        for name in ("inputVolumeSelector", "segmentationSelector", "segmentsListWidget", "trainButton",
+                     "cancelButton", "progressBar", "logTextEdit", "modelsTableWidget", "segmentButton",
+                     "segmentSliceButton", "presetComboBox", "deviceComboBox"):
+            self.assertTrue(hasattr(widget.ui, name), name)
+        self.assertEqual(widget.ui.presetComboBox.count, len(jobs.PRESETS))
+        volume, segmentation = self._volumeAndLabels()
+        widget._parameterNode.inputVolume = volume
+        widget._parameterNode.labelSegmentation = segmentation
+        widget.updateSegmentList()
+        self.assertEqual(widget.ui.segmentsListWidget.count, 1)
+        self.assertIn("2 labelled slices", widget.ui.segmentsListWidget.item(0).text())
+        self.assertTrue(widget.ui.trainButton.enabled)
+
+    def test_export_import_roundtrip(self):
+        import numpy as np
+        self.delayDisplay("Export/import round trip")
+        volume, segmentation = self._volumeAndLabels()
+        sid = segmentation.GetSegmentation().GetNthSegmentID(0)
+        with tempfile.TemporaryDirectory() as tmp:
+            out = mrml_io.export_training_inputs(volume, segmentation, [sid], tmp)
+            seg = mrml_io.import_labelmap_file(out["labels"], volume,
+                                               [{"value": 1, "name": "liver", "color": (1, 0, 0)}])
+        back = mrml_io.segments_to_label_array(seg, [seg.GetSegmentation().GetNthSegmentID(0)], volume)
+        np.testing.assert_array_equal(back, out["array"])
+
+    def test_full_loop(self):
+        if os.environ.get("TSKD_SLICER_FULL_TEST") != "1":
+            self.delayDisplay("Full loop skipped (set TSKD_SLICER_FULL_TEST=1)")
+            return
+        self.delayDisplay("Full loop: train (fast) -> segment -> segment slice")
+        logic = TSKDSlicerLogic()
+        volume, segmentation = self._volumeAndLabels()
+        sid = segmentation.GetSegmentation().GetNthSegmentID(0)
+        job = logic.train(volume, segmentation, [sid], preset="fast", device="auto")
+        self.assertEqual(job.wait(timeout=3600), jobs.DONE, job.state.error)
+        result = logic.segment(volume, job.modelDir)
+        self.assertEqual(result.GetSegmentation().GetNthSegment(0).GetName(), "liver")
+        logic.segmentSlice(volume, job.modelDir, index=8, segmentationNode=result)
+        self.delayDisplay("Full loop passed")

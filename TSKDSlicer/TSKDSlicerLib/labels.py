@@ -1,0 +1,105 @@
+"""Labelled slices: which slices of a partial segmentation count as labelled (plain numpy).
+
+A label array here is a ``(K, J, I)`` integer array on the volume grid (``slicer.util
+.arrayFromVolume`` order), 0 = background. A slice along numpy axis ``a`` is ``np.take(array, s,
+axis=a)``. By default a slice is labelled when it holds any label; the user can also mark slices
+that are *all background* as labelled (they then teach the model where the structure is absent).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+
+import numpy as np
+
+ANATOMICAL_AXES = {"sagittal": 0, "coronal": 1, "axial": 2}  # RAS component of the slice normal
+
+
+def slice_axis_for(direction_ijk_to_ras, orientation: str = "axial") -> int:
+    """The numpy axis (0 = k, 1 = j, 2 = i) whose slices are ``orientation`` slices.
+
+    ``direction_ijk_to_ras`` is the 3x3 direction (or IJK-to-RAS) matrix whose columns are the i,
+    j, k directions in RAS. The slice normal of an axial slice is S (RAS row 2); the IJK column
+    most aligned with it is the slice axis. Raises ``ValueError`` for an unknown orientation.
+    """
+    if orientation not in ANATOMICAL_AXES:
+        raise ValueError(f"orientation must be one of {sorted(ANATOMICAL_AXES)}, not {orientation!r}")
+    m = np.asarray(direction_ijk_to_ras, dtype=float)[:3, :3]
+    norms = np.linalg.norm(m, axis=0)
+    norms[norms == 0] = 1.0
+    column = int(np.argmax(np.abs(m[ANATOMICAL_AXES[orientation]] / norms)))
+    return 2 - column
+
+
+def labelled_slices(labels: np.ndarray, axis: int = 0, values: Iterable[int] | None = None) -> list[int]:
+    """Indices of slices along ``axis`` that contain any label (or any of ``values``)."""
+    labels = np.asarray(labels)
+    mask = labels != 0 if values is None else np.isin(labels, list(values))
+    other = tuple(a for a in range(labels.ndim) if a != axis)
+    return [int(s) for s in np.flatnonzero(mask.any(axis=other))]
+
+
+def slice_counts(labels: np.ndarray, values: Mapping[int, str], axis: int = 0) -> dict[str, int]:
+    """Number of slices along ``axis`` in which each class appears: ``{name: count}``."""
+    return {name: len(labelled_slices(labels, axis, [value])) for value, name in values.items()}
+
+
+def effective_labelled_slices(labels: np.ndarray, axis: int = 0,
+                              extra_background: Iterable[int] = ()) -> list[int]:
+    """Slices with any label plus the slices the user marked as labelled background, sorted."""
+    n = np.asarray(labels).shape[axis]
+    extra = set()
+    for s in extra_background:
+        s = int(s)
+        if not 0 <= s < n:
+            raise ValueError(f"slice {s} is outside the volume (0..{n - 1})")
+        extra.add(s)
+    return sorted(set(labelled_slices(labels, axis)) | extra)
+
+
+def compress_ranges(indices: Sequence[int]) -> str:
+    """``[1, 2, 3, 7, 9, 10]`` -> ``"1-3,7,9-10"`` (sorted, unique)."""
+    values = sorted(set(int(i) for i in indices))
+    parts, start, prev = [], None, None
+    for v in values:
+        if start is None:
+            start = prev = v
+        elif v == prev + 1:
+            prev = v
+        else:
+            parts.append(f"{start}" if start == prev else f"{start}-{prev}")
+            start = prev = v
+    if start is not None:
+        parts.append(f"{start}" if start == prev else f"{start}-{prev}")
+    return ",".join(parts)
+
+
+def parse_ranges(text: str) -> list[int]:
+    """Inverse of :func:`compress_ranges`; also accepts spaces. Raises ``ValueError`` if malformed."""
+    out: set[int] = set()
+    for part in text.replace(" ", "").split(","):
+        if not part:
+            continue
+        if "-" in part[1:]:
+            a, b = part.split("-", 1) if not part.startswith("-") else (part, "")
+            a, b = int(a), int(b)
+            if b < a:
+                raise ValueError(f"bad range {part!r}")
+            out.update(range(a, b + 1))
+        else:
+            out.add(int(part))
+    return sorted(out)
+
+
+def labelled_slices_spec(indices: Sequence[int]) -> str:
+    """The ``--labelled-slices`` value for ``tskd train``: ``"4,11-12,20"``.
+
+    The backend counts these indices along the *file's* voxel axis closest to the slice
+    orientation (axial by default), i.e. the numpy axis :func:`slice_axis_for` returns for the
+    written image, in the file's own index order (no flip). Files written by
+    :func:`TSKDSlicerLib.mrml_io.export_training_inputs` keep the volume's voxel grid, so the
+    indices are the ones shown in Slicer for that axis. Raises ``ValueError`` when empty.
+    """
+    if not indices:
+        raise ValueError("no labelled slice")
+    return compress_ranges(indices)
