@@ -9,3 +9,12 @@ __version__ = "0.1.0"
 
 from .errors import (CheckpointError, ConfigError, GeometryError, InputError, LabelError,  # noqa: F401
                      ModelPackageError, RunExistsError, TSKDError)
+
+
+def __getattr__(name):
+    """Lazy access to the main API (``TSKDLib.train``, ``TSKDLib.segment``) without importing
+    PyTorch at ``import TSKDLib``."""
+    if name in ("train", "segment"):
+        from . import pipeline
+        return getattr(pipeline, name)
+    raise AttributeError(f"module 'TSKDLib' has no attribute {name!r}")

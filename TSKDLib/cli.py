@@ -99,12 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--json", action="store_true", help="print JSON")
     q.set_defaults(func=cmd_inspect)
 
-    try:  # the pipeline commands (train, segment, info, export, benchmark, demo)
-        from .pipeline_cli import add_pipeline_commands
-    except ImportError:  # pragma: no cover - during development of the pipeline
-        add_pipeline_commands = None
-    if add_pipeline_commands is not None:
-        add_pipeline_commands(sub)
+    from .pipeline_cli import add_pipeline_commands
+    add_pipeline_commands(sub)  # train, segment, info, export, demo, benchmark
     return p
 
 
@@ -124,7 +120,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tskd: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
-        print("tskd: interrupted; run the same command again to resume.", file=sys.stderr)
+        if getattr(args, "progress_json", False):
+            sys.stdout.write(json.dumps({"v": 1, "event": "log", "stage": None, "level": "warning",
+                                         "message": "stopped; run the same command again to resume."}) + "\n")
+            sys.stdout.flush()
+        print("tskd: stopped; run the same command again to resume.", file=sys.stderr)
         return EXIT_INTERRUPTED
 
 

@@ -7,7 +7,7 @@ This file holds the Slicer classes only (module, parameter node, widget, logic, 
 done by plain classes in ``TSKDSlicerLib`` (tested without Slicer) and by the ``TSKDLib`` backend,
 which runs as a separate process (``python -m TSKDLib train ... --progress-json``).
 
-Python console API (see README-slicer.md)::
+Python console API (see the README, "3D Slicer module")::
 
     logic = slicer.util.getModuleLogic("TSKDSlicer")
     job = logic.train(volumeNode, segmentationNode, ["Segment_1"], preset="fast")

@@ -33,7 +33,7 @@ CONFIG_KEYS = {
     "lora_rank": ("teacher", "lora_rank"),
     "num_synthetic": ("synthesis", "num_images"),     # TSKDLib.synthesis.SynthesisConfig
     "student": ("student", "arch"),                   # TSKDLib.student.StudentConfig
-    "init_student": ("distillation", "init_student"),  # fine-tune an existing student (backend TODO)
+    "init_student": ("distillation", "init_student"),  # start from an existing student (retraining)
 }
 
 
