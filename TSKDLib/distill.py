@@ -1,0 +1,806 @@
+"""Knowledge distillation of a small student from the teacher (TS-KD stage 3), and the baselines.
+
+Method: Liang et al., "Task-specific knowledge distillation from the vision foundation model for
+enhanced medical image segmentation", arXiv 2503.06976 (TS-KD), Sec. 3.3: the student learns on a
+*transfer set* (labelled slices, unlabelled slices of the user's scans, diffusion-synthesised
+slices) from the fine-tuned teacher's outputs and features, then is fine-tuned on the labels.
+
+Losses (each weighted by a :class:`DistillConfig` field)
+
+* ``w_sup`` - supervised Dice + cross-entropy (MONAI :class:`~monai.losses.DiceCELoss`) on
+  *labelled* slices only; unlabelled slices (label ``-1``) never reach it.
+* ``w_out`` - output distillation on every transfer slice: temperature-scaled KL divergence
+  ``tau^2 KL(p_T^tau || p_S^tau)`` (Hinton, Vinyals & Dean, "Distilling the knowledge in a neural
+  network", 2015), or per-class BCE against the teacher's soft probabilities. ``p_T^tau =
+  softmax(log p_T / tau)``, i.e. exactly the teacher logits divided by ``tau``. Averaged over the
+  valid (non-padding) pixels.
+* ``w_feat`` - feature distillation (FitNets hints, Romero et al., ICLR 2015): the student's
+  bottleneck ``(B, C_b, S/16, S/16)`` is mapped by a learned 1x1 convolution to 256 channels and
+  matched to the teacher's image embedding ``(B, 256, 64, 64)`` average-pooled to the same grid,
+  by cosine distance (default) or MSE.
+
+Then ``finetune_steps`` steps of supervised fine-tuning on the labelled slices (TS-KD Sec. 3.3).
+
+Methods (``DistillConfig.method``), run by the same code at equal budget (same steps, batch size,
+schedule, augmentation), as in the paper's comparisons (Sec. 4):
+
+* ``scratch``: the student trained on the labelled slices only (supervised loss, all steps).
+* ``task_agnostic``: feature distillation from the *pre-trained* (not fine-tuned) foundation
+  model's embedding (no task probabilities exist), plus the supervised term, then fine-tuning.
+* ``tskd``: output + feature distillation from the fine-tuned teacher plus the supervised term,
+  then fine-tuning. "TS-KD without synthesis" is ``tskd`` on a transfer set without synthetic
+  slices.
+
+Teacher outputs are computed once per transfer slice by :func:`build_teacher_cache` (memory or
+``.npy`` memmaps on disk), so the training loop never runs the teacher. Augmentation is a batched
+random affine transform applied jointly, in normalised coordinates, to the image, labels, valid
+mask, the cached teacher probabilities and the embedding (so cached targets stay aligned), plus
+gamma and noise on the image.
+
+Checkpoints are written atomically every ``checkpoint_every`` steps; a run restarted on the same
+directory resumes and, with the same seed, ends with the same weights (every step draws its
+batch and augmentation from a generator seeded by ``(seed, step)``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import CheckpointError, ConfigError, InputError
+from .io import atomic_write
+from .progress import NullProgress, ProgressReporter
+from .student import StudentConfig, StudentNet, build_student, save_student
+
+log = logging.getLogger(__name__)
+
+METHODS = ("scratch", "task_agnostic", "tskd")
+TEACHER_EMBED_DIM = 256
+TEACHER_EMBED_SIZE = 64
+
+
+# ------------------------------------------------------------------------------------------------
+# Configuration
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class DistillConfig:
+    """Distillation settings (defaults = the ``default`` preset).
+
+    Attributes
+    ----------
+    method: ``"tskd"`` (default), ``"task_agnostic"`` or ``"scratch"`` (see module docstring).
+    steps: optimiser steps of the distillation phase.
+    finetune_steps: optimiser steps of the supervised fine-tune on labelled slices.
+    batch_size: slices per step.
+    lr, finetune_lr: peak AdamW learning rates of the two phases (cosine decay, linear warm-up
+        over ``warmup_steps`` in phase 1).
+    weight_decay: AdamW weight decay.
+    w_sup, w_out, w_feat: weights of the supervised, output-KD and feature-KD losses.
+    temperature: KD temperature ``tau`` (Hinton et al. 2015); 1 = plain soft targets.
+    output_loss: ``"kl"`` (temperature-scaled KL) or ``"bce"`` (per-class BCE on probabilities).
+    feature_loss: ``"cosine"`` (1 - cosine similarity over channels) or ``"mse"``.
+    labelled_fraction: share of each phase-1 batch drawn from labelled slices (the rest is drawn
+        from the whole transfer set), so the few labels are seen every step.
+    augment: batched random affine (+-15 deg, scale +-15 %, shift +-8 %) and gamma/noise.
+    checkpoint_every: steps between atomic checkpoints (when a checkpoint directory is given).
+    log_every: steps between progress updates.
+    seed: seed of the student initialisation, batches and augmentation.
+    device: ``"cpu"``, ``"cuda"`` or ``"auto"``.
+    num_threads: torch CPU threads (None: leave torch's setting). On a CPU shared with other
+        busy processes, 1 thread can be several times faster than 2 (no oversubscription).
+    """
+
+    method: str = "tskd"
+    steps: int = 600
+    finetune_steps: int = 150
+    batch_size: int = 8
+    lr: float = 3e-3
+    finetune_lr: float = 1e-3
+    weight_decay: float = 1e-4
+    warmup_steps: int = 20
+    w_sup: float = 1.0
+    w_out: float = 1.0
+    w_feat: float = 0.5
+    temperature: float = 2.0
+    output_loss: str = "kl"
+    feature_loss: str = "cosine"
+    labelled_fraction: float = 0.25
+    augment: bool = True
+    checkpoint_every: int = 50
+    log_every: int = 5
+    seed: int = 0
+    device: str = "auto"
+    num_threads: int | None = None
+
+    #: presets sized for a 2-core CPU at S = 256 with the default student
+    PRESETS = {
+        # ~3-4 min on 2 CPU cores (20-slice CT demo)
+        "fast": dict(steps=160, finetune_steps=40, batch_size=4),
+        "default": dict(),
+        "full": dict(steps=2000, finetune_steps=400, batch_size=8),
+    }
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "DistillConfig":
+        """A named preset (``fast``, ``default``, ``full``) with field overrides."""
+        if name not in cls.PRESETS:
+            raise ConfigError(f"unknown distillation preset {name!r}; choose one of {sorted(cls.PRESETS)}.")
+        return cls(**{**cls.PRESETS[name], **overrides}).validated()
+
+    def validated(self) -> "DistillConfig":
+        """Check values; raises :class:`ConfigError`."""
+        if self.method not in METHODS:
+            raise ConfigError(f"unknown distillation method {self.method!r}; choose one of {list(METHODS)}.")
+        if self.steps < 0 or self.finetune_steps < 0 or self.steps + self.finetune_steps == 0:
+            raise ConfigError("distillation needs a positive number of steps.")
+        if self.batch_size < 1:
+            raise ConfigError("batch_size must be >= 1.")
+        if self.temperature <= 0:
+            raise ConfigError("temperature must be > 0.")
+        if self.output_loss not in ("kl", "bce"):
+            raise ConfigError(f"output_loss must be 'kl' or 'bce', not {self.output_loss!r}.")
+        if self.feature_loss not in ("cosine", "mse"):
+            raise ConfigError(f"feature_loss must be 'cosine' or 'mse', not {self.feature_loss!r}.")
+        if not 0.0 <= self.labelled_fraction <= 1.0:
+            raise ConfigError("labelled_fraction must be within [0, 1].")
+        return self
+
+    @property
+    def total_steps(self) -> int:
+        return self.steps + self.finetune_steps
+
+    def effective_weights(self) -> tuple[float, float, float]:
+        """``(w_sup, w_out, w_feat)`` after the method switches terms off."""
+        if self.method == "scratch":
+            return self.w_sup, 0.0, 0.0
+        if self.method == "task_agnostic":
+            return self.w_sup, 0.0, self.w_feat
+        return self.w_sup, self.w_out, self.w_feat
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["device"] = str(d["device"])  # the pipeline may set a torch.device
+        return d
+
+    def fingerprint(self) -> dict:
+        """Fields that must match for a checkpoint to be resumed."""
+        d = self.to_dict()
+        for k in ("checkpoint_every", "log_every", "device", "num_threads"):
+            d.pop(k)
+        return d
+
+
+# ------------------------------------------------------------------------------------------------
+# Transfer set and teacher-output cache
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class TransferSet:
+    """Slices the student learns from (TS-KD Sec. 3.2-3.3).
+
+    Attributes
+    ----------
+    images: ``(N, 1, S, S)`` float32 in [0, 1].
+    labels: ``(N, S, S)`` int64 in ``0..K``; ``-1`` everywhere on unlabelled and synthetic slices.
+    valid: ``(N, S, S)`` bool, False on padding.
+    labelled: ``(N,)`` bool.
+    synthetic: ``(N,)`` bool, True for diffusion-synthesised slices.
+    num_classes: K.
+    """
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    valid: torch.Tensor
+    labelled: torch.Tensor
+    synthetic: torch.Tensor
+    num_classes: int
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    @property
+    def size(self) -> int:
+        return int(self.images.shape[-1])
+
+    @classmethod
+    def build(cls, slices, synthetic_images: torch.Tensor | np.ndarray | None = None,
+              include_unlabelled: bool = True) -> "TransferSet":
+        """From a :class:`TSKDLib.case.SliceSet` (labelled and unlabelled slices) and optional
+        synthetic slices ``(M, 1, S, S)`` (or ``(M, S, S)``) in [0, 1].
+
+        Raises :class:`InputError` if the synthetic slices do not have the slice set's size."""
+        keep = torch.ones(len(slices), dtype=torch.bool) if include_unlabelled else slices.labelled.clone()
+        images = slices.images[keep].float()
+        labels = slices.labels[keep]
+        valid = slices.valid[keep]
+        labelled = slices.labelled[keep]
+        synthetic = torch.zeros(len(images), dtype=torch.bool)
+        if synthetic_images is not None and len(synthetic_images):
+            syn = torch.as_tensor(np.asarray(synthetic_images) if not isinstance(synthetic_images, torch.Tensor)
+                                  else synthetic_images).float()
+            if syn.ndim == 3:
+                syn = syn[:, None]
+            s = images.shape[-1]
+            if syn.ndim != 4 or syn.shape[1:] != (1, s, s):
+                raise InputError(f"synthetic slices have shape {tuple(syn.shape)}, expected (M, 1, {s}, {s}).")
+            m = syn.shape[0]
+            images = torch.cat([images, syn.clamp(0, 1)])
+            labels = torch.cat([labels, torch.full((m, s, s), -1, dtype=labels.dtype)])
+            valid = torch.cat([valid, torch.ones(m, s, s, dtype=torch.bool)])
+            labelled = torch.cat([labelled, torch.zeros(m, dtype=torch.bool)])
+            synthetic = torch.cat([synthetic, torch.ones(m, dtype=torch.bool)])
+        return cls(images.contiguous(), labels.contiguous(), valid.contiguous(), labelled, synthetic,
+                   slices.class_map.num_classes)
+
+    def summary(self) -> dict:
+        return {"slices": len(self), "labelled": int(self.labelled.sum()),
+                "unlabelled": int((~self.labelled & ~self.synthetic).sum()),
+                "synthetic": int(self.synthetic.sum()), "size": self.size}
+
+
+@dataclass
+class TeacherCache:
+    """Teacher outputs on every transfer slice, computed once (see :func:`build_teacher_cache`).
+
+    Attributes
+    ----------
+    probs: ``(N, K+1, S, S)`` float16 class probabilities (``class_probabilities`` of the teacher's
+        logits), or None (task-agnostic teacher: no task probabilities).
+    embedding: ``(N, 256, 64, 64)`` float16 image embeddings, or None.
+    directory: where the ``.npy`` memmaps live, or None for an in-memory cache.
+    """
+
+    probs: np.ndarray | None
+    embedding: np.ndarray | None
+    directory: str | None = None
+
+    def __len__(self) -> int:
+        a = self.probs if self.probs is not None else self.embedding
+        return 0 if a is None else int(a.shape[0])
+
+    def take(self, index: np.ndarray) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Float32 tensors ``(probs (b,K+1,S,S), embedding (b,256,64,64))`` for slice indices."""
+        idx = np.asarray(index)
+        order = np.argsort(idx, kind="stable")  # memmaps read faster in order
+        inv = np.empty_like(order)
+        inv[order] = np.arange(len(order))
+
+        def get(a):
+            if a is None:
+                return None
+            return torch.from_numpy(np.ascontiguousarray(a[idx[order]])[inv]).float()
+        return get(self.probs), get(self.embedding)
+
+    @classmethod
+    def load(cls, directory: str | Path, mmap: bool = True) -> "TeacherCache":
+        """Open a cache written by :func:`build_teacher_cache`; raises :class:`CheckpointError`
+        if it is incomplete."""
+        d = Path(directory)
+        meta_path = d / "cache.json"
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (OSError, json.JSONDecodeError):
+            raise CheckpointError("teacher-output cache is missing or incomplete.", d,
+                                  "Delete the folder; the cache is rebuilt.") from None
+        mode = "r" if mmap else None
+        probs = np.load(d / "probs.npy", mmap_mode=mode) if meta.get("probs") else None
+        emb = np.load(d / "embedding.npy", mmap_mode=mode) if meta.get("embedding") else None
+        return cls(probs, emb, str(d))
+
+
+def _probs_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """``(B, K, S, S)`` mask logits -> ``(B, K+1, S, S)`` = softmax([0, l_1..l_K]) (design.md)."""
+    logits = logits.float()
+    return torch.softmax(torch.cat([torch.zeros_like(logits[:, :1]), logits], 1), 1)
+
+
+def _split_teacher_output(out) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    if isinstance(out, torch.Tensor):
+        return None, out  # an embedding-only teacher (e.g. TaskAgnosticTeacher.embed)
+    if isinstance(out, (tuple, list)) and len(out) == 2:
+        emb, probs = out
+        return probs, emb
+    emb = getattr(out, "embedding", None)
+    logits = getattr(out, "logits", None)
+    return (_probs_from_logits(logits) if logits is not None else None), emb
+
+
+def build_teacher_cache(teacher: Callable, images: torch.Tensor, batch_size: int = 4,
+                        directory: str | Path | None = None, with_probs: bool = True,
+                        with_embedding: bool = True, progress: ProgressReporter | None = None,
+                        dtype=np.float16) -> TeacherCache:
+    """Run a teacher once over the transfer set and keep its outputs.
+
+    Parameters
+    ----------
+    teacher:
+        Callable on ``(b, 1, S, S)`` float32 slices in [0, 1] returning a
+        :class:`TSKDLib.teacher.TeacherOutput` (``embedding (b,256,64,64)``, ``logits (b,K,S,S)``),
+        a tuple ``(embedding, probs (b,K+1,S,S))``, or an embedding tensor alone. Run under
+        ``torch.inference_mode`` on the teacher's device (``teacher.device`` if it has one).
+    images:
+        ``(N, 1, S, S)`` transfer-set slices.
+    directory:
+        If given, outputs go to ``probs.npy`` / ``embedding.npy`` memmaps there and ``cache.json``
+        is written last; an existing complete cache with the same N is reused without running
+        the teacher (resume). Else kept in memory.
+    with_probs, with_embedding:
+        Which outputs to keep (the task-agnostic baseline keeps only the embedding).
+    progress:
+        Reporter; one ``update`` per batch (no stage is opened here).
+
+    Memory: ``2 * (K+1) * S^2`` bytes of probabilities and 2 MiB of embedding per slice (float16).
+
+    Raises :class:`ConfigError` if the teacher does not return what is asked.
+    """
+    n = int(images.shape[0])
+    d = Path(directory) if directory is not None else None
+    if d is not None and (d / "cache.json").is_file():
+        try:
+            cache = TeacherCache.load(d)
+            if len(cache) == n and (cache.probs is not None or not with_probs) and \
+                    (cache.embedding is not None or not with_embedding):
+                log.info("reusing teacher-output cache in %s", d)
+                return cache
+        except (CheckpointError, OSError, ValueError):
+            pass
+    if d is not None:
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "cache.json").unlink(missing_ok=True)
+    device = getattr(teacher, "device", None)
+    probs_arr = emb_arr = None
+    with torch.inference_mode():
+        for start in range(0, n, batch_size):
+            x = images[start:start + batch_size].float()
+            if isinstance(device, torch.device):
+                x = x.to(device)
+            probs, emb = _split_teacher_output(teacher(x))
+            if with_probs:
+                if probs is None:
+                    raise ConfigError("the teacher returned no class probabilities/logits but they were asked for.")
+                probs = probs.float().cpu().numpy().astype(dtype)
+                if probs_arr is None:
+                    shape = (n, *probs.shape[1:])
+                    probs_arr = (np.lib.format.open_memmap(d / "probs.npy", "w+", dtype, shape) if d is not None
+                                 else np.empty(shape, dtype))
+                probs_arr[start:start + len(probs)] = probs
+            if with_embedding:
+                if emb is None:
+                    raise ConfigError("the teacher returned no image embedding but it was asked for.")
+                emb = emb.float().cpu().numpy().astype(dtype)
+                if emb_arr is None:
+                    shape = (n, *emb.shape[1:])
+                    emb_arr = (np.lib.format.open_memmap(d / "embedding.npy", "w+", dtype, shape) if d is not None
+                               else np.empty(shape, dtype))
+                emb_arr[start:start + len(emb)] = emb
+            if progress is not None:
+                progress.update(min(start + batch_size, n), message="teacher outputs")
+    if d is not None:
+        for a in (probs_arr, emb_arr):
+            if isinstance(a, np.memmap):
+                a.flush()
+        meta = {"n": n, "probs": probs_arr is not None, "embedding": emb_arr is not None}
+        atomic_write(d / "cache.json", lambda tmp: tmp.write_text(json.dumps(meta)), overwrite=True)
+        return TeacherCache.load(d)
+    return TeacherCache(probs_arr, emb_arr, None)
+
+
+# ------------------------------------------------------------------------------------------------
+# Augmentation (joint, batched)
+# ------------------------------------------------------------------------------------------------
+def _random_affine(b: int, g: torch.Generator) -> torch.Tensor:
+    """``(b, 2, 3)`` affine matrices in normalised coordinates (rotation, scale, shift)."""
+    u = torch.rand(b, 4, generator=g)
+    angle = (u[:, 0] * 2 - 1) * math.radians(15)
+    scale = 1 + (u[:, 1] * 2 - 1) * 0.15
+    shift = (u[:, 2:] * 2 - 1) * 0.16  # 8 % of the side = 0.16 in [-1, 1] coordinates
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
+    return theta
+
+
+def augment_batch(g: torch.Generator, images, labels, valid, probs=None, emb=None, prob: float = 0.8):
+    """Apply one random affine per sample jointly to all tensors, then gamma/noise to the image.
+
+    Shapes: images ``(b,1,S,S)``, labels ``(b,S,S)`` (``-1`` rows untouched), valid ``(b,S,S)``,
+    probs ``(b,K+1,S,S)``, emb ``(b,C,h,w)`` (any resolution: the transform acts in normalised
+    coordinates). Returns the transformed tensors in the same order."""
+    b = images.shape[0]
+    theta = _random_affine(b, g)
+    apply = torch.rand(b, generator=g) < prob
+    eye = torch.tensor([[1.0, 0, 0], [0, 1.0, 0]]).expand(b, 2, 3)
+    theta = torch.where(apply[:, None, None], theta, eye)
+
+    def warp(x, mode, rows=None):
+        th = theta if rows is None else theta[rows]
+        grid = F.affine_grid(th, list(x.shape), align_corners=False)
+        return F.grid_sample(x, grid, mode=mode, padding_mode="zeros", align_corners=False)
+
+    images = warp(images, "bilinear")
+    lab = labels.clone()
+    has = (labels >= 0).flatten(1).any(1)  # labelled rows; unlabelled rows are -1 everywhere
+    if has.any():
+        lab[has] = warp(labels[has].clamp(min=0)[:, None].float(), "nearest", has)[:, 0].round().long()
+    valid = warp(valid[:, None].float(), "nearest")[:, 0] > 0.5
+    if probs is not None:
+        probs = warp(probs, "bilinear")
+    if emb is not None:
+        emb = warp(emb, "bilinear")
+    # intensity: gamma (p=0.3, 0.7..1.5) and Gaussian noise (p=0.2, sd 0.02) on the image only
+    gam = torch.where(torch.rand(b, generator=g) < 0.3, 0.7 + 0.8 * torch.rand(b, generator=g), torch.ones(b))
+    images = images.clamp(0, 1).pow(gam[:, None, None, None])
+    noisy = (torch.rand(b, generator=g) < 0.2).float()[:, None, None, None]
+    images = (images + noisy * 0.02 * torch.randn(images.shape, generator=g)).clamp(0, 1)
+    return images, lab, valid, probs, emb
+
+
+# ------------------------------------------------------------------------------------------------
+# Losses
+# ------------------------------------------------------------------------------------------------
+def output_kd_loss(student_logits: torch.Tensor, teacher_probs: torch.Tensor, valid: torch.Tensor,
+                   temperature: float = 2.0, kind: str = "kl") -> torch.Tensor:
+    """Output distillation loss, averaged over valid pixels.
+
+    ``kl``: ``tau^2 * sum_c p_T^tau log(p_T^tau / p_S^tau)`` with ``p^tau = softmax(log p / tau)``
+    (Hinton et al. 2015). ``bce``: mean over classes of the binary cross-entropy between the
+    student's softmax probabilities and the teacher's probabilities.
+
+    Shapes: student_logits ``(B, K+1, S, S)``, teacher_probs ``(B, K+1, S, S)``, valid ``(B, S, S)``.
+    """
+    m = valid.float()
+    denom = m.sum().clamp(min=1.0)
+    log_pt = torch.log(teacher_probs.clamp(min=1e-6))
+    if kind == "kl":
+        t = temperature
+        log_pt_t = torch.log_softmax(log_pt / t, 1)
+        log_ps_t = torch.log_softmax(student_logits / t, 1)
+        kl = (log_pt_t.exp() * (log_pt_t - log_ps_t)).sum(1)
+        return (kl * m).sum() / denom * (t * t)
+    ps = torch.softmax(student_logits, 1).clamp(1e-6, 1 - 1e-6)
+    pt = teacher_probs.clamp(0, 1)
+    bce = -(pt * torch.log(ps) + (1 - pt) * torch.log(1 - ps)).mean(1)
+    return (bce * m).sum() / denom
+
+
+def feature_kd_loss(projected: torch.Tensor, teacher_embedding: torch.Tensor, kind: str = "cosine") -> torch.Tensor:
+    """Feature hint loss (FitNets, Romero et al. 2015) between the projected student bottleneck
+    ``(B, 256, h, w)`` and the teacher embedding ``(B, 256, H, W)`` average-pooled to ``(h, w)``.
+
+    ``cosine``: mean over positions of ``1 - cos`` over channels; ``mse``: mean squared error."""
+    t = teacher_embedding
+    if t.shape[-2:] != projected.shape[-2:]:
+        t = F.adaptive_avg_pool2d(t, projected.shape[-2:])
+    if kind == "cosine":
+        return (1 - F.cosine_similarity(projected, t, dim=1, eps=1e-6)).mean()
+    return F.mse_loss(projected, t)
+
+
+class FeatureProjector(nn.Module):
+    """Learned 1x1 convolution from the student bottleneck ``C_b`` to the teacher's 256 channels."""
+
+    def __init__(self, in_channels: int, out_channels: int = TEACHER_EMBED_DIM):
+        super().__init__()
+        self.proj = nn.Conv2d(in_channels, out_channels, 1)
+
+    def forward(self, x):
+        return self.proj(x)
+
+
+# ------------------------------------------------------------------------------------------------
+# Training
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class DistillResult:
+    """Outcome of :func:`distill`.
+
+    Attributes
+    ----------
+    model: the trained student (eval mode, CPU).
+    history: per-log-step dicts (``step``, ``phase``, losses, ``lr``).
+    metrics: final summary (``loss``, ``val_dice`` when validation was given, ``seconds``, ``steps``).
+    config: the effective :class:`DistillConfig`.
+    transfer: :meth:`TransferSet.summary`.
+    """
+
+    model: StudentNet
+    history: list[dict]
+    metrics: dict
+    config: DistillConfig
+    transfer: dict = field(default_factory=dict)
+
+    def training_summary(self) -> dict:
+        """The model card's ``training`` entry."""
+        return {"method": self.config.method, "config": self.config.to_dict(), "transfer_set": self.transfer,
+                "metrics": self.metrics}
+
+
+def _lr_at(step: int, cfg: DistillConfig) -> float:
+    if step < cfg.steps:
+        if step < cfg.warmup_steps:
+            return cfg.lr * (step + 1) / cfg.warmup_steps
+        span = max(cfg.steps - cfg.warmup_steps, 1)
+        return cfg.lr * 0.5 * (1 + math.cos(math.pi * (step - cfg.warmup_steps) / span))
+    k = step - cfg.steps
+    return cfg.finetune_lr * 0.5 * (1 + math.cos(math.pi * k / max(cfg.finetune_steps, 1)))
+
+
+def _resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _sample(step: int, cfg: DistillConfig, transfer: TransferSet, g: torch.Generator, use_kd: bool) -> np.ndarray:
+    lab_idx = torch.nonzero(transfer.labelled).flatten()
+    b = cfg.batch_size
+    if step >= cfg.steps or not use_kd:
+        if len(lab_idx) == 0:
+            raise InputError("no labelled slice in the transfer set.", fix="Label at least one slice.")
+        return lab_idx[torch.randint(len(lab_idx), (b,), generator=g)].numpy()
+    n_lab = int(round(b * cfg.labelled_fraction)) if len(lab_idx) else 0
+    parts = []
+    if n_lab:
+        parts.append(lab_idx[torch.randint(len(lab_idx), (n_lab,), generator=g)])
+    parts.append(torch.randint(len(transfer), (b - n_lab,), generator=g))
+    return torch.cat(parts).numpy()
+
+
+def distill(transfer: TransferSet, config: DistillConfig | None = None, cache: TeacherCache | None = None,
+            student: StudentConfig | StudentNet | str | None = None, checkpoint_dir: str | Path | None = None,
+            progress: ProgressReporter | None = None, validation=None, open_stage: bool = True) -> DistillResult:
+    """Train a student on the transfer set: distillation phase, then supervised fine-tune.
+
+    Parameters
+    ----------
+    transfer:
+        The :class:`TransferSet` (images ``(N,1,S,S)``; labels ``-1`` on unlabelled slices).
+    config:
+        :class:`DistillConfig`; ``method`` selects TS-KD or a baseline.
+    cache:
+        :class:`TeacherCache` aligned with ``transfer`` (same N and order). ``tskd`` needs
+        ``probs`` (when ``w_out > 0``) and ``embedding`` (when ``w_feat > 0``); ``task_agnostic``
+        needs ``embedding``; ``scratch`` needs nothing.
+    student:
+        Architecture name, :class:`StudentConfig` or a built :class:`StudentNet` (K is taken from
+        the transfer set when building).
+    checkpoint_dir:
+        Folder for ``checkpoint.pt`` (atomic, every ``checkpoint_every`` steps), the final
+        ``student.pt`` and ``result.json``. An existing checkpoint there is resumed.
+    progress:
+        Reporter; the ``distillation`` stage is opened and closed here when ``open_stage``.
+    validation:
+        Optional ``(images (M,1,S,S), labels (M,S,S))`` or a ``SliceSet``; Dice is computed at
+        the end of each phase and reported as ``val_dice``.
+
+    Returns :class:`DistillResult`.
+
+    Raises
+    ------
+    ConfigError
+        Invalid config, or a cache that lacks what the method needs or does not match the
+        transfer set.
+    CheckpointError
+        A checkpoint in ``checkpoint_dir`` written with a different configuration.
+    """
+    cfg = (config or DistillConfig()).validated()
+    w_sup, w_out, w_feat = cfg.effective_weights()
+    if cfg.method != "scratch":
+        if cache is None:
+            raise ConfigError(f"method {cfg.method!r} needs a teacher-output cache (build_teacher_cache).")
+        if len(cache) != len(transfer):
+            raise ConfigError(f"teacher cache has {len(cache)} slices, the transfer set {len(transfer)}.")
+        if w_out > 0 and cache.probs is None:
+            raise ConfigError("output distillation needs teacher probabilities in the cache.")
+        if w_feat > 0 and cache.embedding is None:
+            raise ConfigError("feature distillation needs teacher embeddings in the cache.")
+        if cache.probs is not None and cache.probs.shape[1] != transfer.num_classes + 1:
+            raise ConfigError(f"teacher probabilities have {cache.probs.shape[1]} channels, expected "
+                              f"{transfer.num_classes + 1} (K+1).")
+    if not bool(transfer.labelled.any()) and (w_sup > 0 and cfg.finetune_steps > 0 or cfg.method == "scratch"):
+        raise InputError("no labelled slice in the transfer set.", fix="Label at least one slice.")
+    if cfg.num_threads:
+        torch.set_num_threads(int(cfg.num_threads))
+    device = _resolve_device(cfg.device)
+    progress = progress or NullProgress()
+
+    from monai.losses import DiceCELoss
+
+    torch.manual_seed(cfg.seed)
+    if isinstance(student, StudentNet):
+        model = student
+    else:
+        model = build_student(student, num_classes=transfer.num_classes, input_size=transfer.size)
+    projector = FeatureProjector(model.bottleneck_channels,
+                                 cache.embedding.shape[1] if cache is not None and cache.embedding is not None
+                                 else TEACHER_EMBED_DIM)
+    model.to(device)
+    projector.to(device)
+    params = list(model.parameters()) + (list(projector.parameters()) if w_feat > 0 else [])
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sup_loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, include_background=False, batch=True)
+
+    ckdir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    start, history = 0, []
+    if ckdir is not None:
+        ckdir.mkdir(parents=True, exist_ok=True)
+        ck = ckdir / "checkpoint.pt"
+        if ck.is_file():
+            try:
+                state = torch.load(ck, map_location="cpu", weights_only=False)
+            except Exception as exc:  # truncated file
+                raise CheckpointError(f"distillation checkpoint is unreadable ({exc}).", ck,
+                                      "Delete it to restart the stage.") from None
+            if state.get("fingerprint") != cfg.fingerprint() or state.get("n") != len(transfer):
+                raise CheckpointError("distillation checkpoint was written with another configuration or "
+                                      "transfer set.", ck, "Use a new run directory or delete the checkpoint.")
+            model.load_state_dict(state["model"])
+            projector.load_state_dict(state["projector"])
+            opt.load_state_dict(state["optimizer"])
+            start, history = int(state["step"]), list(state["history"])
+            log.info("resuming distillation at step %d", start)
+
+    def save_checkpoint(step: int) -> None:
+        if ckdir is None:
+            return
+        payload = {"step": step, "model": model.state_dict(), "projector": projector.state_dict(),
+                   "optimizer": opt.state_dict(), "history": history, "fingerprint": cfg.fingerprint(),
+                   "n": len(transfer)}
+        atomic_write(ckdir / "checkpoint.pt", lambda tmp: torch.save(payload, tmp), overwrite=True)
+
+    val = _validation_tensors(validation)
+    metrics: dict = {}
+    if open_stage:
+        progress.stage_start("distillation", cfg.total_steps,
+                             message=f"{cfg.method}: {transfer.summary()}")
+    t0 = time.monotonic()
+    model.train()
+    running: dict[str, float] = {}
+    for step in range(start, cfg.total_steps):
+        phase = "distill" if step < cfg.steps else "finetune"
+        use_kd = phase == "distill" and (w_out > 0 or w_feat > 0)
+        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+        idx = _sample(step, cfg, transfer, g, use_kd)
+        images = transfer.images[idx]
+        labels = transfer.labels[idx]
+        valid = transfer.valid[idx]
+        probs = emb = None
+        if use_kd:
+            probs, emb = cache.take(idx)
+            probs = probs if w_out > 0 else None
+            emb = emb if w_feat > 0 else None
+        if cfg.augment:
+            images, labels, valid, probs, emb = augment_batch(g, images, labels, valid, probs, emb)
+        images, labels, valid = images.to(device), labels.to(device), valid.to(device)
+        for lr_group in opt.param_groups:
+            lr_group["lr"] = _lr_at(step, cfg)
+        logits, feat = model.forward_features(images)
+        loss = logits.new_zeros(())
+        parts = {}
+        lab = (labels >= 0).flatten(1).any(1)  # labelled samples only reach the supervised loss
+        if w_sup > 0 and bool(lab.any()):
+            sup = sup_loss_fn(logits[lab], labels[lab][:, None])
+            loss = loss + w_sup * sup
+            parts["sup"] = float(sup.detach())
+        if probs is not None:
+            out = output_kd_loss(logits, probs.to(device), valid, cfg.temperature, cfg.output_loss)
+            loss = loss + w_out * out
+            parts["kd_out"] = float(out.detach())
+        if emb is not None:
+            fl = feature_kd_loss(projector(feat), emb.to(device), cfg.feature_loss)
+            loss = loss + w_feat * fl
+            parts["kd_feat"] = float(fl.detach())
+        opt.zero_grad(set_to_none=True)
+        if loss.requires_grad:
+            loss.backward()
+            opt.step()
+        parts["loss"] = float(loss.detach())
+        for k, v in parts.items():
+            running[k] = running.get(k, 0.0) + v
+        running["_n"] = running.get("_n", 0) + 1
+        done = step + 1
+        last_of_phase = done == cfg.steps or done == cfg.total_steps
+        if done % cfg.log_every == 0 or last_of_phase:
+            n = running.pop("_n")
+            rec = {"step": done, "phase": phase, "lr": _lr_at(step, cfg), **{k: v / n for k, v in running.items()}}
+            running = {}
+            if last_of_phase and val is not None:
+                rec["val_dice"] = evaluate_dice(model, *val, device=device)["mean"]
+                model.train()
+            history.append(rec)
+            progress.update(done, {k: v for k, v in rec.items() if k not in ("step",)})
+        if done % cfg.checkpoint_every == 0 or last_of_phase:
+            save_checkpoint(done)
+    model.eval()
+    model.cpu()
+    metrics = {"steps": cfg.total_steps, "seconds": round(time.monotonic() - t0, 2)}
+    if history:
+        metrics["loss"] = history[-1].get("loss")
+    if val is not None:
+        metrics["val_dice"] = evaluate_dice(model, *val)
+    if ckdir is not None:
+        save_student(model, ckdir / "student.pt")
+        text = json.dumps({"metrics": metrics, "history": history}, indent=1, default=str)
+        atomic_write(ckdir / "result.json", lambda tmp: tmp.write_text(text), overwrite=True)
+    if open_stage:
+        progress.stage_end(metrics)
+    return DistillResult(model, history, metrics, cfg, transfer.summary())
+
+
+def _validation_tensors(validation):
+    if validation is None:
+        return None
+    if hasattr(validation, "images") and hasattr(validation, "labels"):
+        keep = validation.labelled
+        return validation.images[keep], validation.labels[keep]
+    images, labels = validation
+    return torch.as_tensor(images), torch.as_tensor(labels)
+
+
+# ------------------------------------------------------------------------------------------------
+# Evaluation
+# ------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def predict_labels(model: nn.Module, images: torch.Tensor, batch_size: int = 8,
+                   device: torch.device | str = "cpu") -> torch.Tensor:
+    """Argmax labelmaps ``(N, S, S)`` int64 of ``(N, 1, S, S)`` slices."""
+    was = model.training
+    model.eval()
+    out = []
+    for i in range(0, len(images), batch_size):
+        out.append(model(images[i:i + batch_size].float().to(device)).argmax(1).cpu())
+    model.train(was)
+    return torch.cat(out)
+
+
+def dice_scores(pred: torch.Tensor, target: torch.Tensor, num_classes: int, per_slice: bool = False) -> dict:
+    """Dice per foreground class with MONAI :class:`~monai.metrics.DiceMetric`.
+
+    Parameters
+    ----------
+    pred, target:
+        ``(N, H, W)`` int labelmaps in ``0..K``.
+    per_slice:
+        False: one Dice over all N slices pooled (a volume's Dice when the slices are one scan).
+        True: Dice of each slice, averaged over slices where the class is present in the target
+        (2D datasets such as HC18).
+
+    Returns ``{"per_class": [K floats, NaN where undefined], "mean": nanmean}``.
+    """
+    from monai.metrics import DiceMetric
+
+    k1 = num_classes + 1
+    p = F.one_hot(pred.long().clamp(0, num_classes), k1).movedim(-1, 1).float()
+    t = F.one_hot(target.long().clamp(0, num_classes), k1).movedim(-1, 1).float()
+    if not per_slice:  # pool the slices into one (1, K+1, N, H, W) volume
+        p, t = p.movedim(0, 1)[None], t.movedim(0, 1)[None]
+    metric = DiceMetric(include_background=False, reduction="none", ignore_empty=True)
+    d = metric(p, t)  # (B, K), NaN where the target is empty
+    per_class = torch.nanmean(d, 0) if d.shape[0] > 1 else d[0]
+    vals = [float(v) for v in per_class]
+    finite = [v for v in vals if not math.isnan(v)]
+    return {"per_class": vals, "mean": float(np.mean(finite)) if finite else float("nan")}
+
+
+def evaluate_dice(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, per_slice: bool = False,
+                  device: torch.device | str = "cpu", num_classes: int | None = None) -> dict:
+    """Dice of a model's argmax on ``(N,1,S,S)`` images against ``(N,S,S)`` labels (see
+    :func:`dice_scores`). K defaults to the model's output channels - 1."""
+    pred = predict_labels(model, images, device=device)
+    k = num_classes if num_classes is not None else int(getattr(getattr(model, "config", None), "num_classes", 0) or
+                                                         int(labels.max()))
+    return dice_scores(pred, labels, k, per_slice)
+
+
+def method_config(method: str, base: DistillConfig | None = None, **overrides) -> DistillConfig:
+    """The config of one of :data:`METHODS` at the same budget as ``base``."""
+    base = base or DistillConfig()
+    return replace(base, method=method, **overrides).validated()
