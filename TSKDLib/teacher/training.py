@@ -1,0 +1,542 @@
+"""Fine-tuning the task-specific teacher on the labelled slices (TS-KD Stage 1).
+
+Liang et al. (arXiv 2503.06976) fine-tune the foundation model on the target task with LoRA
+before distillation, supervised by the few labelled images. Here: Dice + cross-entropy on the
+K+1 class probabilities of :func:`~TSKDLib.teacher.model.class_probabilities`, AdamW, linear
+warm-up then cosine decay, validation Dice on a held-out part of the labelled slices with early
+stopping, and resumable checkpoints.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from TSKDLib.errors import ConfigError, LabelError
+from TSKDLib.progress import NullProgress, ProgressReporter
+from TSKDLib.teacher.lora import DEFAULT_TARGETS, FAST_TARGETS, LoraSettings
+from TSKDLib.teacher.model import TaskSpecificTeacher, autocast_for, class_logits, labelmap
+
+RESUME_FILE = "teacher_resume.pt"
+
+
+@dataclass
+class TeacherConfig:
+    """Settings of teacher fine-tuning (defaults follow the paper's LoRA teacher).
+
+    Attributes
+    ----------
+    backend, checkpoint:
+        Foundation model (:data:`~TSKDLib.teacher.backbones.BACKENDS`) and its weight file
+        (None for the packaged LiteMedSAM).
+    lora_rank, lora_alpha, lora_dropout, lora_targets:
+        See :class:`~TSKDLib.teacher.lora.LoraSettings`. Default targets: encoder and decoder
+        attention (paper); the ``fast`` preset adapts the decoder only.
+    steps:
+        Optimiser steps (upper bound; early stopping may end sooner).
+    batch_size:
+        Slices per step.
+    lr, weight_decay:
+        AdamW learning rate (peak, after warm-up) and decoupled weight decay (not applied to
+        prompt tokens). 1e-3 suits LoRA with rank 8 and tens to hundreds of steps.
+    warmup:
+        Linear warm-up steps from 0 to ``lr``; then cosine decay to 0 at ``steps``.
+    val_fraction:
+        Share of the labelled slices held out for validation Dice (none when fewer than 3 are
+        labelled, or 0).
+    val_every, patience:
+        Validate every ``val_every`` steps; stop after ``patience`` validations without
+        improvement; the best validated weights are kept.
+    seed:
+        Seeds the LoRA initialisation, the split, batch order, dropout and (per step) the
+        dataset's MONAI augmentations: runs are reproducible on the CPU.
+    device:
+        ``"auto"`` (CUDA when available, with autocast mixed precision), ``"cpu"`` or ``"cuda"``.
+    cache_embeddings:
+        Encode each training slice once with the frozen encoder and train the decoder side on
+        the cached ``(256, 64, 64)`` embeddings (float32, 4 MiB per view). None = automatic:
+        when no LoRA sits in the encoder. Ignored (False) when the encoder is adapted.
+    cache_views:
+        With cached embeddings: views per training slice: the un-augmented slice plus
+        ``cache_views - 1`` augmented draws from the dataset (if it augments).
+    checkpoint_every:
+        Save a resume checkpoint to ``work_dir`` every this many steps (and at the end).
+    dice_weight, ce_weight:
+        Weights of the two loss terms.
+    """
+
+    backend: str = "litemedsam"
+    checkpoint: str | None = None
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.05
+    lora_targets: tuple[str, ...] = DEFAULT_TARGETS
+    steps: int = 200
+    batch_size: int = 4
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup: int = 10
+    val_fraction: float = 0.2
+    val_every: int = 20
+    patience: int = 4
+    seed: int = 0
+    device: str = "auto"
+    cache_embeddings: bool | None = None
+    cache_views: int = 1
+    checkpoint_every: int = 50
+    dice_weight: float = 1.0
+    ce_weight: float = 1.0
+
+    def __post_init__(self):
+        self.lora_targets = tuple(self.lora_targets)
+        self.lora_settings()  # validates LoRA values
+        for name in ("steps", "batch_size", "val_every", "checkpoint_every", "cache_views"):
+            if int(getattr(self, name)) < 1:
+                raise ConfigError(f"teacher {name} must be >= 1, got {getattr(self, name)}.")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ConfigError(f"teacher val_fraction must be in [0, 1), got {self.val_fraction}.")
+        if self.lr <= 0 or self.warmup < 0 or self.patience < 1:
+            raise ConfigError("teacher lr must be > 0, warmup >= 0 and patience >= 1.")
+        if self.device not in ("auto", "cpu", "cuda") and not str(self.device).startswith("cuda:"):
+            raise ConfigError(f"unknown device {self.device!r}.", fix="use auto, cpu or cuda.")
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "TeacherConfig":
+        """Named settings.
+
+        ``paper``: LoRA on encoder + decoder attention (the default fields).
+        ``fast``: CPU preset: LoRA on the decoder attention + prompt tokens, frozen encoder with
+        cached embeddings (one encoder pass per slice in all), 150 steps of 8 slices, no LoRA
+        dropout (on CPU, dropout masks over the 4096 image tokens cost ~15 % of a step).
+        """
+        if name == "paper":
+            base: dict[str, Any] = {}
+        elif name == "fast":
+            base = dict(lora_targets=FAST_TARGETS, lora_dropout=0.0, cache_embeddings=True, steps=150,
+                        batch_size=8, lr=2e-3, val_every=15)
+        else:
+            raise ConfigError(f"unknown teacher preset {name!r}.", fix="use 'paper' or 'fast'.")
+        base.update(overrides)
+        return cls(**base)
+
+    def lora_settings(self) -> LoraSettings:
+        """The LoRA part as :class:`LoraSettings`."""
+        return LoraSettings(self.lora_rank, self.lora_alpha, self.lora_dropout, self.lora_targets)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["lora_targets"] = list(self.lora_targets)
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "TeacherConfig":
+        names = {f.name for f in fields(cls)}
+        unknown = set(data) - names
+        if unknown:
+            raise ConfigError(f"unknown teacher setting(s) {sorted(unknown)}.")
+        return cls(**data)
+
+
+def resolve_device(device: str) -> torch.device:
+    """``"auto"`` -> CUDA if available else CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("device 'cuda' was requested but no CUDA GPU is available.", fix="use device auto or cpu.")
+    return torch.device(device)
+
+
+# -- loss and metric ---------------------------------------------------------------------------------
+class MaskedDiceCELoss(nn.Module):
+    """Dice + cross-entropy on K+1 class probabilities, over labelled valid pixels only.
+
+    Pixels with label ``-1`` (unlabelled) or ``valid == False`` (padding) are removed from both
+    terms: ignored by the cross-entropy, zeroed in prediction and target of MONAI's
+    ``DiceLoss`` (so they add nothing to intersections or sums). Dice is computed over the
+    whole batch per class (``batch=True``) without background, which is stable when a class is
+    absent from some slices (Milletari et al. 2016; nnU-Net's Dice + CE, Isensee et al. 2021).
+
+    Call with ``logits (B, K, S, S)``, ``labels (B, S, S)`` int64 in -1..K, ``valid (B, S, S)``
+    bool; returns ``(total, dice, ce)`` scalars.
+    """
+
+    def __init__(self, dice_weight: float = 1.0, ce_weight: float = 1.0):
+        super().__init__()
+        from monai.losses import DiceLoss
+
+        self.dice = DiceLoss(include_background=False, softmax=False, batch=True, smooth_nr=1e-5, smooth_dr=1e-5)
+        self.dice_weight, self.ce_weight = dice_weight, ce_weight
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor):
+        full = class_logits(logits.float())  # (B, K+1, S, S)
+        keep = valid & (labels >= 0)
+        if not bool(keep.any()):
+            raise LabelError("a training batch holds no labelled pixel.")
+        ce = F.cross_entropy(full, torch.where(keep, labels, torch.full_like(labels, -100)), ignore_index=-100)
+        keep_f = keep.unsqueeze(1).to(full.dtype)
+        probs = torch.softmax(full, dim=1) * keep_f
+        target = F.one_hot(labels.clamp(min=0), full.shape[1]).permute(0, 3, 1, 2).to(full.dtype) * keep_f
+        dice = self.dice(probs, target)
+        return self.dice_weight * dice + self.ce_weight * ce, dice.detach(), ce.detach()
+
+
+def dice_per_class(pred: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Per-slice, per-class Dice with MONAI ``compute_dice``.
+
+    Parameters
+    ----------
+    pred, labels:
+        ``(N, S, S)`` int64 labelmaps in 0..K (labels may hold -1: treated as background).
+    valid:
+        ``(N, S, S)`` bool; padding is set to background in both before comparing.
+
+    Returns
+    -------
+    ``(N, K)`` float Dice; NaN where the class is absent from the reference slice.
+    """
+    from monai.metrics import compute_dice
+
+    pred = torch.where(valid, pred, 0)
+    ref = torch.where(valid & (labels > 0), labels, 0)
+    oh_p = F.one_hot(pred, num_classes + 1).permute(0, 3, 1, 2)
+    oh_r = F.one_hot(ref, num_classes + 1).permute(0, 3, 1, 2)
+    return compute_dice(oh_p, oh_r, include_background=False, ignore_empty=True)
+
+
+def _nanmean(x: torch.Tensor, dim=None):
+    x = x.float()
+    mask = ~torch.isnan(x)
+    s = torch.where(mask, x, 0).sum(dim) if dim is not None else x[mask].sum()
+    n = mask.sum(dim) if dim is not None else mask.sum()
+    return s / n.clamp(min=1) if dim is not None else (s / n if n > 0 else torch.tensor(float("nan")))
+
+
+def warmup_cosine(warmup: int, total: int):
+    """LR multiplier: linear 0 -> 1 over ``warmup`` steps, then cosine 1 -> 0 at ``total``."""
+    def factor(step: int) -> float:
+        if warmup > 0 and step < warmup:
+            return (step + 1) / warmup
+        span = max(total - warmup, 1)
+        return 0.5 * (1.0 + math.cos(math.pi * min(step - warmup, span) / span))
+    return factor
+
+
+# -- samples -------------------------------------------------------------------------------------------
+class _Samples:
+    """Uniform access to training samples.
+
+    Accepts a :class:`TSKDLib.case.SliceSet` (tensors), a :class:`TSKDLib.dataset.SliceDataset`
+    (possibly augmenting) or any sequence of sample dicts with ``image (1,S,S)``,
+    ``label (S,S)``, ``valid (S,S)`` and ``labelled``.
+    """
+
+    def __init__(self, samples):
+        self.samples = samples
+        self.tensors = samples if hasattr(samples, "images") and hasattr(samples, "labelled") else None
+        base = getattr(samples, "slices", None)
+        if self.tensors is None and base is not None and hasattr(base, "images"):
+            self.tensors = base  # un-augmented tensors behind a SliceDataset
+        self.transform = getattr(samples, "transform", None) if self.tensors is not samples else None
+
+    def __len__(self):
+        return len(self.samples)
+
+    def labelled_indices(self) -> list[int]:
+        if self.tensors is not None:
+            return torch.nonzero(torch.as_tensor(self.tensors.labelled), as_tuple=False).flatten().tolist()
+        return [i for i in range(len(self.samples)) if bool(self.samples[i]["labelled"])]
+
+    def raw(self, idx: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Un-augmented ``images (n,1,S,S), labels (n,S,S), valid (n,S,S)``."""
+        if self.tensors is not None:
+            i = torch.as_tensor(list(idx), dtype=torch.long)
+            t = self.tensors
+            return t.images[i].float(), t.labels[i].long(), t.valid[i].bool()
+        return self.fetch(idx)
+
+    def fetch(self, idx: Sequence[int], seed: int | None = None):
+        """Samples as the dataset yields them (augmented if it augments), stacked."""
+        if self.tensors is self.samples:
+            return self.raw(idx)
+        if seed is not None and self.transform is not None and hasattr(self.transform, "set_random_state"):
+            self.transform.set_random_state(seed=seed)  # deterministic, resumable augmentation
+        items = [self.samples[i] for i in idx]
+        images = torch.stack([torch.as_tensor(it["image"]).float() for it in items])
+        labels = torch.stack([torch.as_tensor(it["label"]).long() for it in items])
+        valid = torch.stack([torch.as_tensor(it["valid"]).bool() for it in items])
+        return images, labels, valid
+
+
+def _batch_indices(train: list[int], step: int, batch_size: int, seed: int) -> list[int]:
+    """Stateless epoch-wise shuffled batches: a pure function of (step, seed), so resuming is exact."""
+    n = len(train)
+    out = []
+    for pos in range(step * batch_size, (step + 1) * batch_size):
+        epoch, j = divmod(pos, n)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+        out.append(train[int(perm[j])])
+    return out
+
+
+def _atomic_torch_save(obj, path: Path) -> None:
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+# -- the training loop ----------------------------------------------------------------------------------
+@torch.no_grad()
+def _encode_all(teacher: TaskSpecificTeacher, images: torch.Tensor, device, batch_size: int = 4) -> torch.Tensor:
+    chunks = []
+    for i in range(0, images.shape[0], batch_size):
+        with autocast_for(device):
+            chunks.append(teacher.embed(images[i:i + batch_size].to(device)).float())
+    return torch.cat(chunks)
+
+
+@torch.no_grad()
+def _validate(teacher, images, labels, valid, device, embeddings=None, batch_size: int = 4) -> torch.Tensor:
+    """Per-slice per-class Dice ``(N, K)`` of the teacher's labelmap on validation slices."""
+    teacher.eval()
+    preds = []
+    for i in range(0, images.shape[0], batch_size):
+        with autocast_for(device):
+            if embeddings is not None:
+                logits = teacher.decode(embeddings[i:i + batch_size], images.shape[-1])
+            else:
+                logits = teacher(images[i:i + batch_size].to(device)).logits
+        preds.append(labelmap(logits.float()).cpu())
+    return dice_per_class(torch.cat(preds), labels, valid, teacher.num_classes)
+
+
+def finetune_teacher(teacher: TaskSpecificTeacher, train_samples, config: TeacherConfig | None = None,
+                     progress: ProgressReporter | None = None, work_dir: str | Path | None = None,
+                     val_samples=None) -> tuple[TaskSpecificTeacher, dict]:
+    """Fine-tune the LoRA adapters and class prompt tokens on the labelled slices.
+
+    Parameters
+    ----------
+    teacher:
+        A :class:`TaskSpecificTeacher` (its ``class_names`` define K).
+    train_samples:
+        :class:`TSKDLib.case.SliceSet`, :class:`TSKDLib.dataset.SliceDataset` (MONAI
+        augmentations come from it) or a sequence of sample dicts (``image (1,S,S)`` float32
+        [0, 1], ``label (S,S)`` int64 -1..K, ``valid (S,S)`` bool, ``labelled`` bool).
+        Unlabelled samples are dropped before anything else: they never reach the loss.
+    config:
+        :class:`TeacherConfig` (default: the paper preset).
+    progress:
+        Reporter; stage ``teacher`` with ``total = config.steps``; metrics ``loss``,
+        ``val_dice``, ``lr``.
+    work_dir:
+        Folder for the resume checkpoint (``teacher_resume.pt``, written atomically every
+        ``checkpoint_every`` steps). If it holds one from the same configuration and classes,
+        training continues from it; otherwise it is ignored and overwritten.
+    val_samples:
+        Optional explicit validation samples (same forms); default: ``val_fraction`` of the
+        labelled training slices, drawn with ``seed``.
+
+    Returns
+    -------
+    ``(teacher, history)``: the teacher in eval mode holding the best validated weights (or
+    the last ones without validation), and a dict with ``loss`` (per step), ``val`` (list of
+    ``{"step", "dice", "per_class"}``), ``initial_val_dice`` (before training), ``best_step``,
+    ``best_val_dice``, ``stopped_early``,
+    ``steps_run``, ``seconds_per_step``, ``cached_embeddings``, ``train_indices``,
+    ``val_indices``, ``resumed_from``. ``teacher.validation`` receives the best figures.
+
+    Raises
+    ------
+    LabelError
+        No labelled slice, or labels outside ``-1..K`` for the teacher's K classes.
+    ConfigError
+        Invalid settings, or a config whose LoRA settings differ from the teacher's.
+    """
+    config = config or TeacherConfig()
+    progress = progress or NullProgress()
+    if config.lora_settings() != teacher.lora_settings:
+        raise ConfigError("the teacher's LoRA settings differ from the training config.",
+                          fix="build the teacher with config.lora_settings() (see build_teacher).")
+    device = resolve_device(config.device)
+    teacher.to(device)
+    k = teacher.num_classes
+
+    source = _Samples(train_samples)
+    labelled = source.labelled_indices()
+    if not labelled:
+        raise LabelError("no labelled slice among the teacher's training samples.",
+                         fix="label at least one slice (or pass its index as labelled).")
+    _, lab_labels, _ = source.raw(labelled)
+    if int(lab_labels.max()) > k or int(lab_labels.min()) < -1:
+        raise LabelError(f"training labels hold class indices {int(lab_labels.min())}..{int(lab_labels.max())} "
+                         f"but the teacher has {k} class(es) {teacher.class_names}.",
+                         fix="use the same class map for the data and the teacher.")
+
+    # split labelled slices into train / validation
+    if val_samples is not None:
+        vsrc = _Samples(val_samples)
+        vidx = vsrc.labelled_indices()
+        val_data = vsrc.raw(vidx) if vidx else None
+        train_idx, val_idx = list(labelled), vidx
+    else:
+        perm = np.random.default_rng(config.seed).permutation(len(labelled))
+        n_val = int(round(config.val_fraction * len(labelled))) if len(labelled) >= 3 else 0
+        val_idx = sorted(labelled[i] for i in perm[:n_val])
+        train_idx = sorted(labelled[i] for i in perm[n_val:])
+        val_data = source.raw(val_idx) if val_idx else None
+
+    use_cache = (config.cache_embeddings is not False) and not teacher.adapts_encoder
+    if config.cache_embeddings and teacher.adapts_encoder:
+        progress.log("teacher: embeddings are not cached because the encoder carries LoRA.", level="warning")
+    trainable = [p for p in teacher.parameters() if p.requires_grad]
+    decay = [p for n, p in teacher.named_parameters() if p.requires_grad and n != "prompt_tokens"]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
+                                   {"params": [teacher.prompt_tokens], "weight_decay": 0.0}], lr=config.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(config.warmup, config.steps))
+    amp_fp16 = device.type == "cuda" and not torch.cuda.is_bf16_supported()
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_fp16)
+    loss_fn = MaskedDiceCELoss(config.dice_weight, config.ce_weight)
+
+    history: dict[str, Any] = {"loss": [], "dice_loss": [], "ce_loss": [], "val": [], "initial_val_dice": None,
+                               "best_step": None,
+                               "best_val_dice": None, "stopped_early": False, "steps_run": 0,
+                               "seconds_per_step": None, "cached_embeddings": use_cache,
+                               "train_indices": train_idx, "val_indices": val_idx, "resumed_from": None}
+    best_state, bad_evals, start = None, 0, 0
+    identity = {"config": config.to_dict(), "class_names": teacher.class_names, "train": train_idx, "val": val_idx}
+    resume_path = Path(work_dir) / RESUME_FILE if work_dir is not None else None
+    if resume_path is not None and resume_path.is_file():
+        try:
+            state = torch.load(resume_path, map_location="cpu", weights_only=False)
+        except Exception as exc:  # a torn or foreign file: start over
+            progress.log(f"teacher: ignoring unreadable resume file {resume_path} ({exc}).", level="warning")
+            state = None
+        if state is not None and state.get("identity") == identity:
+            teacher.load_trainable_state_dict(state["trainable"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            scaler.load_state_dict(state["scaler"])
+            torch.set_rng_state(state["rng"])
+            history, best_state, bad_evals, start = state["history"], state["best"], state["bad_evals"], state["step"]
+            history["resumed_from"] = start
+        elif state is not None:
+            progress.log(f"teacher: {resume_path} is from other settings or data; starting over.", level="warning")
+
+    def save_resume(step: int) -> None:
+        if resume_path is None:
+            return
+        resume_path.parent.mkdir(parents=True, exist_ok=True)
+        _atomic_torch_save({"identity": identity, "step": step, "trainable": teacher.trainable_state_dict(),
+                            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                            "scaler": scaler.state_dict(), "rng": torch.get_rng_state(), "history": history,
+                            "best": best_state, "bad_evals": bad_evals}, resume_path)
+
+    progress.stage_start("teacher", config.steps,
+                         message=f"{len(train_idx)} training / {len(val_idx)} validation slices, K={k}")
+    if start:
+        progress.update(step=start, message=f"resumed at step {start}")
+    done = start >= config.steps or history["stopped_early"]
+
+    # frozen-encoder embedding cache (train views + validation)
+    cache = val_emb = None
+    if use_cache and not done:
+        views = [source.raw(train_idx)]
+        for v in range(1, config.cache_views):
+            views.append(source.fetch(train_idx, seed=config.seed * 7919 + v))
+        c_images = torch.cat([v[0] for v in views])
+        cache = (_encode_all(teacher, c_images, device), torch.cat([v[1] for v in views]),
+                 torch.cat([v[2] for v in views]))
+        if val_data is not None:
+            val_emb = _encode_all(teacher, val_data[0], device)
+    size = int(lab_labels.shape[-1])
+    n_views = config.cache_views if use_cache else 1
+
+    if start == 0:
+        torch.manual_seed(config.seed)  # LoRA dropout; a resumed run restored the RNG state above
+        if val_data is not None and not done:  # Dice of the untrained prompts, for reference
+            history["initial_val_dice"] = float(_nanmean(_nanmean(
+                _validate(teacher, *val_data, device, embeddings=val_emb), dim=0)))
+    t0, step = time.perf_counter(), start
+    while not done:
+        teacher.train()
+        positions = _batch_indices(list(range(len(train_idx) * n_views)), step, config.batch_size, config.seed)
+        if cache is not None:
+            pos = torch.as_tensor(positions)
+            emb, labels, valid = cache[0][pos].to(device), cache[1][pos].to(device), cache[2][pos].to(device)
+            with autocast_for(device):
+                logits = teacher.decode(emb, size)
+        else:
+            idx = [train_idx[p] for p in positions]
+            images, labels, valid = source.fetch(idx, seed=config.seed * 1_000_033 + step)
+            images, labels, valid = images.to(device), labels.to(device), valid.to(device)
+            with autocast_for(device):
+                logits = teacher(images).logits
+        loss, dice_l, ce_l = loss_fn(logits, labels, valid)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        step += 1
+        history["loss"].append(float(loss))
+        history["dice_loss"].append(float(dice_l))
+        history["ce_loss"].append(float(ce_l))
+        history["steps_run"] = step
+        metrics = {"loss": float(loss), "lr": scheduler.get_last_lr()[0]}
+
+        if val_data is not None and (step % config.val_every == 0 or step == config.steps):
+            per_slice = _validate(teacher, *val_data, device, embeddings=val_emb)
+            per_class = _nanmean(per_slice, dim=0)
+            mean = float(_nanmean(per_class))
+            history["val"].append({"step": step, "dice": mean, "per_class": per_class.tolist()})
+            metrics["val_dice"] = mean
+            if history["best_val_dice"] is None or mean > history["best_val_dice"]:
+                history["best_val_dice"], history["best_step"] = mean, step
+                best_state, bad_evals = teacher.trainable_state_dict(), 0
+            else:
+                bad_evals += 1
+                if bad_evals >= config.patience:
+                    history["stopped_early"] = True
+        done = step >= config.steps or history["stopped_early"]
+        progress.update(step=step, metrics=metrics)
+        if step % config.checkpoint_every == 0 or done:
+            save_resume(step)
+
+    elapsed = time.perf_counter() - t0
+    if step > start:
+        history["seconds_per_step"] = elapsed / (step - start)
+    if best_state is not None:
+        teacher.load_trainable_state_dict(best_state)
+    teacher.eval()
+    best = next((v for v in history["val"] if v["step"] == history["best_step"]), None)
+    teacher.validation = {"n_slices": len(val_idx), "best_step": history["best_step"],
+                          "mean_dice": history["best_val_dice"],
+                          "dice": ({n: d for n, d in zip(teacher.class_names, best["per_class"])} if best else {})}
+    progress.stage_end({"loss": history["loss"][-1] if history["loss"] else None,
+                        "val_dice": history["best_val_dice"], "steps": step})
+    return teacher, history
+
+
+def build_teacher(class_names: Sequence[str], config: TeacherConfig | None = None) -> TaskSpecificTeacher:
+    """Load the configured foundation model and wrap it as a :class:`TaskSpecificTeacher`.
+
+    Raises :class:`~TSKDLib.errors.CheckpointError` / ``LabelError`` / ``ConfigError`` as
+    :func:`~TSKDLib.teacher.backbones.load_foundation_model` and :class:`TaskSpecificTeacher`.
+    """
+    from TSKDLib.teacher.backbones import load_foundation_model
+
+    config = config or TeacherConfig()
+    backbone = load_foundation_model(config.backend, config.checkpoint)
+    teacher = TaskSpecificTeacher(backbone, class_names, config.lora_settings(), seed=config.seed)
+    return teacher.to(resolve_device(config.device))
