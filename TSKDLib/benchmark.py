@@ -161,7 +161,7 @@ def run_benchmark(data: BenchmarkData, config: BenchmarkConfig, out: str | Path,
     import torch
 
     from .config import PipelineConfig
-    from .distill import TransferSet, build_teacher_cache, distill, method_config
+    from .distill import TeacherCache, TransferSet, build_teacher_cache, distill, method_config
     from .teacher import TaskAgnosticTeacher, build_teacher, finetune_teacher, load_foundation_model
 
     unknown = set(config.methods) - set(ALL_METHODS)
@@ -223,18 +223,25 @@ def run_benchmark(data: BenchmarkData, config: BenchmarkConfig, out: str | Path,
             res = timed("distill_scratch", lambda: distill(transfer, method_config("scratch", dcfg),
                                                             student=stage["student"]))
             record("scratch", student_proba(res.model))
+        real_cache = None
+        if {"tskd_nosyn", "tskd"} & set(config.methods):
+            # teacher outputs on the real transfer slices, computed once and shared
+            real_cache = timed("teacher_cache", lambda: build_teacher_cache(teacher, transfer.images))
         if "task_agnostic" in config.methods:
-            if agnostic is None:
-                agnostic = TaskAgnosticTeacher(load_foundation_model(tcfg.backend, tcfg.checkpoint))
-            cache = timed("teacher_cache", lambda: build_teacher_cache(
-                lambda x: agnostic.embed(x), transfer.images, with_probs=False))
+            if real_cache is not None and not teacher.adapts_encoder:
+                # decoder-side LoRA leaves the encoder as pre-trained: same embeddings
+                cache = TeacherCache(None, real_cache.embedding)
+            else:
+                if agnostic is None:
+                    agnostic = TaskAgnosticTeacher(load_foundation_model(tcfg.backend, tcfg.checkpoint))
+                cache = timed("teacher_cache", lambda: build_teacher_cache(
+                    lambda x: agnostic.embed(x), transfer.images, with_probs=False))
             res = timed("distill_task_agnostic", lambda: distill(
                 transfer, method_config("task_agnostic", dcfg), cache, student=stage["student"]))
             record("task_agnostic", student_proba(res.model))
         if "tskd_nosyn" in config.methods:
-            cache = timed("teacher_cache", lambda: build_teacher_cache(teacher, transfer.images))
             res = timed("distill_tskd_nosyn", lambda: distill(
-                transfer, method_config("tskd", dcfg), cache, student=stage["student"]))
+                transfer, method_config("tskd", dcfg), real_cache, student=stage["student"]))
             record("tskd_nosyn", student_proba(res.model))
         if "tskd" in config.methods:
             import tempfile
@@ -243,10 +250,13 @@ def run_benchmark(data: BenchmarkData, config: BenchmarkConfig, out: str | Path,
             scfg = stage["synthesis"]
             scfg.seed = seed
             with tempfile.TemporaryDirectory(prefix="tskd-bench-syn-") as tmp:
-                syn = timed("synthesis", lambda: run_synthesis(slices, lambda x: teacher.predict_proba(x),
-                                                               tmp, scfg))
+                syn = timed("synthesis", lambda: run_synthesis(slices, teacher.predict_proba, tmp, scfg))
                 full = TransferSet.build(slices, syn.images)
-                cache = timed("teacher_cache", lambda: build_teacher_cache(teacher, full.images))
+                cache = real_cache
+                if len(full) > len(transfer):
+                    syn_cache = timed("teacher_cache", lambda: build_teacher_cache(teacher, full.images[len(transfer):]))
+                    cache = TeacherCache(np.concatenate([real_cache.probs, syn_cache.probs]),
+                                         np.concatenate([real_cache.embedding, syn_cache.embedding]))
                 res = timed("distill_tskd", lambda: distill(full, method_config("tskd", dcfg), cache,
                                                             student=stage["student"]))
             record("tskd", student_proba(res.model))

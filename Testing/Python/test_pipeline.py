@@ -23,13 +23,27 @@ from TSKDLib.progress import EVENTS, STAGES
 pytestmark = pytest.mark.slow
 
 CLASSES = ["liver", "spleen"]
+SCAN: Path | None = None  # set by the `scan` fixture
+
+
+@pytest.fixture(scope="module", autouse=True)
+def scan(tmp_path_factory) -> Path:
+    """Six real slices (8-13) of the bundled DICOM CT, geometry kept, as NIfTI: the LiteMedSAM
+    encoder takes ~2 s per slice on a 2-core CPU, so the tests use a short scan. Its labels stay
+    the full label file on its own (flipped) grid: the job pairs them through physical space."""
+    global SCAN
+    from TSKDLib.io import read_image
+    image, _ = read_image(TOTALSEG / "ct_dicom")
+    SCAN = tmp_path_factory.mktemp("scan") / "ct6.nii.gz"
+    sitk.WriteImage(image[:, :, 8:14], str(SCAN))
+    return SCAN
 
 
 def train_cmd(out: Path, config: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "TSKDLib", "train", str(TOTALSEG / "ct_dicom"),
+    return [sys.executable, "-m", "TSKDLib", "train", str(SCAN),
             "--labels", str(TOTALSEG / "example_seg_dicom.nii.gz"),
             "--class-map", str(TOTALSEG / "label_map_total_ct.json"), "--classes", *CLASSES,
-            "--labelled-slices", "2,7,12,17", "--out", str(out), "--config", str(config),
+            "--labelled-slices", "0,2,4", "--out", str(out), "--config", str(config),
             "--threads", "2", *extra]
 
 
@@ -56,7 +70,7 @@ def finished_run(tmp_path_factory, tiny) -> Path:
 
 
 def segment(model: Path, out: Path, *extra) -> np.ndarray:
-    r = run([sys.executable, "-m", "TSKDLib", "segment", str(model), str(TOTALSEG / "ct_dicom"),
+    r = run([sys.executable, "-m", "TSKDLib", "segment", str(model), str(SCAN),
              "--out", str(out), *extra])
     assert r.returncode == 0, r.stderr[-3000:]
     return sitk.GetArrayFromImage(sitk.ReadImage(str(out)))
@@ -73,8 +87,8 @@ def test_train_segment_reload(finished_run, tmp_path):
     assert np.array_equal(a, b)
     image = sitk.ReadImage(str(tmp_path / "a.nii.gz"))
     from TSKDLib.io import read_image
-    ref, _ = read_image(TOTALSEG / "ct_dicom")
-    assert image.GetSize() == ref.GetSize()
+    ref, _ = read_image(SCAN)
+    assert image.GetSize() == ref.GetSize() == (512, 512, 6)
     assert np.allclose(image.GetSpacing(), ref.GetSpacing()) and np.allclose(image.GetOrigin(), ref.GetOrigin())
     assert np.allclose(image.GetDirection(), ref.GetDirection())
     assert set(np.unique(a)) <= {0, 1, 5}
@@ -148,7 +162,7 @@ def test_finished_run_and_outputs_are_not_overwritten(finished_run, tiny, tmp_pa
     assert r.returncode == 2 and "finished run" in r.stderr and "--overwrite" in r.stderr
     target = tmp_path / "seg.nii.gz"
     segment(finished_run / "model", target)
-    r = run([sys.executable, "-m", "TSKDLib", "segment", str(finished_run / "model"), str(TOTALSEG / "ct_dicom"),
+    r = run([sys.executable, "-m", "TSKDLib", "segment", str(finished_run / "model"), str(SCAN),
              "--out", str(target)])
     assert r.returncode == 2 and str(target) in r.stderr
 
@@ -165,6 +179,6 @@ def test_bad_inputs_give_documented_errors(tmp_path, tiny):
     broken = tmp_path / "broken_model"
     broken.mkdir()
     (broken / "model_card.json").write_text("{}")
-    r = run([sys.executable, "-m", "TSKDLib", "segment", str(broken), str(TOTALSEG / "ct_dicom"),
+    r = run([sys.executable, "-m", "TSKDLib", "segment", str(broken), str(SCAN),
              "--out", str(tmp_path / "x.nii.gz")])
     assert r.returncode == 2 and "model" in r.stderr and "Fix:" in r.stderr

@@ -139,18 +139,22 @@ def test_real_train_progress_cancel_resume(tmp_path):
     config = _tiny_config(tmp_path)
     import SimpleITK as sitk
     import numpy as np
-    seg = sitk.ReadImage(os.path.join(DATA, "example_seg.nii.gz"))
+    # Six real slices (8-13) of the small CT keep the run short (the teacher's encoder is the
+    # slow part on a CPU); liver labels on two of them.
+    seg = sitk.ReadImage(os.path.join(DATA, "example_seg.nii.gz"))[:, :, 8:14]
+    sitk.WriteImage(sitk.ReadImage(os.path.join(DATA, "example_ct_sm.nii.gz"))[:, :, 8:14],
+                    str(tmp_path / "ct6.nii.gz"))
     arr = sitk.GetArrayFromImage(seg)
     part = np.zeros_like(arr)
-    part[[10, 16]] = (arr[[10, 16]] == 5)
+    part[[2, 5]] = (arr[[2, 5]] == 5)
     lab = sitk.GetImageFromArray(part)
     lab.CopyInformation(seg)
     sitk.WriteImage(lab, str(tmp_path / "labels.nii.gz"))
     (tmp_path / "labels.json").write_text(json.dumps({"1": "liver"}))
     run = tmp_path / "run"
     argv = jobs.launcher_prefix(sys.executable) + jobs.train_args(
-        [os.path.join(DATA, "example_ct_sm.nii.gz")], [str(tmp_path / "labels.nii.gz")], str(run),
-        preset="fast", device="cpu", labelled_slices=["10,16"], config=config,
+        [str(tmp_path / "ct6.nii.gz")], [str(tmp_path / "labels.nii.gz")], str(run),
+        preset="fast", device="cpu", labelled_slices=["2,5"], config=config,
         class_map=str(tmp_path / "labels.json"))
     job = jobs.BackendJob(argv, env=_env(), cwd=str(tmp_path)).start()
     # Cancel once real progress arrived.
