@@ -1,0 +1,347 @@
+"""The synthesis stage: train a diffusion model on the user's slices, generate, label with the
+teacher, filter, store (resumable).
+
+Folder layout of ``out_dir``::
+
+    config.json                  effective SynthesisConfig of the last run
+    train-<key>/checkpoint.pt    training checkpoint (atomic, every config.checkpoint_every steps)
+    train-<key>/model/           final EMA model (diffusers save_pretrained + tskd_diffusion.json)
+    samples-<key>/part-*.pt      generated + teacher-labelled slices, written batch by batch
+    transfer/                    the filtered SyntheticTransferSet (npy arrays + manifest.json)
+    grid.png                     real vs synthetic slices with teacher contours
+
+``<key>`` hashes the settings (and, for training, the data) that determine the result, so a rerun
+with the same settings resumes and a changed setting starts a fresh folder next to the old one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..case import SliceSet
+from ..errors import ConfigError
+from ..progress import NullProgress, ProgressReporter
+from .config import SynthesisConfig
+from .diffusion import (DiffusionModel, labels_to_resolution, make_condition, random_affine,
+                        resolve_device, torch_threads, train_diffusion, warp_labels)
+from .report import dice_per_slice, intensity_histogram_distance, save_grid
+from .transfer import SyntheticTransferSet, TeacherProba, label_images
+
+SEED_STRIDE = 1_000_003
+MAX_REAL_FOR_STATS = 64
+
+
+def sample_seed(seed: int, index: int) -> int:
+    """Seed of synthetic image ``index`` (independent of batch size and of resumption)."""
+    return seed * SEED_STRIDE + index
+
+
+def data_fingerprint(images: torch.Tensor, labels: torch.Tensor) -> str:
+    """SHA-1 (first 12 hex digits) of the training tensors, so changed data retrains."""
+    h = hashlib.sha1()
+    h.update(str(tuple(images.shape)).encode())
+    h.update(images.float().contiguous().numpy().tobytes())
+    h.update(labels.long().contiguous().numpy().tobytes())
+    return h.hexdigest()[:12]
+
+
+def condition_pool(slices: SliceSet, resolution: int) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+    """Real label maps to condition on: the labelled slices holding a structure (all labelled
+    slices if none does). Returns ``(P, R, R)`` int64 and ``[(case_index, slice_index)]``."""
+    lab = slices.labelled
+    has_fg = (slices.labels > 0).flatten(1).any(1) & lab
+    sel = has_fg if has_fg.any() else lab
+    idx = torch.nonzero(sel).flatten()
+    maps = labels_to_resolution(slices.labels[idx], resolution)
+    src = [(int(slices.case_index[i]), int(slices.slice_index[i])) for i in idx]
+    return maps, src
+
+
+def generate(model: DiffusionModel, indices: list[int], config: SynthesisConfig, size: int,
+             pool: torch.Tensor | None = None) -> tuple[torch.Tensor, list[int], list[int | None], torch.Tensor | None]:
+    """Generate synthetic slices ``indices`` (each from its own seed, :func:`sample_seed`).
+
+    Returns ``(images (n, 1, size, size) float32 in [0, 1], seeds, condition pool index per image
+    (None = unconditional), condition label maps (n, size, size) int64 or None)``. In ``mask`` mode
+    each image is conditioned on a random real label map from ``pool`` (``(P, R, R)``), randomly
+    shifted/rotated/scaled when ``config.mask_augment``."""
+    R = model.resolution
+    noises, conds, seeds, srcs, maps = [], [], [], [], []
+    for i in indices:
+        s = sample_seed(config.seed, i)
+        g = torch.Generator().manual_seed(s)
+        noises.append(torch.randn(1, 1, R, R, generator=g))
+        seeds.append(s)
+        if model.cond_channels and pool is not None and len(pool):
+            j = int(torch.randint(0, len(pool), (1,), generator=g))
+            m = pool[j:j + 1]
+            if config.mask_augment:
+                m = warp_labels(m, random_affine(1, g))
+            maps.append(m)
+            srcs.append(j)
+        else:
+            srcs.append(None)
+    noise = torch.cat(noises)
+    cond, cmaps = None, None
+    if maps:
+        cmaps = torch.cat(maps)
+        cond = make_condition(cmaps, model.num_classes)
+    with torch_threads(config.num_threads):
+        x = model.sample(noise, cond, steps=config.sample_steps, sampler=config.sampler,
+                         guidance_scale=config.guidance_scale, mixed_precision=config.mixed_precision)
+    if size != R:
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False).clamp(0, 1)
+        if cmaps is not None:
+            cmaps = F.interpolate(cmaps[:, None].float(), size=(size, size), mode="nearest")[:, 0].long()
+    return x.contiguous(), seeds, srcs, cmaps
+
+
+def _load_parts(folder: Path) -> dict[int, dict]:
+    items: dict[int, dict] = {}
+    for f in sorted(folder.glob("part-*.pt")):
+        try:
+            part = torch.load(f, map_location="cpu", weights_only=False)
+        except Exception:  # a torn file cannot exist (atomic rename), but be forgiving
+            f.unlink(missing_ok=True)
+            continue
+        for j, idx in enumerate(part["indices"]):
+            items[int(idx)] = {k: (v[j] if isinstance(v, (torch.Tensor, list)) else v)
+                               for k, v in part.items() if k != "indices"}
+    return items
+
+
+def run_synthesis(slices: SliceSet, teacher_proba: TeacherProba, out_dir: str | Path,
+                  config: SynthesisConfig | None = None,
+                  progress: ProgressReporter | None = None) -> SyntheticTransferSet:
+    """TS-KD stage 2 (Liang et al., arXiv 2503.06976): diffusion-generated, teacher-labelled
+    synthetic slices for the distillation transfer set. Resumes from ``out_dir``.
+
+    Parameters
+    ----------
+    slices:
+        All real slices (labelled and unlabelled) from :func:`TSKDLib.case.prepare_slices`:
+        ``images (N, 1, S, S)`` float32 in [0, 1], ``labels (N, S, S)`` (-1 = unlabelled). The
+        diffusion model trains on every slice; ``mask`` conditioning uses the labelled ones.
+    teacher_proba:
+        The fine-tuned teacher as a callable ``(B, 1, S, S) float32 in [0, 1] -> (B, K+1, S, S)``
+        probabilities (e.g. ``lambda x: class_probabilities(teacher(x).logits)``).
+    out_dir:
+        Stage folder (see the module docstring). Training checkpoints and generated parts found
+        there are reused, so a killed run resumes; an up-to-date ``transfer/`` is returned as is.
+    config:
+        :class:`SynthesisConfig` (default: the ``fast`` preset).
+    progress:
+        Reporter; emits ``stage_start('synthesis', train_steps + num_images)``, one ``progress``
+        per training step (``loss``) and per generated batch, logs, and ``stage_end`` with the
+        metrics below.
+
+    Returns
+    -------
+    The filtered :class:`SyntheticTransferSet` (also saved in ``out_dir/transfer``). Its
+    ``manifest["metrics"]``: ``train_seconds``, ``final_loss`` (mean of the last 10 % of steps),
+    ``sample_seconds_per_image``, ``label_seconds_per_image``, ``generated``, ``kept``,
+    ``dropped``, ``min_confidence`` (the effective threshold), ``max_entropy``, ``mean_confidence_synthetic`` (all
+    generated), ``mean_confidence_kept``, ``mean_confidence_real``, ``histogram_tv``,
+    ``histogram_w1`` (kept synthetic vs real), ``condition_dice`` (teacher vs conditioning mask,
+    ``mask`` mode).
+
+    Raises
+    ------
+    ConfigError
+        Invalid settings, no slices, or a teacher output of the wrong shape.
+    CheckpointError
+        An unreadable training checkpoint.
+    """
+    config = config or SynthesisConfig.preset("fast")
+    config.validate()
+    progress = progress or NullProgress()
+    if len(slices) == 0:
+        raise ConfigError("no slice to synthesise from.")
+    with torch_threads(config.num_threads):
+        return _run(slices, teacher_proba, out_dir, config, progress)
+
+
+def _run(slices, teacher_proba, out_dir, config, progress) -> SyntheticTransferSet:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    K = slices.class_map.num_classes
+    S = slices.size
+    R = config.resolution
+    fp = data_fingerprint(slices.images, slices.labels)
+    tkey = config.train_key(fp)
+    skey = config.sample_key(tkey, S)
+    (out_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=1))
+    filt = {"min_confidence": config.min_confidence, "max_entropy": config.max_entropy,
+            "real_confidence_quantile": config.real_confidence_quantile}
+
+    progress.stage_start("synthesis", config.train_steps + config.num_images)
+    transfer_dir = out_dir / "transfer"
+    if (transfer_dir / "manifest.json").exists():
+        try:
+            done = SyntheticTransferSet.load(transfer_dir)
+            m = done.manifest
+            old = m.get("filter", {})
+            if m.get("sample_key") == skey and m.get("generated_count") == config.num_images \
+                    and all(old.get(k) == v for k, v in filt.items()):
+                progress.log(f"synthesis: reusing {len(done)} synthetic slices in {transfer_dir}")
+                progress.stage_end(m.get("metrics", {}))
+                return done
+        except Exception:
+            pass
+
+    # -- 1. train (or resume) ---------------------------------------------------------------------
+    train_dir = out_dir / f"train-{tkey}"
+    model_dir = train_dir / "model"
+    dev = resolve_device(config.device)
+    info_path = train_dir / "train.json"
+    if (model_dir / "tskd_diffusion.json").exists() and info_path.exists():
+        model = DiffusionModel.load(model_dir, dev)
+        info = json.loads(info_path.read_text())
+        progress.log(f"synthesis: diffusion model found in {model_dir}")
+        progress.update(step=config.train_steps, metrics={"loss": info["final_loss"]}, message="trained")
+    else:
+        progress.log(f"synthesis: training a {R}x{R} diffusion model ({config.conditioning} conditioning, "
+                     f"{config.train_steps} steps) on {len(slices)} slices, {dev}")
+
+        def on_step(step, loss):
+            progress.update(step=step, metrics={"loss": loss}, message="training")
+
+        res = train_diffusion(slices.images, slices.labels, K, config, train_dir, on_step)
+        model = res.model
+        model.save(model_dir)
+        tail = res.losses[-max(1, len(res.losses) // 10):] if res.losses else [float("nan")]
+        prev = json.loads(info_path.read_text()) if info_path.exists() else {}
+        info = {"final_loss": float(sum(tail) / len(tail)), "losses": res.losses,
+                "seconds": float(prev.get("seconds", 0.0)) + res.seconds, "resumed_from": res.resumed_from}
+        tmp = info_path.with_name(f".train.json.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(info))
+        os.replace(tmp, info_path)
+
+    # -- 2. generate + label, incrementally ---------------------------------------------------------
+    sample_dir = out_dir / f"samples-{skey}"
+    sample_dir.mkdir(exist_ok=True)
+    pool, pool_src = (condition_pool(slices, R) if config.conditioning == "mask" else (None, []))
+    if config.conditioning == "mask" and (pool is None or len(pool) == 0):
+        progress.log("synthesis: no labelled slice to condition on; generating unconditionally", "warning")
+    items = _load_parts(sample_dir)
+    missing = [i for i in range(config.num_images) if i not in items]
+    if items:
+        progress.log(f"synthesis: {config.num_images - len(missing)} synthetic slices already generated")
+    t_sample = t_label = 0.0
+    n_new = 0
+    for b in range(0, len(missing), config.sample_batch_size):
+        idx = missing[b:b + config.sample_batch_size]
+        t0 = time.monotonic()
+        imgs, seeds, srcs, cmaps = generate(model, idx, config, S, pool)
+        t1 = time.monotonic()
+        probs, stats = label_images(imgs, teacher_proba, K, config.label_batch_size)
+        t_label += time.monotonic() - t1
+        t_sample += t1 - t0
+        n_new += len(idx)
+        cdice = [None] * len(idx)
+        if cmaps is not None:
+            cdice = [float(v) for v in dice_per_slice(probs.float().argmax(1), cmaps)]
+        part = {"indices": idx, "images": imgs, "probabilities": probs, "seeds": seeds,
+                "confidence": stats["confidence"], "entropy": stats["entropy"],
+                "foreground_fraction": stats["foreground_fraction"],
+                "condition": [None if s is None else list(pool_src[s]) for s in srcs],
+                "condition_dice": cdice}
+        path = sample_dir / f"part-{idx[0]:06d}-{len(idx):04d}.pt"
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        torch.save(part, tmp)
+        os.replace(tmp, path)  # finished slices are never regenerated
+        for j, i in enumerate(idx):
+            items[i] = {k: (v[j] if isinstance(v, (torch.Tensor, list)) else v) for k, v in part.items()
+                        if k != "indices"}
+        progress.update(step=config.train_steps + config.num_images - len(missing) + b + len(idx),
+                        metrics={"generated": config.num_images - len(missing) + b + len(idx),
+                                 "mean_confidence": float(stats["confidence"].mean())},
+                        message="sampling")
+
+    # -- 3. filter, store, report ---------------------------------------------------------------------
+    # teacher on (up to 64) real slices: reference confidence, threshold and grid
+    ridx = torch.linspace(0, len(slices) - 1, min(len(slices), MAX_REAL_FOR_STATS)).round().long().unique()
+    real_probs, real_stats = label_images(slices.images[ridx], teacher_proba, K, config.label_batch_size)
+    threshold = float(config.min_confidence)
+    if config.real_confidence_quantile is not None:
+        threshold = min(threshold, float(torch.quantile(real_stats["confidence"], config.real_confidence_quantile)))
+    filt["effective_min_confidence"] = round(threshold, 5)
+    order = list(range(config.num_images))
+    conf_all = torch.tensor([float(items[i]["confidence"]) for i in order]) if order else torch.zeros(0)
+    ent_all = torch.tensor([float(items[i]["entropy"]) for i in order]) if order else torch.zeros(0)
+    keep = conf_all >= threshold
+    if config.max_entropy is not None:
+        keep &= ent_all <= config.max_entropy
+    names = [slices.case_names[c] for c in range(len(slices.case_names))]
+
+    def entry(i):
+        it = items[i]
+        cond = it["condition"]
+        return {"source": "diffusion", "sample_index": i, "seed": int(it["seeds"]),
+                "confidence": round(float(it["confidence"]), 5), "entropy": round(float(it["entropy"]), 5),
+                "foreground_fraction": round(float(it["foreground_fraction"]), 5),
+                "condition": None if cond is None else {"case": names[cond[0]], "slice": int(cond[1])},
+                "condition_dice": None if it["condition_dice"] is None else round(float(it["condition_dice"]), 4)}
+
+    kept = [i for i, k in zip(order, keep.tolist()) if k]
+    dropped = [i for i, k in zip(order, keep.tolist()) if not k]
+    if order and not kept:
+        progress.log(f"synthesis: the teacher is unsure about every synthetic slice (confidence < "
+                     f"{threshold:.3f}); the transfer set is empty. Lower min_confidence or "
+                     "train the diffusion model longer.", "warning")
+    empty_img = torch.zeros(0, 1, S, S)
+    images = torch.stack([items[i]["images"] for i in kept]) if kept else empty_img
+    probs = torch.stack([items[i]["probabilities"] for i in kept]) if kept else torch.zeros(0, K + 1, S, S, dtype=torch.float16)
+    conf = conf_all[keep] if order else torch.zeros(0)
+
+    all_imgs = torch.stack([items[i]["images"] for i in order]) if order else empty_img
+    hist = intensity_histogram_distance(slices.images, images if kept else all_imgs)
+    cd = [items[i]["condition_dice"] for i in order if items[i]["condition_dice"] is not None]
+    tail = info["losses"][-max(1, len(info["losses"]) // 10):] if info.get("losses") else [float("nan")]
+    metrics = {
+        "train_seconds": round(float(info.get("seconds", 0.0)), 2),
+        "final_loss": float(sum(tail) / len(tail)),
+        "sample_seconds_per_image": round(t_sample / n_new, 4) if n_new else None,
+        "label_seconds_per_image": round(t_label / n_new, 4) if n_new else None,
+        "generated": len(order), "kept": len(kept), "dropped": len(dropped),
+        "min_confidence": round(threshold, 5), "max_entropy": config.max_entropy,
+        "mean_confidence_synthetic": float(conf_all.mean()) if order else None,
+        "mean_confidence_kept": float(conf.mean()) if kept else None,
+        "mean_confidence_real": float(real_stats["confidence"].mean()),
+        "histogram_tv": hist["tv"], "histogram_w1": hist["w1"],
+        "condition_dice": float(sum(cd) / len(cd)) if cd else None,
+        "conditioning": config.conditioning,
+    }
+    manifest = {"source": "diffusion", "sample_key": skey, "train_key": tkey,
+                "generated_count": config.num_images, "class_map": slices.class_map.to_json_dict(),
+                "filter": {**filt, "kept": len(kept), "dropped": len(dropped)},
+                "config": config.to_dict(), "metrics": metrics,
+                "items": [{"index": n, **entry(i)} for n, i in enumerate(kept)],
+                "dropped": [entry(i) for i in dropped]}
+    result = SyntheticTransferSet(images, probs, conf.float(), manifest)
+    result.save(transfer_dir)
+
+    show = order[:16]
+    try:
+        save_grid(out_dir / "grid.png", slices.images[ridx][:16], real_probs[:16],
+                  torch.stack([items[i]["images"] for i in show]) if show else empty_img,
+                  torch.stack([items[i]["probabilities"] for i in show]) if show else None,
+                  colors=slices.class_map.colors,
+                  titles_real=[f"real c={float(c):.2f}" for c in real_stats["confidence"][:16]],
+                  titles_synthetic=[f"syn #{i} c={float(items[i]['confidence']):.2f}" for i in show],
+                  dropped=[not bool(keep[i]) for i in show],
+                  title=f"real (top) vs synthetic ({config.conditioning}; red = dropped, c = teacher confidence)")
+    except Exception as exc:  # a figure must never fail the stage
+        progress.log(f"synthesis: could not write grid.png ({exc})", "warning")
+    progress.log(f"synthesis: kept {len(kept)}/{len(order)} synthetic slices (teacher confidence >= "
+                 f"{threshold:.3f}); mean confidence real {metrics['mean_confidence_real']:.3f}, "
+                 f"synthetic {metrics['mean_confidence_synthetic'] or float('nan'):.3f}")
+    progress.stage_end(metrics)
+    return result
