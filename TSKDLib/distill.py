@@ -57,6 +57,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import distributed
 from .errors import CheckpointError, ConfigError, InputError
 from .io import atomic_write
 from .progress import NullProgress, ProgressReporter
@@ -81,7 +82,8 @@ class DistillConfig:
     method: ``"tskd"`` (default), ``"task_agnostic"`` or ``"scratch"`` (see module docstring).
     steps: optimiser steps of the distillation phase.
     finetune_steps: optimiser steps of the supervised fine-tune on labelled slices.
-    batch_size: slices per step.
+    batch_size: slices per step *per process*; under ``torchrun`` with N processes the effective
+        batch is ``N * batch_size`` (see :func:`distill`).
     lr, finetune_lr: peak AdamW learning rates of the two phases (cosine decay, linear warm-up
         over ``warmup_steps`` in phase 1).
     weight_decay: AdamW weight decay.
@@ -554,6 +556,27 @@ def _sample(step: int, cfg: DistillConfig, transfer: TransferSet, g: torch.Gener
     return torch.cat(parts).numpy()
 
 
+class _StudentStep(nn.Module):
+    """The student's training forward as one module, so that DDP can wrap it.
+
+    ``forward(images (B,1,S,S), project)`` -> ``(logits (B,K+1,S,S), projected (B,256,S/16,S/16)
+    or None)``: ``model.forward_features`` and, when ``project``, the feature projector on the
+    bottleneck. Same operations as calling them directly.
+    """
+
+    def __init__(self, model: StudentNet, projector: FeatureProjector | None):
+        super().__init__()
+        self.model, self.projector = model, projector
+
+    def forward(self, images: torch.Tensor, project: bool = False):
+        logits, feat = self.model.forward_features(images)
+        return logits, (self.projector(feat) if project and self.projector is not None else None)
+
+
+#: added (times the rank) to the per-step seed on ranks > 0; rank 0 keeps the single-device seed
+_RANK_SEED_STRIDE = 7_919_000_003
+
+
 def distill(transfer: TransferSet, config: DistillConfig | None = None, cache: TeacherCache | None = None,
             student: StudentConfig | StudentNet | str | None = None, checkpoint_dir: str | Path | None = None,
             progress: ProgressReporter | None = None, validation=None, open_stage: bool = True) -> DistillResult:
@@ -580,6 +603,15 @@ def distill(transfer: TransferSet, config: DistillConfig | None = None, cache: T
     validation:
         Optional ``(images (M,1,S,S), labels (M,S,S))`` or a ``SliceSet``; Dice is computed at
         the end of each phase and reported as ``val_dice``.
+
+    Multi-GPU (``torchrun``, see :mod:`TSKDLib.distributed`): every rank runs this function on
+    the same transfer set and cache; the student (and feature projector) train inside
+    :class:`~torch.nn.parallel.DistributedDataParallel`, which all-reduces the gradients in
+    ``backward`` (https://pytorch.org/docs/stable/notes/ddp.html). Every rank draws its own
+    ``batch_size`` slices and augmentations per step (rank 0 exactly those of a single-device
+    run, rank r from a seed offset by r), so the effective batch is ``world_size * batch_size``.
+    Only rank 0 writes ``checkpoint.pt``, ``student.pt``, ``result.json`` and progress; all ranks
+    resume from the same checkpoint. Without torchrun nothing changes.
 
     Returns :class:`DistillResult`.
 
@@ -609,8 +641,12 @@ def distill(transfer: TransferSet, config: DistillConfig | None = None, cache: T
         raise InputError("no labelled slice in the transfer set.", fix="Label at least one slice.")
     if cfg.num_threads:
         torch.set_num_threads(int(cfg.num_threads))
-    device = _resolve_device(cfg.device)
+    distributed.init(cfg.device)  # no-op without torchrun or when already initialised
+    n_ranks, rank, main = distributed.world_size(), distributed.rank(), distributed.is_main()
+    device = distributed.device_for(_resolve_device(cfg.device))
     progress = progress or NullProgress()
+    if not main:
+        progress = NullProgress()  # only rank 0 reports
 
     from monai.losses import DiceCELoss
 
@@ -631,7 +667,8 @@ def distill(transfer: TransferSet, config: DistillConfig | None = None, cache: T
     ckdir = Path(checkpoint_dir) if checkpoint_dir is not None else None
     start, history = 0, []
     if ckdir is not None:
-        ckdir.mkdir(parents=True, exist_ok=True)
+        if main:
+            ckdir.mkdir(parents=True, exist_ok=True)
         ck = ckdir / "checkpoint.pt"
         if ck.is_file():
             try:
@@ -648,8 +685,18 @@ def distill(transfer: TransferSet, config: DistillConfig | None = None, cache: T
             start, history = int(state["step"]), list(state["history"])
             log.info("resuming distillation at step %d", start)
 
+    if not distributed.all_equal(start):
+        raise CheckpointError("the ranks disagree on the distillation checkpoint's step.", ckdir,
+                              "Run every rank on the same run directory (a shared file system).")
+    # DDP wrapper of the trainable forward (the module itself on one process). With feature
+    # distillation some parameters get no gradient in some steps (the projector in fine-tuning
+    # steps; the output head in a feature-only step without labelled slice), hence
+    # find_unused_parameters; without it every parameter is used in every step.
+    net = distributed.wrap_ddp(_StudentStep(model, projector if w_feat > 0 else None), device,
+                               find_unused_parameters=w_feat > 0)
+
     def save_checkpoint(step: int) -> None:
-        if ckdir is None:
+        if ckdir is None or not main:
             return
         payload = {"step": step, "model": model.state_dict(), "projector": projector.state_dict(),
                    "optimizer": opt.state_dict(), "history": history, "fingerprint": cfg.fingerprint(),
@@ -667,7 +714,7 @@ def distill(transfer: TransferSet, config: DistillConfig | None = None, cache: T
     for step in range(start, cfg.total_steps):
         phase = "distill" if step < cfg.steps else "finetune"
         use_kd = phase == "distill" and (w_out > 0 or w_feat > 0)
-        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step + rank * _RANK_SEED_STRIDE)
         idx = _sample(step, cfg, transfer, g, use_kd)
         images = transfer.images[idx]
         labels = transfer.labels[idx]
@@ -682,7 +729,7 @@ def distill(transfer: TransferSet, config: DistillConfig | None = None, cache: T
         images, labels, valid = images.to(device), labels.to(device), valid.to(device)
         for lr_group in opt.param_groups:
             lr_group["lr"] = _lr_at(step, cfg)
-        logits, feat = model.forward_features(images)
+        logits, projected = net(images, project=emb is not None)
         loss = logits.new_zeros(())
         parts = {}
         lab = (labels >= 0).flatten(1).any(1)  # labelled samples only reach the supervised loss
@@ -695,14 +742,17 @@ def distill(transfer: TransferSet, config: DistillConfig | None = None, cache: T
             loss = loss + w_out * out
             parts["kd_out"] = float(out.detach())
         if emb is not None:
-            fl = feature_kd_loss(projector(feat), emb.to(device), cfg.feature_loss)
+            fl = feature_kd_loss(projected, emb.to(device), cfg.feature_loss)
             loss = loss + w_feat * fl
             parts["kd_feat"] = float(fl.detach())
         opt.zero_grad(set_to_none=True)
         if loss.requires_grad:
             loss.backward()
             opt.step()
-        parts["loss"] = float(loss.detach())
+        if n_ranks > 1:  # report the global batch: mean of the ranks' losses (parts may differ per rank)
+            parts["loss"] = float(distributed.mean(loss.detach().float()))
+        else:
+            parts["loss"] = float(loss.detach())
         for k, v in parts.items():
             running[k] = running.get(k, 0.0) + v
         running["_n"] = running.get("_n", 0) + 1
@@ -726,7 +776,7 @@ def distill(transfer: TransferSet, config: DistillConfig | None = None, cache: T
         metrics["loss"] = history[-1].get("loss")
     if val is not None:
         metrics["val_dice"] = evaluate_dice(model, *val)
-    if ckdir is not None:
+    if ckdir is not None and main:
         save_student(model, ckdir / "student.pt")
         text = json.dumps({"metrics": metrics, "history": history}, indent=1, default=str)
         atomic_write(ckdir / "result.json", lambda tmp: tmp.write_text(text), overwrite=True)

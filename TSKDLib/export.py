@@ -28,6 +28,7 @@ import torch
 
 from .classmap import ClassMap
 from .errors import ModelPackageError, RunExistsError
+from .io import replace_dir
 
 FORMAT = "tskd-model"
 FORMAT_VERSION = 1
@@ -185,13 +186,7 @@ def export_model_package(model: torch.nn.Module, out_dir: str | Path, class_map:
         }
         card["files"] = {f.name: sha256_file(f) for f in sorted(tmp.iterdir()) if f.is_file()}
         (tmp / "model_card.json").write_text(json.dumps(card, indent=1))
-        if out_dir.exists():  # overwrite: swap in, then remove the old package
-            old = out_dir.with_name(f"{out_dir.name}.old-{os.getpid()}")
-            os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
+        replace_dir(tmp, out_dir)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

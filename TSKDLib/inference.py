@@ -195,21 +195,20 @@ def load_model_package(path: str | Path, providers: list[str] | None = None, thr
 # Normalisation and resizing (numpy twins of TSKDLib.preprocess)
 # ------------------------------------------------------------------------------------------------
 def fit_normalization(norm: dict, volume: np.ndarray) -> tuple[float, float]:
-    """``(lo, hi)`` intensity range of :class:`TSKDLib.preprocess.Normalization` ``norm`` for a
-    volume (window: from width/level in HU; percentile: from this volume's percentiles)."""
-    kind = norm.get("kind", "window")
-    if kind == "window":
-        w, lvl = float(norm["width"]), float(norm["level"])
-        lo, hi = lvl - w / 2.0, lvl + w / 2.0
-    elif kind == "percentile":
-        lo, hi = (float(v) for v in np.percentile(volume, [float(norm.get("low", 0.5)), float(norm.get("high", 99.5))]))
-        if hi <= lo:
-            lo, hi = float(volume.min()), float(volume.max())
-    else:
-        raise ModelPackageError(f"unknown normalisation kind {kind!r} in the model card.")
-    if hi <= lo:
-        hi = lo + 1.0
-    return lo, hi
+    """``(lo, hi)`` intensity range of the card's :class:`TSKDLib.preprocess.Normalization` for a
+    volume (window: from width/level in HU; percentile: from this volume's percentiles), exactly
+    as training computed it. Raises :class:`ModelPackageError` for an unknown kind."""
+    from dataclasses import fields
+
+    from .errors import ConfigError
+    from .preprocess import Normalization
+
+    known = {f.name for f in fields(Normalization)}
+    try:
+        fitted = Normalization(**{k: v for k, v in norm.items() if k in known}).fit(volume)
+    except ConfigError as exc:
+        raise ModelPackageError(f"unusable normalisation in the model card ({exc}).") from None
+    return fitted.lo, fitted.hi
 
 
 def apply_normalization(x: np.ndarray, lo: float, hi: float) -> np.ndarray:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -335,6 +336,22 @@ def atomic_write(path: Path, write_fn, overwrite: bool = False) -> Path:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def replace_dir(tmp: str | Path, directory: str | Path) -> Path:
+    """Move a fully written folder ``tmp`` onto ``directory`` atomically (same file system).
+
+    An existing ``directory`` is swapped out first and removed only after the new one is in
+    place, so a reader sees either the old or the new folder, never a half-written one."""
+    tmp, directory = Path(tmp), Path(directory)
+    if directory.exists():
+        old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
+        os.replace(directory, old)
+        os.replace(tmp, directory)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, directory)
+    return directory
 
 
 def write_labelmap(labels: sitk.Image, path: str | Path, class_map: ClassMap,

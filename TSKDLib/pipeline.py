@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+from . import distributed
 from .config import DataConfig, PipelineConfig
 from .errors import ConfigError, InputError, RunExistsError
 from .io import atomic_write
@@ -239,6 +240,12 @@ def train(images: Sequence[str | Path] | None = None, labels: Sequence[str | Pat
         Bad inputs or configuration (:class:`InputError`, :class:`LabelError`,
         :class:`ConfigError`, :class:`RunExistsError`, ...). ``KeyboardInterrupt`` (Ctrl-C or
         SIGTERM) leaves the run resumable.
+
+    Multi-GPU: under ``torchrun --nproc_per_node=N`` (see :mod:`TSKDLib.distributed` and the
+    README), rank 0 opens the run directory and alone runs prepare, synthesis, the teacher-output
+    cache and export, and writes every file and progress event; the other ranks wait for it and
+    load its outputs. Every rank joins teacher fine-tuning and distillation (DDP, one GPU each).
+    Without torchrun nothing changes.
     """
     if isinstance(config, (str, Path)):
         config = PipelineConfig.from_file(config)
@@ -269,19 +276,33 @@ def train(images: Sequence[str | Path] | None = None, labels: Sequence[str | Pat
             raise InputError("file not found.", p, "Check the path.")
     cfg.validate()
     progress = progress or NullProgress()
+    owns_group = distributed.init(cfg.device)  # no-op without torchrun
+    if not distributed.is_main():
+        progress = NullProgress()  # only rank 0 reports
     run = RunDir(out)
-    with stop_on_sigterm():
-        resuming = run.open(cfg, overwrite)
-        progress.start(str(run.path))
-        if resuming:
-            progress.log(f"resuming the run in {run.path}")
-        return _run(cfg, run, progress)
+    try:
+        with stop_on_sigterm():
+            resuming = distributed.run_on_main(lambda: run.open(cfg, overwrite))
+            progress.start(str(run.path))
+            if resuming:
+                progress.log(f"resuming the run in {run.path}")
+            return _run(cfg, run, progress)
+    finally:
+        if owns_group:
+            distributed.cleanup()
 
 
 def _run(cfg: PipelineConfig, run: RunDir, progress: ProgressReporter) -> TrainResult:
+    """The stages in order. Under torchrun, rank 0 runs prepare, synthesis, the teacher cache and
+    export alone (:func:`distributed.run_on_main`, the others wait and then read its files); all
+    ranks run teacher fine-tuning and distillation; only rank 0 writes in the run directory.
+    Decisions to skip a finished stage are rank 0's, broadcast to all."""
     import torch
 
+    main = distributed.is_main()
     device = setup_device(cfg.device, cfg.threads, progress)
+    if distributed.is_active():  # one GPU per process: cuda -> cuda:LOCAL_RANK
+        device = str(distributed.device_for(torch.device(device)))
     stage_cfgs = cfg.stage_configs()
     for key in ("teacher", "synthesis", "distillation"):
         if hasattr(stage_cfgs[key], "device"):
@@ -293,73 +314,96 @@ def _run(cfg: PipelineConfig, run: RunDir, progress: ProgressReporter) -> TrainR
         try:
             out = fn(*args)
         except BaseException:
-            run.add_time(stage, time.monotonic() - t0)
+            if main:
+                run.add_time(stage, time.monotonic() - t0)
             raise
         return out, time.monotonic() - t0
 
-    # 1. prepare --------------------------------------------------------------------------------
-    slices_path = run.stage_dir("prepare") / "slices.pt"
-    from .case import SliceSet
-    if run.is_done("prepare") and slices_path.is_file():
-        slices = SliceSet.load(slices_path)
-        cases = None
-    else:
-        (cases, slices), dt = timed("prepare", _prepare, cfg, run, progress)
-        run.mark_done("prepare", dt, slices=len(slices), labelled=int(slices.labelled.sum()))
+    def stage_dir(stage: str) -> Path:  # only rank 0 creates folders
+        return run.stage_dir(stage) if main else run.path / stage
 
-    # 2. teacher ----------------------------------------------------------------------------------
+    # 1. prepare (rank 0) -----------------------------------------------------------------------
+    slices_path = stage_dir("prepare") / "slices.pt"
+    from .case import SliceSet
+    if distributed.broadcast(run.is_done("prepare") and slices_path.is_file()):
+        slices = SliceSet.load(slices_path)
+    else:
+        def _prepare_stage():
+            (_cases, sl), dt = timed("prepare", _prepare, cfg, run, progress)
+            run.mark_done("prepare", dt, slices=len(sl), labelled=int(sl.labelled.sum()))
+            return sl
+        slices = distributed.run_on_main(_prepare_stage)
+        if not main:
+            slices = SliceSet.load(slices_path)
+
+    # 2. teacher (every rank: DDP) ----------------------------------------------------------------
     from .teacher import build_teacher, finetune_teacher, load_teacher, save_teacher
-    teacher_dir = run.stage_dir("teacher")
+    teacher_dir = stage_dir("teacher")
     final_teacher = teacher_dir / "final"
-    if run.is_done("teacher") and final_teacher.is_dir():
-        teacher = load_teacher(final_teacher, device=device)
+    teacher = None  # needed on rank 0 only after fine-tuning (synthesis, teacher cache)
+    if distributed.broadcast(run.is_done("teacher") and final_teacher.is_dir()):
+        if main:
+            teacher = load_teacher(final_teacher, device=device)
     else:
         def _teacher():
             from .dataset import SliceDataset
             t = build_teacher(slices.class_map.names, stage_cfgs["teacher"])
             ds = SliceDataset(slices.labelled_subset(), augment=True, seed=cfg.seed)
             t, history = finetune_teacher(t, ds, stage_cfgs["teacher"], progress, work_dir=teacher_dir)
-            save_teacher(t, final_teacher, stage_cfgs["teacher"], history)
+            if main:
+                save_teacher(t, final_teacher, stage_cfgs["teacher"], history)
             return t, history
         (teacher, history), dt = timed("teacher", _teacher)
-        run.mark_done("teacher", dt, val_dice=history.get("best_val_dice"))
+        if main:
+            run.mark_done("teacher", dt, val_dice=history.get("best_val_dice"))
 
-    # 3. synthesis --------------------------------------------------------------------------------
+    # 3. synthesis (rank 0) -----------------------------------------------------------------------
     synthetic = None
     if cfg.synthesis_enabled:
         from .synthesis import SyntheticTransferSet, run_synthesis
-        syn_dir = run.stage_dir("synthesis")
-        if run.is_done("synthesis"):
+        syn_dir = stage_dir("synthesis")
+        if distributed.broadcast(run.is_done("synthesis")):
             synthetic = SyntheticTransferSet.load(syn_dir / "transfer")
         else:
-            teacher.eval()
-            synthetic, dt = timed("synthesis", lambda: run_synthesis(
-                slices, teacher.predict_proba, syn_dir, stage_cfgs["synthesis"], progress))
-            run.mark_done("synthesis", dt, kept=len(synthetic),
-                          mean_confidence=synthetic.manifest.get("metrics", {}).get("mean_confidence_kept"))
+            def _synthesis():
+                teacher.eval()
+                syn, dt = timed("synthesis", lambda: run_synthesis(
+                    slices, teacher.predict_proba, syn_dir, stage_cfgs["synthesis"], progress))
+                run.mark_done("synthesis", dt, kept=len(syn),
+                              mean_confidence=syn.manifest.get("metrics", {}).get("mean_confidence_kept"))
+                return syn
+            synthetic = distributed.run_on_main(_synthesis)
+            if not main:
+                synthetic = SyntheticTransferSet.load(syn_dir / "transfer")
 
-    # 4. distillation ---------------------------------------------------------------------------
+    # 4. distillation (teacher cache: rank 0; training: every rank, DDP) ---------------------------
     from .distill import TeacherCache, TransferSet, build_teacher_cache, distill
     from .student import load_student
-    dis_dir = run.stage_dir("distillation")
+    dis_dir = stage_dir("distillation")
     student_path = dis_dir / "student.pt"
-    if run.is_done("distillation") and student_path.is_file():
+    if distributed.broadcast(run.is_done("distillation") and student_path.is_file()):
         student = load_student(student_path)
         dis_summary = json.loads((dis_dir / "summary.json").read_text())
     else:
         def _distill():
             transfer = TransferSet.build(slices, synthetic.images if synthetic is not None else None)
             cache_dir = dis_dir / "teacher_cache"
-            try:
+
+            def _cache():
+                try:
+                    cache = TeacherCache.load(cache_dir)
+                    if len(cache) != len(transfer):
+                        raise ValueError("stale cache")
+                except Exception:
+                    if cache_dir.exists():
+                        shutil.rmtree(cache_dir)
+                    teacher.eval()
+                    progress.log(f"computing teacher outputs once for {len(transfer)} transfer slices")
+                    cache = build_teacher_cache(teacher, transfer.images, directory=cache_dir)
+                return cache
+            cache = distributed.run_on_main(_cache)
+            if not main:
                 cache = TeacherCache.load(cache_dir)
-                if len(cache) != len(transfer):
-                    raise ValueError("stale cache")
-            except Exception:
-                if cache_dir.exists():
-                    shutil.rmtree(cache_dir)
-                teacher.eval()
-                progress.log(f"computing teacher outputs once for {len(transfer)} transfer slices")
-                cache = build_teacher_cache(teacher, transfer.images, directory=cache_dir)
             # Validation: the teacher's held-out labelled slices are too few to spare; report Dice
             # on all labelled slices (training fit) and the teacher's held-out validation Dice.
             init = cfg.distillation.get("init_student")
@@ -369,6 +413,8 @@ def _run(cfg: PipelineConfig, run: RunDir, progress: ProgressReporter) -> TrainR
             res = distill(transfer, stage_cfgs["distillation"], cache, student=student_arg,
                           checkpoint_dir=dis_dir / "checkpoints", progress=progress,
                           validation=slices.labelled_subset())
+            if not main:
+                return res.model, None  # rank 0 writes the student and its summary
             from .distill import evaluate_dice
             lab = slices.labelled_subset()
             fit = evaluate_dice(res.model, lab.images, lab.labels, num_classes=slices.class_map.num_classes)
@@ -379,24 +425,30 @@ def _run(cfg: PipelineConfig, run: RunDir, progress: ProgressReporter) -> TrainR
             atomic_write(dis_dir / "summary.json", lambda tmp: tmp.write_text(text), overwrite=True)
             return res.model, summary
         (student, dis_summary), dt = timed("distillation", _distill)
-        run.mark_done("distillation", dt)
+        if main:
+            run.mark_done("distillation", dt)
 
-    # 5. export -------------------------------------------------------------------------------------
-    if not run.is_done("export") or not (run.model_dir / "model_card.json").is_file():
-        def _export():
-            from .export import export_model_package
-            progress.stage_start("export", 1)
-            meta = _model_metadata(cfg, run, slices, dis_summary)
-            export_model_package(student, run.model_dir, slices.class_map, meta.pop("normalization"),
-                                 input_size=slices.size, slice_axis=cfg.data.axis, overwrite=True, **meta)
-            progress.update(1)
-            progress.stage_end({})
-        _, dt = timed("export", _export)
-        run.mark_done("export", dt)
+    # 5. export (rank 0) ----------------------------------------------------------------------------
+    def _finish():
+        if not run.is_done("export") or not (run.model_dir / "model_card.json").is_file():
+            def _export():
+                from .export import export_model_package
+                progress.stage_start("export", 1)
+                meta = _model_metadata(cfg, run, slices, dis_summary)
+                export_model_package(student, run.model_dir, slices.class_map, meta.pop("normalization"),
+                                     input_size=slices.size, slice_axis=cfg.data.axis, overwrite=True, **meta)
+                progress.update(1)
+                progress.stage_end({})
+            _, dt = timed("export", _export)
+            run.mark_done("export", dt)
+        st = run.state()
+        st["finished"] = True
+        run.write_state(st)
+    distributed.run_on_main(_finish)
+    if dis_summary is None:  # ranks > 0: rank 0's summary, written before export
+        dis_summary = json.loads((dis_dir / "summary.json").read_text())
 
     st = run.state()
-    st["finished"] = True
-    run.write_state(st)
     timings = {k: v.get("seconds") for k, v in st["stages"].items()}
     val = st["stages"].get("teacher", {}).get("val_dice")
     metrics = {"teacher_val_dice": val,

@@ -35,7 +35,8 @@ def cmd_train(args) -> int:
                    classes=args.classes, labelled_slices=_labelled_slices(args.labelled_slices, len(args.images or [])),
                    config=args.config, overwrite=args.overwrite, device=args.device, threads=args.threads,
                    progress=progress, synthesis=False if args.no_synthesis else None)
-    if not args.progress_json:
+    from .distributed import is_main
+    if not args.progress_json and is_main():  # one summary under torchrun
         print(f"model package: {result.model_dir}")
         for stage, sec in result.timings.items():
             print(f"  {stage:>13}: {sec:.1f} s")

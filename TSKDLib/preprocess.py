@@ -8,11 +8,14 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from .errors import ConfigError
+
+if TYPE_CHECKING:  # torch is imported where SliceResizer needs it: Normalization stays torch-free
+    import torch
 
 # CT window presets (width, level) in HU; standard radiology display windows.
 CT_WINDOWS = {
@@ -134,6 +137,8 @@ class SliceResizer:
     def to_model(self, x: torch.Tensor, mode: str = "bilinear") -> torch.Tensor:
         """Resize ``(..., H, W)`` to ``(..., S, S)``. ``mode``: "bilinear" (images, antialiased
         when shrinking) or "nearest" (labels, integer dtype kept)."""
+        import torch.nn.functional as F
+
         lead = x.shape[:-2]
         y = x.reshape(-1, 1, *x.shape[-2:])
         if mode == "nearest":
@@ -150,6 +155,8 @@ class SliceResizer:
 
     def valid_mask(self) -> torch.Tensor:
         """``(S, S)`` bool, True inside the resized slice, False on padding."""
+        import torch
+
         m = torch.zeros(self.size, self.size, dtype=torch.bool)
         t, l = self.pad
         m[t:t + self.new_shape[0], l:l + self.new_shape[1]] = True
@@ -160,6 +167,8 @@ class SliceResizer:
         """Inverse of :meth:`to_model`: crop the padding and resize ``(..., S, S)`` back to
         ``(..., H, W)``. Use "bilinear" for probabilities/logits (then argmax), "nearest" for
         label maps."""
+        import torch.nn.functional as F
+
         t, l = self.pad
         crop = y[..., t:t + self.new_shape[0], l:l + self.new_shape[1]]
         lead = crop.shape[:-2]

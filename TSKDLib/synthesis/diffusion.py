@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from ..errors import CheckpointError, ConfigError
 from .config import SynthesisConfig
+from ..io import replace_dir
 
 log = logging.getLogger(__name__)
 
@@ -207,13 +208,7 @@ class DiffusionModel:
                                                  "conditioning": self.conditioning,
                                                  "resolution": self.resolution,
                                                  "schedule": self.schedule}, indent=1))
-        if directory.exists():
-            old = directory.with_name(f"{directory.name}.old-{os.getpid()}")
-            os.replace(directory, old)
-            os.replace(tmp, directory)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, directory)
+        replace_dir(tmp, directory)
         return directory
 
     @classmethod

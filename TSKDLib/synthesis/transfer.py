@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from ..case import SliceSet
 from ..classmap import ClassMap
 from ..errors import ConfigError, ModelPackageError
+from ..io import replace_dir
 
 FORMAT = "tskd-synthetic-transfer"
 FORMAT_VERSION = 1
@@ -260,13 +261,7 @@ class SyntheticTransferSet:
         manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, **self.manifest,
                     "count": len(self), "size": self.size, "num_classes": self.num_classes}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
-        if directory.exists():
-            old = directory.with_name(f"{directory.name}.old-{os.getpid()}")
-            os.replace(directory, old)
-            os.replace(tmp, directory)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, directory)
+        replace_dir(tmp, directory)
         return directory
 
     @classmethod

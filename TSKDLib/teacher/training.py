@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from TSKDLib.errors import ConfigError, LabelError
+from TSKDLib import distributed
+from TSKDLib.errors import CheckpointError, ConfigError, LabelError
 from TSKDLib.progress import NullProgress, ProgressReporter
 from TSKDLib.teacher.lora import DEFAULT_TARGETS, FAST_TARGETS, LoraSettings
 from TSKDLib.teacher.model import TaskSpecificTeacher, autocast_for, class_logits, labelmap
@@ -44,7 +45,9 @@ class TeacherConfig:
     steps:
         Optimiser steps (upper bound; early stopping may end sooner).
     batch_size:
-        Slices per step.
+        Slices per step *per process*. Under ``torchrun`` with N processes each rank draws its own
+        ``batch_size`` slices and DDP averages the gradients: the effective batch is
+        ``N * batch_size`` (see :func:`finetune_teacher`).
     lr, weight_decay:
         AdamW learning rate (peak, after warm-up) and decoupled weight decay (not applied to
         prompt tokens). 1e-3 suits LoRA with rank 8 and tens to hundreds of steps.
@@ -277,7 +280,10 @@ class _Samples:
 
 
 def _batch_indices(train: list[int], step: int, batch_size: int, seed: int) -> list[int]:
-    """Stateless epoch-wise shuffled batches: a pure function of (step, seed), so resuming is exact."""
+    """Stateless epoch-wise shuffled batches: a pure function of (step, seed), so resuming is exact.
+
+    Under DDP, rank ``r`` of ``W`` asks for the virtual step ``step * W + r``: the W ranks take
+    consecutive, disjoint shares of the same epoch-wise permutation (one global batch per step)."""
     n = len(train)
     out = []
     for pos in range(step * batch_size, (step + 1) * batch_size):
@@ -291,6 +297,25 @@ def _atomic_torch_save(obj, path: Path) -> None:
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     torch.save(obj, tmp)
     os.replace(tmp, path)
+
+
+class _TeacherLogits(nn.Module):
+    """The teacher's trainable forward as one module, so that DDP can wrap it.
+
+    ``forward(x)``: with ``cached``, ``x`` are frozen-encoder embeddings ``(B, 256, 64, 64)`` and
+    the result is :meth:`TaskSpecificTeacher.decode` (``(B, K, size, size)`` logits); else ``x``
+    are slices ``(B, 1, S, S)`` and the result is ``teacher(x).logits``. Same operations as
+    calling the teacher directly, so results do not change on one device.
+    """
+
+    def __init__(self, teacher: TaskSpecificTeacher, cached: bool, size: int):
+        super().__init__()
+        self.teacher, self.cached, self.size = teacher, cached, size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.cached:
+            return self.teacher.decode(x, self.size)
+        return self.teacher(x).logits
 
 
 # -- the training loop ----------------------------------------------------------------------------------
@@ -345,6 +370,16 @@ def finetune_teacher(teacher: TaskSpecificTeacher, train_samples, config: Teache
         Optional explicit validation samples (same forms); default: ``val_fraction`` of the
         labelled training slices, drawn with ``seed``.
 
+    Multi-GPU (``torchrun``, see :mod:`TSKDLib.distributed`): every rank runs this function on
+    the same data; the LoRA adapters and prompt tokens are trained through
+    :class:`~torch.nn.parallel.DistributedDataParallel` (gradients all-reduced in ``backward``,
+    https://pytorch.org/docs/stable/notes/ddp.html). Each rank draws a disjoint share of
+    ``batch_size`` slices of every step (effective batch ``world_size * batch_size``); the Dice
+    + CE loss is computed per share and DDP averages the gradients. Each rank computes the
+    embedding cache and validation Dice itself; rank 0's validation decides best step and early
+    stopping for all. Only rank 0 writes ``teacher_resume.pt`` and reports progress; all ranks
+    resume from the same file. Without torchrun nothing changes.
+
     Returns
     -------
     ``(teacher, history)``: the teacher in eval mode holding the best validated weights (or
@@ -362,11 +397,15 @@ def finetune_teacher(teacher: TaskSpecificTeacher, train_samples, config: Teache
         Invalid settings, or a config whose LoRA settings differ from the teacher's.
     """
     config = config or TeacherConfig()
+    distributed.init(config.device)  # no-op without torchrun or when already initialised
+    n_ranks, rank = distributed.world_size(), distributed.rank()
     progress = progress or NullProgress()
+    if not distributed.is_main():
+        progress = NullProgress()  # only rank 0 reports
     if config.lora_settings() != teacher.lora_settings:
         raise ConfigError("the teacher's LoRA settings differ from the training config.",
                           fix="build the teacher with config.lora_settings() (see build_teacher).")
-    device = resolve_device(config.device)
+    device = distributed.device_for(resolve_device(config.device))
     teacher.to(device)
     k = teacher.num_classes
 
@@ -431,8 +470,12 @@ def finetune_teacher(teacher: TaskSpecificTeacher, train_samples, config: Teache
         elif state is not None:
             progress.log(f"teacher: {resume_path} is from other settings or data; starting over.", level="warning")
 
+    if not distributed.all_equal(start):
+        raise CheckpointError(f"the ranks disagree on the resume step of {resume_path}.", resume_path,
+                              "Run every rank on the same run directory (a shared file system).")
+
     def save_resume(step: int) -> None:
-        if resume_path is None:
+        if resume_path is None or not distributed.is_main():
             return
         resume_path.parent.mkdir(parents=True, exist_ok=True)
         _atomic_torch_save({"identity": identity, "step": step, "trainable": teacher.trainable_state_dict(),
@@ -459,6 +502,9 @@ def finetune_teacher(teacher: TaskSpecificTeacher, train_samples, config: Teache
             val_emb = _encode_all(teacher, val_data[0], device)
     size = int(lab_labels.shape[-1])
     n_views = config.cache_views if use_cache else 1
+    # DDP wrapper of the trainable forward (the module itself on one process). Frozen modules
+    # stay in eval mode, so their buffers never change: no need to broadcast them every step.
+    net = distributed.wrap_ddp(_TeacherLogits(teacher, cache is not None, size), device, broadcast_buffers=False)
 
     if start == 0:
         torch.manual_seed(config.seed)  # LoRA dropout; a resumed run restored the RNG state above
@@ -468,18 +514,19 @@ def finetune_teacher(teacher: TaskSpecificTeacher, train_samples, config: Teache
     t0, step = time.perf_counter(), start
     while not done:
         teacher.train()
-        positions = _batch_indices(list(range(len(train_idx) * n_views)), step, config.batch_size, config.seed)
+        share = step * n_ranks + rank  # this rank's share of the global batch (= step on one process)
+        positions = _batch_indices(list(range(len(train_idx) * n_views)), share, config.batch_size, config.seed)
         if cache is not None:
             pos = torch.as_tensor(positions)
             emb, labels, valid = cache[0][pos].to(device), cache[1][pos].to(device), cache[2][pos].to(device)
             with autocast_for(device):
-                logits = teacher.decode(emb, size)
+                logits = net(emb)
         else:
             idx = [train_idx[p] for p in positions]
-            images, labels, valid = source.fetch(idx, seed=config.seed * 1_000_033 + step)
+            images, labels, valid = source.fetch(idx, seed=config.seed * 1_000_033 + share)
             images, labels, valid = images.to(device), labels.to(device), valid.to(device)
             with autocast_for(device):
-                logits = teacher(images).logits
+                logits = net(images)
         loss, dice_l, ce_l = loss_fn(logits, labels, valid)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
@@ -489,6 +536,8 @@ def finetune_teacher(teacher: TaskSpecificTeacher, train_samples, config: Teache
         scaler.update()
         scheduler.step()
         step += 1
+        if n_ranks > 1:  # report the loss of the global batch (mean over ranks' shares)
+            loss, dice_l, ce_l = distributed.mean(torch.stack([loss.detach(), dice_l, ce_l]).float())
         history["loss"].append(float(loss))
         history["dice_loss"].append(float(dice_l))
         history["ce_loss"].append(float(ce_l))
@@ -499,6 +548,8 @@ def finetune_teacher(teacher: TaskSpecificTeacher, train_samples, config: Teache
             per_slice = _validate(teacher, *val_data, device, embeddings=val_emb)
             per_class = _nanmean(per_slice, dim=0)
             mean = float(_nanmean(per_class))
+            if n_ranks > 1:  # rank 0's figures decide best step and early stopping on every rank
+                mean, per_class = distributed.broadcast((mean, per_class.cpu()))
             history["val"].append({"step": step, "dice": mean, "per_class": per_class.tolist()})
             metrics["val_dice"] = mean
             if history["best_val_dice"] is None or mean > history["best_val_dice"]:
