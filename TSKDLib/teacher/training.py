@@ -118,14 +118,15 @@ class TeacherConfig:
 
         ``paper``: LoRA on encoder + decoder attention (the default fields).
         ``fast``: CPU preset: LoRA on the decoder attention + prompt tokens, frozen encoder with
-        cached embeddings (one encoder pass per slice in all), 150 steps of 8 slices, no LoRA
+        cached embeddings (one encoder pass per slice in all), 60 steps of 4 slices (validation every 10,
+        patience 3: the HC18 benchmark peaked by step 40), no LoRA
         dropout (on CPU, dropout masks over the 4096 image tokens cost ~15 % of a step).
         """
         if name == "paper":
             base: dict[str, Any] = {}
         elif name == "fast":
-            base = dict(lora_targets=FAST_TARGETS, lora_dropout=0.0, cache_embeddings=True, steps=150,
-                        batch_size=8, lr=2e-3, val_every=15)
+            base = dict(lora_targets=FAST_TARGETS, lora_dropout=0.0, cache_embeddings=True, steps=60,
+                        batch_size=4, lr=2e-3, val_every=10, patience=3)
         else:
             raise ConfigError(f"unknown teacher preset {name!r}.", fix="use 'paper' or 'fast'.")
         base.update(overrides)
@@ -538,7 +539,7 @@ def finetune_teacher(teacher: TaskSpecificTeacher, train_samples, config: Teache
         step += 1
         if n_ranks > 1:  # report the loss of the global batch (mean over ranks' shares)
             loss, dice_l, ce_l = distributed.mean(torch.stack([loss.detach(), dice_l, ce_l]).float())
-        history["loss"].append(float(loss))
+        history["loss"].append(float(loss.detach()))
         history["dice_loss"].append(float(dice_l))
         history["ce_loss"].append(float(ce_l))
         history["steps_run"] = step
