@@ -29,7 +29,7 @@ from typing import Sequence
 from . import distributed
 from .config import DataConfig, PipelineConfig
 from .errors import ConfigError, InputError, RunExistsError
-from .io import atomic_write
+from .io import atomic_write, replace_dir
 from .progress import NullProgress, ProgressReporter
 
 log = logging.getLogger(__name__)
@@ -625,11 +625,4 @@ def copy_model_package(src: str | Path, dest: str | Path, overwrite: bool = Fals
     if tmp.exists():
         shutil.rmtree(tmp)
     shutil.copytree(src, tmp)
-    if dest.exists():
-        old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
-        os.replace(dest, old)
-        os.replace(tmp, dest)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, dest)
-    return dest
+    return replace_dir(tmp, dest)
