@@ -360,6 +360,19 @@ def build_teacher_cache(teacher: Callable, images: torch.Tensor, batch_size: int
         (d / "cache.json").unlink(missing_ok=True)
     device = getattr(teacher, "device", None)
     probs_arr = emb_arr = None
+
+    def _store(arr, out, start, name, what):
+        """Write one batch of teacher outputs into the (lazily created) array or memmap."""
+        if out is None:
+            raise ConfigError(f"the teacher returned no {what} but it was asked for.")
+        out = out.float().cpu().numpy().astype(dtype)
+        if arr is None:
+            shape = (n, *out.shape[1:])
+            arr = (np.lib.format.open_memmap(d / f"{name}.npy", "w+", dtype, shape) if d is not None
+                   else np.empty(shape, dtype))
+        arr[start:start + len(out)] = out
+        return arr
+
     with torch.inference_mode():
         for start in range(0, n, batch_size):
             x = images[start:start + batch_size].float()
@@ -367,23 +380,9 @@ def build_teacher_cache(teacher: Callable, images: torch.Tensor, batch_size: int
                 x = x.to(device)
             probs, emb = _split_teacher_output(teacher(x))
             if with_probs:
-                if probs is None:
-                    raise ConfigError("the teacher returned no class probabilities/logits but they were asked for.")
-                probs = probs.float().cpu().numpy().astype(dtype)
-                if probs_arr is None:
-                    shape = (n, *probs.shape[1:])
-                    probs_arr = (np.lib.format.open_memmap(d / "probs.npy", "w+", dtype, shape) if d is not None
-                                 else np.empty(shape, dtype))
-                probs_arr[start:start + len(probs)] = probs
+                probs_arr = _store(probs_arr, probs, start, "probs", "class probabilities/logits")
             if with_embedding:
-                if emb is None:
-                    raise ConfigError("the teacher returned no image embedding but it was asked for.")
-                emb = emb.float().cpu().numpy().astype(dtype)
-                if emb_arr is None:
-                    shape = (n, *emb.shape[1:])
-                    emb_arr = (np.lib.format.open_memmap(d / "embedding.npy", "w+", dtype, shape) if d is not None
-                               else np.empty(shape, dtype))
-                emb_arr[start:start + len(emb)] = emb
+                emb_arr = _store(emb_arr, emb, start, "embedding", "image embedding")
             if progress is not None:
                 progress.update(min(start + batch_size, n), message="teacher outputs")
     if d is not None:

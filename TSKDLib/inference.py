@@ -269,13 +269,12 @@ class NumpyResizer:
 
     @classmethod
     def create(cls, in_shape, size: int, spacing=(1.0, 1.0)) -> "NumpyResizer":
-        """Same rule as ``SliceResizer.create``: longer physical side fills S, symmetric padding."""
-        h, w = int(in_shape[0]), int(in_shape[1])
-        ph, pw = h * float(spacing[0]), w * float(spacing[1])
-        scale = size / max(ph, pw)
-        nh = min(size, max(1, int(round(ph * scale))))
-        nw = min(size, max(1, int(round(pw * scale))))
-        return cls((h, w), int(size), (nh, nw), ((size - nh) // 2, (size - nw) // 2))
+        """The geometry of ``SliceResizer.create`` (one rule for training and inference): the
+        longer physical side fills S, symmetric padding."""
+        from .preprocess import SliceResizer  # torch-free at import
+
+        r = SliceResizer.create(in_shape, size, spacing)
+        return cls(r.in_shape, r.size, r.new_shape, r.pad)
 
     def to_model(self, slices: np.ndarray) -> np.ndarray:
         """``(n, H, W)`` float32 -> ``(n, S, S)`` float32 (bilinear, antialiased when shrinking, zero pad)."""
