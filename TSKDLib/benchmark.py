@@ -161,6 +161,7 @@ def run_benchmark(data: BenchmarkData, config: BenchmarkConfig, out: str | Path,
     import torch
 
     from .config import PipelineConfig
+    from .runtime import tune_allocator
     from .distill import TeacherCache, TransferSet, build_teacher_cache, distill, method_config
     from .teacher import TaskAgnosticTeacher, build_teacher, finetune_teacher, load_foundation_model
 
@@ -168,6 +169,7 @@ def run_benchmark(data: BenchmarkData, config: BenchmarkConfig, out: str | Path,
     if unknown:
         raise ConfigError(f"unknown method(s) {sorted(unknown)}; choose from {list(ALL_METHODS)}.")
     progress = progress or NullProgress()
+    tune_allocator()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     pc = PipelineConfig(preset=config.preset, teacher=config.teacher, synthesis=config.synthesis,

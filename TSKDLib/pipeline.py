@@ -151,9 +151,13 @@ def stop_on_sigterm():
 
 
 def setup_device(device: str, threads: int | None, progress: ProgressReporter) -> str:
-    """Resolve ``auto`` and set the CPU thread count; says when a GPU would help."""
+    """Resolve ``auto``, set the CPU thread count and the allocator thresholds
+    (:func:`TSKDLib.runtime.tune_allocator`); says when a GPU would help."""
     import torch
 
+    from .runtime import tune_allocator
+
+    tune_allocator()
     if threads:
         torch.set_num_threads(int(threads))
     if device == "auto":

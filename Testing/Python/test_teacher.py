@@ -195,6 +195,33 @@ def test_resume_from_checkpoint_matches_uninterrupted_run(tmp_path, hc18_slices)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_early_stopping_counts_only_gains_of_min_delta(monkeypatch, hc18_slices):
+    """Validation Dice scripted as 0.5, 0.6, 0.605, 0.607, 0.9: with patience 2 and min_delta
+    0.01 training stops after step 4 (two gains below 0.01) and keeps the step-4 weights (the
+    best, though by a small gain); without min_delta it runs to the end."""
+    from TSKDLib.teacher import training
+
+    train, val = hc18_slices
+    data = train.subset([0, 1])
+
+    def run(min_delta):
+        script = iter([0.1, 0.5, 0.6, 0.605, 0.607, 0.9, 0.9, 0.9])  # first: the untrained prompts
+        monkeypatch.setattr(training, "_validate",
+                            lambda teacher, images, *a, **k: torch.full((images.shape[0], 1), next(script)))
+        config = _fast(steps=6, batch_size=1, val_every=1, patience=2, min_delta=min_delta)
+        _, history = finetune_teacher(build_teacher(data.class_map.names, config), data, config,
+                                      NullProgress(), val_samples=val)
+        return history
+
+    h = run(0.01)
+    assert h["stopped_early"] and h["steps_run"] == 4
+    assert h["best_step"] == 4 and h["best_val_dice"] == pytest.approx(0.607)
+    h = run(0.0)
+    assert not h["stopped_early"] and h["steps_run"] == 6 and h["best_step"] == 5
+    with pytest.raises(ConfigError):
+        TeacherConfig(min_delta=-0.1)
+
+
 # -- saving -------------------------------------------------------------------------------------------
 def test_save_load_round_trip_gives_identical_predictions(tmp_path, trained, hc18_slices):
     teacher, config = trained["teacher"], trained["config"]
