@@ -466,13 +466,25 @@ def segment_image(model, image, batch_size: int = 8, cleanup: Cleanup | None = N
     n = slices.shape[0]
     dtype = np.uint8 if pkg.num_classes < 255 else np.uint16
     out = np.zeros(slices.shape, dtype)
-    for start in range(0, n, batch_size):
-        batch = apply_normalization(slices[start:start + batch_size], lo, hi)
-        x = resizer.to_model(batch)[:, None]
-        logits = pkg.predict_logits(x)
-        out[start:start + len(batch)] = resizer.labels_from_logits(logits)
-        if progress is not None:
-            progress.update(min(start + batch_size, n), message="segmenting")
+    starts = list(range(0, n, batch_size))
+
+    def model_input(start: int) -> np.ndarray:
+        return resizer.to_model(apply_normalization(slices[start:start + batch_size], lo, hi))[:, None]
+
+    # Software pipeline: onnxruntime runs batch i in a worker thread (it releases the GIL) while
+    # this thread prepares batch i+1 and maps batch i-1 back to the native grid. Same
+    # operations in the same order per batch as a plain loop, so the labels do not change.
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(pkg.predict_logits, model_input(starts[0])) if starts else None
+        for i, start in enumerate(starts):
+            logits = pending.result()
+            nxt = starts[i + 1] if i + 1 < len(starts) else None
+            pending = pool.submit(pkg.predict_logits, model_input(nxt)) if nxt is not None else None
+            out[start:start + logits.shape[0]] = resizer.labels_from_logits(logits)
+            if progress is not None:
+                progress.update(min(start + batch_size, n), message="segmenting")
     tm["infer"] = time.perf_counter() - t1
     t2 = time.perf_counter()
     canon_labels = np.moveaxis(out, 0, ax)
