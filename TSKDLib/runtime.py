@@ -7,8 +7,8 @@ of 16 x 32 x 256 x 256 float32 = 128 MiB) maps, zero-fills page by page and unma
 on the 2-core reference machine 1.8 million page faults and 4.0 s of kernel time per 4.9 s step.
 Keeping such blocks in the heap (threshold 1 GiB, trim threshold 256 MiB) makes the same step
 2.6 s; the price is a higher peak resident memory (2.9 -> 4.7 GB in that measurement), since
-freed blocks stay with the process for reuse. See ``mallopt(3)``; measured by the script in
-``benchmarks/RESULTS.md`` (section "CPU allocator").
+freed blocks stay with the process for reuse. See ``mallopt(3)``; measured by
+``benchmarks/bench_allocator.py`` (figures in ``benchmarks/RESULTS.md``, section 5).
 
 Nothing changes on other C libraries (macOS, Windows, musl), and ``TSKD_MALLOC_TUNING=0`` in
 the environment switches it off.

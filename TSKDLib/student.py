@@ -45,9 +45,10 @@ UNET_PRESETS = {
     "unet-l": dict(channels=(16, 32, 64, 128, 256), strides=(2, 2, 2, 2), num_res_units=2),
 }
 ARCHITECTURES = tuple(UNET_PRESETS) + ("vit_tiny",)
-#: Default student: 0.84 M parameters, 55x faster than the LiteMedSAM teacher on a 2-core CPU
-#: (benchmarks/RESULTS.md). unet-s is 2x faster again; benchmarks/bench_student_arch.py measures
-#: Dice per CPU millisecond of each architecture to settle the default.
+#: Default student: 0.84 M parameters, 55x faster than the LiteMedSAM teacher on a 2-core CPU.
+#: Chosen by measured Dice per CPU millisecond (benchmarks/RESULTS.md, sections 4-5): on the demo
+#: CT at the ``fast`` budget unet-s (1.7x faster per slice) never learned the spleen (Dice 0.00
+#: vs 0.95), so the extra milliseconds of ``unet`` buy the task.
 DEFAULT_ARCH = "unet"
 
 
