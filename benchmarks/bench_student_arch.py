@@ -83,6 +83,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="/tmp/bench_student_arch.json")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    from TSKDLib.runtime import tune_allocator
+    tune_allocator()  # as tskd train does (TSKDLib/runtime.py)
     sets = {"CT": ct_sets(args.size)}
     if Path(args.hc18).is_dir():
         sets["HC18"] = hc18_sets(Path(args.hc18), args.size)

@@ -86,6 +86,8 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(args.threads)
+    from TSKDLib.runtime import tune_allocator
+    tune_allocator()  # as tskd train does (TSKDLib/runtime.py)
     overrides = {"device": "cpu", "num_threads": args.threads}
     if args.train_steps is not None:
         overrides["train_steps"] = args.train_steps

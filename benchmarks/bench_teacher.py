@@ -263,6 +263,8 @@ def main():
     parser.add_argument("--bars", action="store_true", help="show progress bars on stderr")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    from TSKDLib.runtime import tune_allocator
+    tune_allocator()  # as tskd train does (TSKDLib/runtime.py)
     t0 = time.perf_counter()
     results: dict = {}
     teacher = test = None
