@@ -37,7 +37,6 @@ def tiny_config() -> dict:
         "teacher": {"steps": 4, "batch_size": 2, "val_every": 2, "checkpoint_every": 2, "warmup": 1},
         "synthesis": {"train_steps": 4, "batch_size": 4, "num_images": 4, "sample_steps": 3,
                       "sample_batch_size": 4, "checkpoint_every": 2, "min_confidence": 0.0,
-                      "real_confidence_quantile": None,
                       "block_out_channels": [8, 16, 16]},
         "distillation": {"steps": 6, "finetune_steps": 2, "batch_size": 2, "checkpoint_every": 2,
                          "log_every": 1},

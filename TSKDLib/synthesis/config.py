@@ -91,16 +91,14 @@ class SynthesisConfig:
     Filtering (TS-KD, Liang et al., arXiv 2503.06976, labels synthetic images with the fine-tuned
     teacher; unsure labels are dropped here):
 
-    min_confidence, real_confidence_quantile:
-        Keep a synthetic slice when the teacher's confidence on it (mean max-probability over
-        the structure region, see :func:`TSKDLib.synthesis.teacher_confidence`) reaches the
-        ``real_confidence_quantile`` quantile of its confidence on the user's *real* slices
-        (default 0.1: as sure as on all but the 10 % hardest real slices), and at least
-        ``min_confidence``. A relative bar, because the fine-tuned teacher is confidently wrong
-        on unrealistic samples: on the demo CT it gave blurry 64 px blobs confidence 0.77-0.91
-        against 0.98 on real slices, and distilling from them cost the student the spleen
-        (benchmarks/RESULTS.md, section 3). ``real_confidence_quantile=None``: ``min_confidence``
-        alone, as an absolute threshold.
+    min_confidence:
+        Keep a synthetic slice when the teacher's confidence (mean max-probability over the
+        structure region, see :func:`TSKDLib.synthesis.teacher_confidence`) is at least the
+        effective threshold: this value, lowered to the ``real_confidence_quantile`` quantile of
+        the teacher's confidence on the *real* slices when that is lower (a weak teacher is unsure
+        on real slices too; an absolute bar would then drop every synthetic slice).
+    real_confidence_quantile:
+        See ``min_confidence``; None = use ``min_confidence`` as an absolute threshold.
     max_entropy:
         Optional upper bound on the mean normalised entropy over the same region (None = off).
 
@@ -141,7 +139,7 @@ class SynthesisConfig:
     num_images: int = 64
     sample_batch_size: int = 16
     label_batch_size: int = 8
-    min_confidence: float = 0.5
+    min_confidence: float = 0.75
     real_confidence_quantile: float | None = 0.1
     max_entropy: float | None = None
     seed: int = 0

@@ -271,7 +271,7 @@ def _run(slices, teacher_proba, out_dir, config, progress) -> SyntheticTransferS
     real_probs, real_stats = label_images(slices.images[ridx], teacher_proba, K, config.label_batch_size)
     threshold = float(config.min_confidence)
     if config.real_confidence_quantile is not None:
-        threshold = max(threshold, float(torch.quantile(real_stats["confidence"], config.real_confidence_quantile)))
+        threshold = min(threshold, float(torch.quantile(real_stats["confidence"], config.real_confidence_quantile)))
     filt["effective_min_confidence"] = round(threshold, 5)
     order = list(range(config.num_images))
     conf_all = torch.tensor([float(items[i]["confidence"]) for i in order]) if order else torch.zeros(0)
@@ -294,9 +294,8 @@ def _run(slices, teacher_proba, out_dir, config, progress) -> SyntheticTransferS
     dropped = [i for i, k in zip(order, keep.tolist()) if not k]
     if order and not kept:
         progress.log(f"synthesis: the teacher is unsure about every synthetic slice (confidence < "
-                     f"{threshold:.3f}, its confidence on the real slices); no synthetic slice joins the "
-                     "transfer set. Train the diffusion model longer (balanced/quality presets, a GPU) "
-                     "or lower real_confidence_quantile.", "warning")
+                     f"{threshold:.3f}); the transfer set is empty. Lower min_confidence or "
+                     "train the diffusion model longer.", "warning")
     empty_img = torch.zeros(0, 1, S, S)
     images = torch.stack([items[i]["images"] for i in kept]) if kept else empty_img
     probs = torch.stack([items[i]["probabilities"] for i in kept]) if kept else torch.zeros(0, K + 1, S, S, dtype=torch.float16)

@@ -188,21 +188,6 @@ def test_run_synthesis_resumes_stores_and_round_trips(ct_slices, teacher, tmp_pa
     again_ts = run_synthesis(ct_slices, counting_teacher, out, cfg)
     assert calls == [] and len(again_ts) == len(ts)
 
-    # the default rule is relative: as sure as on the real slices (10 % quantile), and at least
-    # min_confidence (same samples: only the filter changes, nothing is generated again)
-    calls.clear()
-    rel = run_synthesis(ct_slices, counting_teacher, out, tiny(train_steps=20, num_images=6, sample_batch_size=3,
-                                                               min_confidence=0.0, real_confidence_quantile=0.1))
-    assert sum(calls) == len(ct_slices)  # the real reference slices only
-    f = rel.manifest["filter"]
-    thr = f["effective_min_confidence"]
-    assert thr > 0.0 and f["kept"] == len(rel)
-    assert all(c >= thr - 1e-5 for c in rel.confidence.tolist())
-    assert all(d["confidence"] < thr + 1e-5 for d in rel.manifest["dropped"])
-    strict = run_synthesis(ct_slices, teacher, out, tiny(train_steps=20, num_images=6, sample_batch_size=3,
-                                                         min_confidence=0.999, real_confidence_quantile=0.1))
-    assert strict.manifest["filter"]["effective_min_confidence"] == pytest.approx(max(0.999, thr), abs=1e-5)
-
 
 def test_synthetic_slices_never_ground_truth(ct_slices):
     g = torch.Generator().manual_seed(0)
