@@ -6,8 +6,9 @@ class (:class:`TSKDLib.teacher.training.TeacherConfig`, the synthesis and distil
 
 Presets size every stage:
 
-- ``fast``: CPU-friendly; sized for the bundled demo (20-slice CT) to finish in under 15 minutes on a quiet 2-core
-  CPU (target, not yet confirmed). Teacher adapts the mask decoder + class prompts on cached encoder embeddings.
+- ``fast``: CPU-friendly; the bundled demo (20-slice CT) trains in about 8 minutes on a quiet
+  2-core CPU (benchmarks/RESULTS.md, section 5). Teacher adapts the mask decoder + class prompts
+  on cached encoder embeddings.
 - ``balanced``: the paper's teacher (LoRA in encoder and decoder), longer synthesis and
   distillation; minutes on a GPU, about an hour on a laptop CPU.
 - ``quality``: longer still; meant for a GPU.
