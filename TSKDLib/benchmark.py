@@ -353,12 +353,26 @@ def add_benchmark_arguments(p) -> None:
     p.add_argument("--budgets", nargs="+", type=int, default=[5, 10, 20],
                    help="labelled images (2D) or labelled slices per volume (3D)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
-    p.add_argument("--methods", nargs="+", default=list(ALL_METHODS), choices=list(ALL_METHODS))
+    p.add_argument("--methods", nargs="+", default=None, choices=sorted(set(ALL_METHODS) | {"fill_between"}),
+                   help="default: every method of the protocol (sparse-slices: fill_between teacher scratch "
+                        "tskd_nosyn)")
     p.add_argument("--preset", default="fast", choices=["fast", "balanced", "quality"])
     p.add_argument("--max-unlabelled", type=int, default=60, help="2D: unlabelled training images used")
     p.add_argument("--name", default=None, help="dataset name in the tables")
-    p.add_argument("--config", help="JSON with 'teacher', 'synthesis', 'distillation' overrides")
+    p.add_argument("--config", help="JSON with 'teacher', 'synthesis', 'distillation', 'student' overrides")
     p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--protocol", default="random", choices=["random", "sparse-slices"],
+                   help="random: --budgets slices per volume / images (the paper's comparison); "
+                        "sparse-slices: per class the slices at 25/50/75%% of its extent, scored within "
+                        "the scan and on the other --volumes (TSKDLib.sparse_benchmark)")
+    p.add_argument("--slices-per-class", type=int, default=3, help="sparse-slices: labelled slices per class")
+    p.add_argument("--train-groups", nargs="+", default=None,
+                   help="sparse-slices: training groups as comma-separated indices into --volumes "
+                        "(e.g. 0,1,2); default: each volume alone")
+    p.add_argument("--within-only", action="store_true",
+                   help="sparse-slices: score within the training scans only (skip the other scans)")
+    p.add_argument("--work-dir", default=None,
+                   help="keep each experiment's teacher and teacher outputs here and reuse them on rerun")
 
 
 def _pair(spec: str) -> tuple[str, str]:
@@ -380,17 +394,54 @@ def load_benchmark_data(args) -> BenchmarkData:
         return BenchmarkData(train, test, "2d", args.name or Path(args.images).resolve().parent.name)
     if not args.volumes or not args.test_volumes:
         raise InputError("give --images/--masks (2D) or --volumes and --test-volumes (3D).")
+    return BenchmarkData(*_load_volumes(args, args.volumes, args.test_volumes), "3d", args.name or "volumes")
+
+
+def _load_volumes(args, train_specs, test_specs) -> tuple[list, list]:
+    from .case import load_case
+    from .geometry import LabelGeometryWarning
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", LabelGeometryWarning)
-        train = [load_case(*_pair(v), args.class_map, classes=args.classes) for v in args.volumes]
-        test = [load_case(*_pair(v), args.class_map, classes=args.classes) for v in args.test_volumes]
-    return BenchmarkData(train, test, "3d", args.name or "volumes")
+        train = [load_case(*_pair(v), args.class_map, classes=args.classes) for v in train_specs]
+        test = [load_case(*_pair(v), args.class_map, classes=args.classes) for v in test_specs]
+    return train, test
+
+
+def _run_sparse_cli(args, extra: dict) -> int:
+    from .sparse_benchmark import SPARSE_METHODS, SparseConfig, run_sparse_benchmark
+
+    if not args.volumes:
+        raise InputError("the sparse-slice protocol needs --volumes IMAGE::LABELS (complete reference labels).")
+    scans, _ = _load_volumes(args, args.volumes, [])
+    methods = args.methods
+    groups = [[int(i) for i in g.split(",")] for g in args.train_groups] if args.train_groups else None
+    for g in groups or []:
+        if any(i < 0 or i >= len(scans) for i in g):
+            raise ConfigError(f"--train-groups index out of range (0..{len(scans) - 1}).")
+    cfg = SparseConfig(seeds=args.seeds, per_class=args.slices_per_class, train_groups=groups, preset=args.preset,
+                       teacher=extra.get("teacher", {}), synthesis=extra.get("synthesis", {}),
+                       distillation=extra.get("distillation", {}), student=extra.get("student", {}),
+                       device=args.device, work_dir=args.work_dir, other_scans=not args.within_only)
+    if methods:
+        cfg.methods = methods
+    progress = ProgressReporter(json_lines=args.progress_json, quiet=args.quiet)
+    t0 = time.monotonic()
+    run_sparse_benchmark(scans, cfg, args.out, progress, name=args.name or "scans")
+    print((Path(args.out) / "results.md").read_text())
+    print(f"total {time.monotonic() - t0:.0f} s; outputs in {args.out}")
+    return 0
 
 
 def run_benchmark_cli(args) -> int:
     extra = json.loads(Path(args.config).read_text()) if args.config else {}
+    if args.protocol == "sparse-slices":
+        return _run_sparse_cli(args, extra)
     data = load_benchmark_data(args)
-    cfg = BenchmarkConfig(budgets=args.budgets, seeds=args.seeds, methods=args.methods, preset=args.preset,
+    if args.methods and "fill_between" in args.methods:
+        raise ConfigError("fill_between is a method of --protocol sparse-slices only.")
+    cfg = BenchmarkConfig(budgets=args.budgets, seeds=args.seeds, methods=args.methods or list(ALL_METHODS),
+                          preset=args.preset,
                           max_unlabelled=args.max_unlabelled, device=args.device,
                           teacher=extra.get("teacher", {}), synthesis=extra.get("synthesis", {}),
                           distillation=extra.get("distillation", {}))

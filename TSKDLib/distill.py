@@ -88,11 +88,32 @@ class DistillConfig:
         over ``warmup_steps`` in phase 1).
     weight_decay: AdamW weight decay.
     w_sup, w_out, w_feat: weights of the supervised, output-KD and feature-KD losses.
-    temperature: KD temperature ``tau`` (Hinton et al. 2015); 1 = plain soft targets.
-    output_loss: ``"kl"`` (temperature-scaled KL) or ``"bce"`` (per-class BCE on probabilities).
-    feature_loss: ``"cosine"`` (1 - cosine similarity over channels) or ``"mse"``.
+    temperature: KD temperature ``tau`` (Hinton et al. 2015) of the ``kl`` output loss.
+    output_loss: ``"pseudo"`` (default: the teacher's confident, 3D-consistent argmax as hard
+        targets, masked Dice + CE; see :func:`teacher_pseudo_labels`), ``"kl"`` (temperature-scaled
+        KL on every pixel, the paper's soft targets) or ``"bce"`` (per-class BCE on probabilities).
+        Measured on CHAOS MR (benchmarks/RESULTS.md, section 6): all-pixel KL lets background and
+        liver pixels drown the kidneys and spleen (``../shared/notes/kd-ablation-chaos.md``),
+        while Dice on pseudo-labels weighs every class equally.
+    pseudo_threshold: teacher pixels whose top probability is below this are ignored by ``pseudo``
+        (FixMatch's confidence mask, Sohn et al. 2020, NeurIPS).
+    consistency_3d: per scan and class, keep only the teacher's 3D connected components that touch
+        what the user labelled (organs are one object through neighbouring slices); the rest
+        becomes background in the pseudo-labels. Without labels of a class in a scan, its
+        largest component is kept.
+    check_every, min_steps, patience, min_delta, fit_target, max_seconds: evidence-based stopping
+        of the distillation phase. Every ``check_every`` steps the student is scored on the
+        labelled slices (fit, per-class Dice) and against the teacher's pseudo-labels on the real
+        unlabelled slices (agreement). After ``min_steps``, the phase stops once every class fits
+        to ``fit_target`` and the mean of fit and agreement has not improved by ``min_delta`` for
+        ``patience`` checks, or at ``steps`` / ``max_seconds`` (wall clock). The best-scoring
+        weights are kept.
+    feature_loss: ``"cosine"`` (1 - cosine similarity over channels) or ``"mse"``. ``w_feat`` is 0
+        by default: the hint was neutral on CHAOS (kd-ablation-chaos.md) and cross-architecture
+        hints rarely help (OFA-KD, Hao et al., NeurIPS 2023).
     labelled_fraction: share of each phase-1 batch drawn from labelled slices (the rest is drawn
-        from the whole transfer set), so the few labels are seen every step.
+        from the whole transfer set), so the few labels are seen every step. 0.5, as in
+        semi-supervised practice (SSL4MIS mean teacher: 12 of 24).
     augment: batched random affine (+-15 deg, scale +-15 %, shift +-8 %) and gamma/noise.
     checkpoint_every: steps between atomic checkpoints (when a checkpoint directory is given).
     log_every: steps between progress updates.
@@ -112,11 +133,19 @@ class DistillConfig:
     warmup_steps: int = 20
     w_sup: float = 1.0
     w_out: float = 1.0
-    w_feat: float = 0.5
+    w_feat: float = 0.0
     temperature: float = 2.0
-    output_loss: str = "kl"
+    output_loss: str = "pseudo"
     feature_loss: str = "cosine"
-    labelled_fraction: float = 0.25
+    labelled_fraction: float = 0.5
+    pseudo_threshold: float = 0.9
+    consistency_3d: bool = True
+    check_every: int = 50
+    min_steps: int = 200
+    patience: int = 3
+    min_delta: float = 0.005
+    fit_target: float = 0.9
+    max_seconds: float | None = None
     augment: bool = True
     checkpoint_every: int = 50
     log_every: int = 5
@@ -129,9 +158,9 @@ class DistillConfig:
         # ~2.5 min on 2 CPU cores (20-slice CT demo, 52 transfer slices). 400 steps, not 200: on
         # the demo's teacher cache the student separated spleen from liver only past ~300 steps
         # (held-out spleen Dice 0.12 at 200 steps, 0.58 at 320, 0.96 at 400; benchmarks/RESULTS.md)
-        "fast": dict(steps=360, finetune_steps=40, batch_size=4),
-        "default": dict(),
-        "full": dict(steps=2000, finetune_steps=400, batch_size=8),
+        "fast": dict(steps=1200, finetune_steps=40, batch_size=4, max_seconds=420.0),
+        "default": dict(steps=3000, finetune_steps=150),
+        "full": dict(steps=8000, finetune_steps=400, batch_size=8, patience=5),
     }
 
     @classmethod
@@ -151,8 +180,12 @@ class DistillConfig:
             raise ConfigError("batch_size must be >= 1.")
         if self.temperature <= 0:
             raise ConfigError("temperature must be > 0.")
-        if self.output_loss not in ("kl", "bce"):
-            raise ConfigError(f"output_loss must be 'kl' or 'bce', not {self.output_loss!r}.")
+        if self.output_loss not in ("pseudo", "kl", "bce"):
+            raise ConfigError(f"output_loss must be 'pseudo', 'kl' or 'bce', not {self.output_loss!r}.")
+        if not 0.0 <= self.pseudo_threshold < 1.0:
+            raise ConfigError("pseudo_threshold must be within [0, 1).")
+        if self.check_every < 1 or self.patience < 1:
+            raise ConfigError("check_every and patience must be >= 1.")
         if self.feature_loss not in ("cosine", "mse"):
             raise ConfigError(f"feature_loss must be 'cosine' or 'mse', not {self.feature_loss!r}.")
         if not 0.0 <= self.labelled_fraction <= 1.0:
@@ -167,8 +200,8 @@ class DistillConfig:
         """``(w_sup, w_out, w_feat)`` after the method switches terms off."""
         if self.method == "scratch":
             return self.w_sup, 0.0, 0.0
-        if self.method == "task_agnostic":
-            return self.w_sup, 0.0, self.w_feat
+        if self.method == "task_agnostic":  # feature distillation by definition (0.5 when w_feat is 0)
+            return self.w_sup, 0.0, self.w_feat if self.w_feat > 0 else 0.5
         return self.w_sup, self.w_out, self.w_feat
 
     def to_dict(self) -> dict:
@@ -179,7 +212,7 @@ class DistillConfig:
     def fingerprint(self) -> dict:
         """Fields that must match for a checkpoint to be resumed."""
         d = self.to_dict()
-        for k in ("checkpoint_every", "log_every", "device", "num_threads"):
+        for k in ("checkpoint_every", "log_every", "device", "num_threads", "max_seconds"):
             d.pop(k)
         return d
 
@@ -199,6 +232,9 @@ class TransferSet:
     labelled: ``(N,)`` bool.
     synthetic: ``(N,)`` bool, True for diffusion-synthesised slices.
     num_classes: K.
+    case_index, slice_index: ``(N,)`` int64, the scan and the slice (along the slice axis) of each
+        real slice; ``-1`` for synthetic slices (or when unknown). Used to stack a scan's slices
+        in order for the 3D consistency of the pseudo-labels.
     """
 
     images: torch.Tensor
@@ -207,6 +243,8 @@ class TransferSet:
     labelled: torch.Tensor
     synthetic: torch.Tensor
     num_classes: int
+    case_index: torch.Tensor | None = None
+    slice_index: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -227,6 +265,11 @@ class TransferSet:
         labels = slices.labels[keep]
         valid = slices.valid[keep]
         labelled = slices.labelled[keep]
+        n_real = len(images)
+        case_index = getattr(slices, "case_index", None)
+        slice_index = getattr(slices, "slice_index", None)
+        case_index = case_index[keep].clone() if case_index is not None else torch.full((n_real,), -1)
+        slice_index = slice_index[keep].clone() if slice_index is not None else torch.full((n_real,), -1)
         synthetic = torch.zeros(len(images), dtype=torch.bool)
         if synthetic_images is not None and len(synthetic_images):
             syn = torch.as_tensor(np.asarray(synthetic_images) if not isinstance(synthetic_images, torch.Tensor)
@@ -242,8 +285,10 @@ class TransferSet:
             valid = torch.cat([valid, torch.ones(m, s, s, dtype=torch.bool)])
             labelled = torch.cat([labelled, torch.zeros(m, dtype=torch.bool)])
             synthetic = torch.cat([synthetic, torch.ones(m, dtype=torch.bool)])
+            case_index = torch.cat([case_index, torch.full((m,), -1, dtype=case_index.dtype)])
+            slice_index = torch.cat([slice_index, torch.full((m,), -1, dtype=slice_index.dtype)])
         return cls(images.contiguous(), labels.contiguous(), valid.contiguous(), labelled, synthetic,
-                   slices.class_map.num_classes)
+                   slices.class_map.num_classes, case_index.long(), slice_index.long())
 
     def summary(self) -> dict:
         return {"slices": len(self), "labelled": int(self.labelled.sum()),
@@ -398,6 +443,80 @@ def build_teacher_cache(teacher: Callable, images: torch.Tensor, batch_size: int
 
 
 # ------------------------------------------------------------------------------------------------
+# Teacher pseudo-labels
+# ------------------------------------------------------------------------------------------------
+def teacher_pseudo_labels(probs: np.ndarray, transfer: TransferSet, threshold: float = 0.9,
+                          consistency_3d: bool = True, batch: int = 16) -> tuple[torch.Tensor, dict]:
+    """Hard targets from the teacher's cached probabilities, for the ``pseudo`` output loss.
+
+    Parameters
+    ----------
+    probs:
+        ``(N, K+1, S, S)`` teacher class probabilities (:class:`TeacherCache` ``probs``), aligned
+        with ``transfer``.
+    transfer:
+        The transfer set; its labelled slices keep their own labels (the user's word wins).
+    threshold:
+        Pixels whose top teacher probability is below it become ``-1`` (ignored), as in FixMatch
+        (Sohn et al., NeurIPS 2020).
+    consistency_3d:
+        Per scan (``transfer.case_index``) and class, stack the teacher's argmax over the scan's
+        slices in slice order and label 3D connected components (6-connectivity, SciPy); keep the
+        components that touch that class on the user's labelled slices (or, where the user
+        labelled none of the class in this scan, the largest one); the other components become
+        background. Rationale: the fine-tuned teacher paints confident organs on organ-free
+        slices it never saw (``../shared/notes/kd-ablation-chaos.md``), while an organ is one
+        object through neighbouring slices. Synthetic slices are left as they are.
+
+    Returns
+    -------
+    ``(targets, info)``: ``targets`` ``(N, S, S)`` int16 in ``-1..K`` (``-1`` = ignore; padding is
+    ``-1``); ``info`` counts the pixels removed by the 3D filter and ignored by the threshold.
+    """
+    from scipy import ndimage
+
+    n = len(transfer)
+    k = transfer.num_classes
+    targets = torch.empty((n, transfer.size, transfer.size), dtype=torch.int16)
+    for start in range(0, n, batch):
+        p = torch.from_numpy(np.asarray(probs[start:start + batch], dtype=np.float32))
+        conf, arg = p.max(1)
+        t = arg.to(torch.int16)
+        t[conf < threshold] = -1
+        targets[start:start + batch] = t
+    ignored = int((targets < 0).sum())
+    removed = {name: 0 for name in range(1, k + 1)}
+    if consistency_3d and transfer.case_index is not None:
+        cases = sorted({int(c) for c in transfer.case_index.tolist() if c >= 0})
+        for c in cases:
+            rows = torch.nonzero(transfer.case_index == c).flatten()
+            rows = rows[torch.argsort(transfer.slice_index[rows])]
+            arg = np.stack([np.asarray(probs[int(r)], dtype=np.float32).argmax(0) for r in rows])
+            lab = transfer.labels[rows].numpy()
+            for cls in range(1, k + 1):
+                mask = arg == cls
+                if not mask.any():
+                    continue
+                comp, m = ndimage.label(mask)
+                drawn = lab == cls
+                if drawn.any():
+                    keep_ids = [int(i) for i in np.unique(comp[drawn & mask]) if i > 0]
+                else:  # no label of this class in this scan: its largest object
+                    keep_ids = [int(np.argmax(np.bincount(comp.ravel())[1:])) + 1]
+                drop = mask & ~np.isin(comp, keep_ids)
+                if drop.any():
+                    removed[cls] += int(drop.sum())
+                    for j, r in enumerate(rows.tolist()):
+                        if drop[j].any() and not bool(transfer.labelled[r]):
+                            t = targets[r]
+                            t[torch.from_numpy(drop[j])] = 0
+    lab_rows = transfer.labelled
+    targets[lab_rows] = transfer.labels[lab_rows].to(torch.int16)
+    targets[~transfer.valid] = -1
+    return targets, {"ignored_pixels": ignored, "removed_by_3d_filter": removed}
+
+
+# ------------------------------------------------------------------------------------------------
 # Augmentation (joint, batched)
 # ------------------------------------------------------------------------------------------------
 def _random_affine(b: int, g: torch.Generator) -> torch.Tensor:
@@ -411,12 +530,14 @@ def _random_affine(b: int, g: torch.Generator) -> torch.Tensor:
     return theta
 
 
-def augment_batch(g: torch.Generator, images, labels, valid, probs=None, emb=None, prob: float = 0.8):
+def augment_batch(g: torch.Generator, images, labels, valid, probs=None, emb=None, prob: float = 0.8,
+                  targets=None):
     """Apply one random affine per sample jointly to all tensors, then gamma/noise to the image.
 
     Shapes: images ``(b,1,S,S)``, labels ``(b,S,S)`` (``-1`` rows untouched), valid ``(b,S,S)``,
     probs ``(b,K+1,S,S)``, emb ``(b,C,h,w)`` (any resolution: the transform acts in normalised
-    coordinates). Returns the transformed tensors in the same order."""
+    coordinates), targets ``(b,S,S)`` pseudo-labels in ``-1..K`` (nearest; ``-1`` outside).
+    Returns ``(images, labels, valid, probs, emb)``, plus the targets when given."""
     b = images.shape[0]
     theta = _random_affine(b, g)
     apply = torch.rand(b, generator=g) < prob
@@ -438,11 +559,15 @@ def augment_batch(g: torch.Generator, images, labels, valid, probs=None, emb=Non
         probs = warp(probs, "bilinear")
     if emb is not None:
         emb = warp(emb, "bilinear")
+    if targets is not None:  # shift by one so that the zero padding becomes -1 (ignored)
+        targets = warp(targets[:, None].float() + 1, "nearest")[:, 0].round().long() - 1
     # intensity: gamma (p=0.3, 0.7..1.5) and Gaussian noise (p=0.2, sd 0.02) on the image only
     gam = torch.where(torch.rand(b, generator=g) < 0.3, 0.7 + 0.8 * torch.rand(b, generator=g), torch.ones(b))
     images = images.clamp(0, 1).pow(gam[:, None, None, None])
     noisy = (torch.rand(b, generator=g) < 0.2).float()[:, None, None, None]
     images = (images + noisy * 0.02 * torch.randn(images.shape, generator=g)).clamp(0, 1)
+    if targets is not None:
+        return images, lab, valid, probs, emb, targets
     return images, lab, valid, probs, emb
 
 
@@ -526,13 +651,16 @@ class DistillResult:
                 "metrics": self.metrics}
 
 
-def _lr_at(step: int, cfg: DistillConfig) -> float:
-    if step < cfg.steps:
+def _lr_at(step: int, cfg: DistillConfig, phase_end: int | None = None) -> float:
+    """Learning rate of ``step``: warm-up + cosine over ``cfg.steps`` in the distillation phase
+    (which may end earlier, at ``phase_end``), then cosine over ``finetune_steps``."""
+    phase_end = cfg.steps if phase_end is None else phase_end
+    if step < phase_end:
         if step < cfg.warmup_steps:
             return cfg.lr * (step + 1) / cfg.warmup_steps
         span = max(cfg.steps - cfg.warmup_steps, 1)
         return cfg.lr * 0.5 * (1 + math.cos(math.pi * (step - cfg.warmup_steps) / span))
-    k = step - cfg.steps
+    k = step - phase_end
     return cfg.finetune_lr * 0.5 * (1 + math.cos(math.pi * k / max(cfg.finetune_steps, 1)))
 
 
@@ -542,10 +670,11 @@ def _resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _sample(step: int, cfg: DistillConfig, transfer: TransferSet, g: torch.Generator, use_kd: bool) -> np.ndarray:
+def _sample(step: int, cfg: DistillConfig, transfer: TransferSet, g: torch.Generator, use_kd: bool,
+            phase_end: int | None = None) -> np.ndarray:
     lab_idx = torch.nonzero(transfer.labelled).flatten()
     b = cfg.batch_size
-    if step >= cfg.steps or not use_kd:
+    if step >= (cfg.steps if phase_end is None else phase_end) or not use_kd:
         if len(lab_idx) == 0:
             raise InputError("no labelled slice in the transfer set.", fix="Label at least one slice.")
         return lab_idx[torch.randint(len(lab_idx), (b,), generator=g)].numpy()
@@ -555,6 +684,82 @@ def _sample(step: int, cfg: DistillConfig, transfer: TransferSet, g: torch.Gener
         parts.append(lab_idx[torch.randint(len(lab_idx), (n_lab,), generator=g)])
     parts.append(torch.randint(len(transfer), (b - n_lab,), generator=g))
     return torch.cat(parts).numpy()
+
+
+@dataclass
+class _StopState:
+    """Evidence-based stopping of the distillation phase (see :class:`DistillConfig`)."""
+
+    phase_end: int
+    best_score: float = -1.0
+    best_step: int = 0
+    bad_checks: int = 0
+    elapsed: float = 0.0
+    reason: str | None = None
+    best_state: dict | None = None
+
+    def to_dict(self) -> dict:
+        return {k: getattr(self, k) for k in ("phase_end", "best_score", "best_step", "bad_checks", "elapsed",
+                                               "reason", "best_state")}
+
+    def observe(self, rec: dict, model: nn.Module, cfg: DistillConfig, step: int, elapsed: float) -> bool:
+        """Record a check; True when the phase should end now."""
+        score = rec["score"]
+        if score > self.best_score + cfg.min_delta:
+            self.best_score, self.best_step, self.bad_checks = score, step, 0
+            self.best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        else:
+            self.bad_checks += 1
+            if score > self.best_score:  # a small gain still moves the kept weights
+                self.best_score, self.best_step = score, step
+                self.best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        if cfg.max_seconds is not None and elapsed >= cfg.max_seconds:
+            self.reason = "time budget"
+            return True
+        if step >= cfg.min_steps and rec["fit_min"] >= cfg.fit_target and self.bad_checks >= cfg.patience:
+            self.reason = "converged"
+            return True
+        return False
+
+
+class _Monitor:
+    """Scores the student during distillation: fit on the labelled slices (per-class Dice against
+    the user's labels) and agreement with the teacher's pseudo-labels on the real unlabelled
+    slices (per-class Dice; pixels the pseudo-labels ignore are left out)."""
+
+    def __init__(self, transfer: TransferSet, pseudo: torch.Tensor | None, device, max_slices: int = 48):
+        self.k = transfer.num_classes
+        self.device = device
+        lab = torch.nonzero(transfer.labelled).flatten()
+        self.lab_images, self.lab_labels = transfer.images[lab], transfer.labels[lab]
+        self.unl_images = self.unl_targets = None
+        if pseudo is not None:
+            unl = torch.nonzero(~transfer.labelled & ~transfer.synthetic).flatten()
+            if len(unl) > max_slices:  # evenly spread subset: a check stays cheap on long scans
+                unl = unl[torch.linspace(0, len(unl) - 1, max_slices).round().long()]
+            if len(unl):
+                self.unl_images, self.unl_targets = transfer.images[unl], pseudo[unl].long()
+
+    def check(self, model: nn.Module, step: int) -> dict:
+        rec: dict = {"step": step}
+        fit = dice_scores(predict_labels(model, self.lab_images, device=self.device), self.lab_labels, self.k)
+        rec["fit"] = fit["per_class"]
+        finite = [v for v in fit["per_class"] if not math.isnan(v)]
+        rec["fit_mean"] = fit["mean"]
+        rec["fit_min"] = min(finite) if finite else 1.0
+        if self.unl_images is not None:
+            pred = predict_labels(model, self.unl_images, device=self.device)
+            ign = self.unl_targets < 0
+            pred = pred.clone()
+            pred[ign] = 0
+            agr = dice_scores(pred, self.unl_targets.clamp(min=0), self.k)
+            rec["agreement"] = agr["per_class"]
+            rec["agreement_mean"] = agr["mean"]
+            rec["score"] = 0.5 * (rec["fit_mean"] + (agr["mean"] if not math.isnan(agr["mean"]) else rec["fit_mean"]))
+        else:
+            rec["agreement_mean"] = float("nan")
+            rec["score"] = rec["fit_mean"]
+        return rec
 
 
 class _StudentStep(nn.Module):
@@ -649,7 +854,7 @@ def distill(transfer: TransferSet, config: DistillConfig | None = None, cache: T
     if not main:
         progress = NullProgress()  # only rank 0 reports
 
-    from monai.losses import DiceCELoss
+    from monai.losses import DiceCELoss, MaskedDiceLoss
 
     torch.manual_seed(cfg.seed)
     if isinstance(student, StudentNet):
@@ -665,8 +870,16 @@ def distill(transfer: TransferSet, config: DistillConfig | None = None, cache: T
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sup_loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, include_background=False, batch=True)
 
+    pseudo = None
+    pseudo_info: dict = {}
+    if cfg.method == "tskd" and w_out > 0 and cfg.output_loss == "pseudo":
+        pseudo, pseudo_info = teacher_pseudo_labels(cache.probs, transfer, cfg.pseudo_threshold, cfg.consistency_3d)
+    pseudo_dice = MaskedDiceLoss(to_onehot_y=True, softmax=True, include_background=False, batch=True)
+    monitor = _Monitor(transfer, pseudo, device) if cfg.steps > 0 else None
+
     ckdir = Path(checkpoint_dir) if checkpoint_dir is not None else None
     start, history = 0, []
+    stop = _StopState(phase_end=cfg.steps)
     if ckdir is not None:
         if main:
             ckdir.mkdir(parents=True, exist_ok=True)
@@ -684,6 +897,7 @@ def distill(transfer: TransferSet, config: DistillConfig | None = None, cache: T
             projector.load_state_dict(state["projector"])
             opt.load_state_dict(state["optimizer"])
             start, history = int(state["step"]), list(state["history"])
+            stop = _StopState(**state.get("stop", {"phase_end": cfg.steps}))
             log.info("resuming distillation at step %d", start)
 
     if not distributed.all_equal(start):
@@ -701,7 +915,7 @@ def distill(transfer: TransferSet, config: DistillConfig | None = None, cache: T
             return
         payload = {"step": step, "model": model.state_dict(), "projector": projector.state_dict(),
                    "optimizer": opt.state_dict(), "history": history, "fingerprint": cfg.fingerprint(),
-                   "n": len(transfer)}
+                   "n": len(transfer), "stop": {**stop.to_dict(), "elapsed": stop.elapsed + time.monotonic() - t0}}
         atomic_write(ckdir / "checkpoint.pt", lambda tmp: torch.save(payload, tmp), overwrite=True)
 
     val = _validation_tensors(validation)
@@ -712,24 +926,29 @@ def distill(transfer: TransferSet, config: DistillConfig | None = None, cache: T
     t0 = time.monotonic()
     model.train()
     running: dict[str, float] = {}
-    for step in range(start, cfg.total_steps):
-        phase = "distill" if step < cfg.steps else "finetune"
+    step = start
+    while step < stop.phase_end + cfg.finetune_steps:
+        phase = "distill" if step < stop.phase_end else "finetune"
         use_kd = phase == "distill" and (w_out > 0 or w_feat > 0)
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step + rank * _RANK_SEED_STRIDE)
-        idx = _sample(step, cfg, transfer, g, use_kd)
+        idx = _sample(step, cfg, transfer, g, use_kd, stop.phase_end)
         images = transfer.images[idx]
         labels = transfer.labels[idx]
         valid = transfer.valid[idx]
         probs = emb = None
-        if use_kd:
+        targets = pseudo[idx].long() if (use_kd and pseudo is not None) else None
+        if use_kd and (cfg.output_loss != "pseudo" and w_out > 0 or w_feat > 0):
             probs, emb = cache.take(idx)
-            probs = probs if w_out > 0 else None
+            probs = probs if (w_out > 0 and cfg.output_loss != "pseudo") else None
             emb = emb if w_feat > 0 else None
         if cfg.augment:
-            images, labels, valid, probs, emb = augment_batch(g, images, labels, valid, probs, emb)
+            out_aug = augment_batch(g, images, labels, valid, probs, emb, targets=targets)
+            images, labels, valid, probs, emb = out_aug[:5]
+            if targets is not None:
+                targets = out_aug[5]
         images, labels, valid = images.to(device), labels.to(device), valid.to(device)
         for lr_group in opt.param_groups:
-            lr_group["lr"] = _lr_at(step, cfg)
+            lr_group["lr"] = _lr_at(step, cfg, stop.phase_end)
         logits, projected = net(images, project=emb is not None)
         loss = logits.new_zeros(())
         parts = {}
@@ -738,6 +957,14 @@ def distill(transfer: TransferSet, config: DistillConfig | None = None, cache: T
             sup = sup_loss_fn(logits[lab], labels[lab][:, None])
             loss = loss + w_sup * sup
             parts["sup"] = float(sup.detach())
+        if targets is not None and bool((~lab).any()):
+            t = targets[~lab].to(device)
+            known = (t >= 0)[:, None].float()
+            pl = pseudo_dice(logits[~lab], t.clamp(min=0)[:, None], mask=known) + \
+                F.cross_entropy(logits[~lab], t, ignore_index=-1) if bool(known.any()) else None
+            if pl is not None:
+                loss = loss + w_out * pl
+                parts["kd_out"] = float(pl.detach())
         if probs is not None:
             out = output_kd_loss(logits, probs.to(device), valid, cfg.temperature, cfg.output_loss)
             loss = loss + w_out * out
@@ -757,32 +984,51 @@ def distill(transfer: TransferSet, config: DistillConfig | None = None, cache: T
         for k, v in parts.items():
             running[k] = running.get(k, 0.0) + v
         running["_n"] = running.get("_n", 0) + 1
-        done = step + 1
-        last_of_phase = done == cfg.steps or done == cfg.total_steps
-        if done % cfg.log_every == 0 or last_of_phase:
-            n = running.pop("_n")
-            rec = {"step": done, "phase": phase, "lr": _lr_at(step, cfg), **{k: v / n for k, v in running.items()}}
+        step += 1
+        done = step
+        rec = None
+        if phase == "distill" and monitor is not None and (done % cfg.check_every == 0 or done == stop.phase_end):
+            rec = monitor.check(model, done)
+            model.train()
+            elapsed = stop.elapsed + time.monotonic() - t0
+            if stop.observe(rec, model, cfg, done, elapsed):
+                stop.phase_end = done  # evidence says stop: fine-tune from the best weights next
+            stop.phase_end = int(distributed.broadcast(stop.phase_end))
+            if done == stop.phase_end and stop.best_state is not None:
+                model.load_state_dict(stop.best_state)
+        last_of_phase = done == stop.phase_end or done == stop.phase_end + cfg.finetune_steps
+        if done % cfg.log_every == 0 or last_of_phase or rec is not None:
+            n = running.pop("_n", 1)
+            entry = {"step": done, "phase": phase, "lr": _lr_at(step - 1, cfg, stop.phase_end),
+                     **{k: v / n for k, v in running.items()}}
+            if rec is not None:
+                entry.update({"fit": rec["fit_mean"], "agreement": rec["agreement_mean"]})
             running = {}
             if last_of_phase and val is not None:
-                rec["val_dice"] = evaluate_dice(model, *val, device=device)["mean"]
+                entry["val_dice"] = evaluate_dice(model, *val, device=device)["mean"]
                 model.train()
-            history.append(rec)
-            progress.update(done, {k: v for k, v in rec.items() if k not in ("step",)})
+            history.append(entry)
+            progress.update(done, {k: v for k, v in entry.items() if k not in ("step",)})
         if done % cfg.checkpoint_every == 0 or last_of_phase:
             save_checkpoint(done)
     model.eval()
     model.cpu()
-    metrics = {"steps": cfg.total_steps, "seconds": round(time.monotonic() - t0, 2)}
+    metrics = {"steps": step, "distill_steps": stop.phase_end, "seconds": round(time.monotonic() - t0, 2),
+               "stopped_by": stop.reason or ("steps" if stop.phase_end >= cfg.steps else "evidence")}
+    if pseudo_info:
+        metrics["pseudo_labels"] = pseudo_info
     if history:
         metrics["loss"] = history[-1].get("loss")
     if val is not None:
         metrics["val_dice"] = evaluate_dice(model, *val)
+    if monitor is not None and cfg.method != "scratch":
+        metrics["final_check"] = monitor.check(model, step)
     if ckdir is not None and main:
         save_student(model, ckdir / "student.pt")
         text = json.dumps({"metrics": metrics, "history": history}, indent=1, default=str)
         atomic_write(ckdir / "result.json", lambda tmp: tmp.write_text(text), overwrite=True)
     if open_stage:
-        progress.stage_end(metrics)
+        progress.stage_end({k: v for k, v in metrics.items() if k in ("steps", "distill_steps", "seconds", "stopped_by")})
     return DistillResult(model, history, metrics, cfg, transfer.summary())
 
 
@@ -849,6 +1095,56 @@ def evaluate_dice(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, 
     k = num_classes if num_classes is not None else int(getattr(getattr(model, "config", None), "num_classes", 0) or
                                                          int(labels.max()))
     return dice_scores(pred, labels, k, per_slice)
+
+
+#: thresholds of :func:`quality_gate` (issue 15: "any class with training fit < 0.8"; agreement with
+#: the teacher below its own validation Dice minus 0.05)
+GATE_MIN_FIT = 0.8
+GATE_AGREEMENT_MARGIN = 0.05
+
+
+def quality_gate(names: Sequence[str], fit: Sequence[float], agreement: Sequence[float] | None = None,
+                 teacher_val: Sequence[float] | None = None) -> dict:
+    """Check that a distilled student learnt what it was taught, before it is handed over.
+
+    Parameters
+    ----------
+    names:
+        The K class names.
+    fit:
+        The student's Dice per class on the user's labelled slices (NaN: class not labelled).
+    agreement:
+        The student's Dice per class against its teacher's pseudo-labels on the real unlabelled
+        slices (NaN: the teacher predicts none of it), or None (scratch student).
+    teacher_val:
+        The teacher's validation Dice per class (held-out labelled slices), or None.
+
+    Returns ``{"passed": bool, "warnings": [str], "fit": {...}, "agreement": {...}}``: a warning for
+    each class with ``fit < 0.8``, and for each class whose agreement with the teacher is below
+    ``max(0.8, teacher validation Dice) - 0.05`` (the student does not reproduce its teacher).
+    """
+    warnings_: list[str] = []
+    fit_d = {n: (None if math.isnan(v) else round(float(v), 4)) for n, v in zip(names, fit)}
+    for n, v in fit_d.items():
+        if v is not None and v < GATE_MIN_FIT:
+            warnings_.append(f"the student fits the labelled slices of '{n}' poorly (Dice {v:.2f} < "
+                             f"{GATE_MIN_FIT}): check those labels, label more slices, or train longer "
+                             "(--preset balanced).")
+    agr_d = {}
+    if agreement is not None:
+        tv = list(teacher_val) if teacher_val is not None else [None] * len(names)
+        for n, v, t in zip(names, agreement, tv):
+            if v is None or math.isnan(v):
+                agr_d[n] = None
+                continue
+            agr_d[n] = round(float(v), 4)
+            bar = max(GATE_MIN_FIT, float(t) if t is not None and not math.isnan(float(t)) else 0.0) \
+                - GATE_AGREEMENT_MARGIN
+            if v < bar:
+                warnings_.append(f"the student reproduces its teacher poorly on '{n}' (agreement Dice {v:.2f} "
+                                 f"< {bar:.2f} on the unlabelled slices): the exported model is worse than "
+                                 "the fine-tuned teacher for this class; label more slices or train longer.")
+    return {"passed": not warnings_, "warnings": warnings_, "fit": fit_d, "agreement": agr_d}
 
 
 def method_config(method: str, base: DistillConfig | None = None, **overrides) -> DistillConfig:

@@ -419,10 +419,15 @@ def _run(cfg: PipelineConfig, run: RunDir, progress: ProgressReporter) -> TrainR
                           validation=slices.labelled_subset())
             if not main:
                 return res.model, None  # rank 0 writes the student and its summary
-            from .distill import evaluate_dice
+            from .distill import evaluate_dice, quality_gate
             lab = slices.labelled_subset()
             fit = evaluate_dice(res.model, lab.images, lab.labels, num_classes=slices.class_map.num_classes)
-            summary = {**res.training_summary(), "labelled_dice": fit["per_class"]}
+            check = res.metrics.get("final_check") or {}
+            gate = quality_gate(slices.class_map.names, fit["per_class"], check.get("agreement"),
+                                _teacher_val_per_class(final_teacher))
+            for w in gate["warnings"]:
+                progress.log(w, "warning")
+            summary = {**res.training_summary(), "labelled_dice": fit["per_class"], "quality_gate": gate}
             from .student import save_student
             save_student(res.model, student_path)
             text = json.dumps(summary, indent=1, default=str)
@@ -455,10 +460,26 @@ def _run(cfg: PipelineConfig, run: RunDir, progress: ProgressReporter) -> TrainR
     st = run.state()
     timings = {k: v.get("seconds") for k, v in st["stages"].items()}
     val = st["stages"].get("teacher", {}).get("val_dice")
+    gate = dis_summary.get("quality_gate") or {}
     metrics = {"teacher_val_dice": val,
-               "student_labelled_dice": dict(zip(slices.class_map.names, dis_summary.get("labelled_dice") or []))}
+               "student_labelled_dice": dict(zip(slices.class_map.names, dis_summary.get("labelled_dice") or [])),
+               "student_teacher_agreement": gate.get("agreement"), "warnings": gate.get("warnings", [])}
     progress.done({"timings_s": timings, **metrics}, str(run.model_dir))
     return TrainResult(run.path, run.model_dir, timings, metrics)
+
+
+def _teacher_val_per_class(teacher_dir: Path) -> list[float] | None:
+    """The teacher's validation Dice per class at its best step, as saved with it (None if
+    unknown: no validation slices, or an unreadable teacher folder)."""
+    try:
+        from .teacher import read_teacher_meta
+        hist = read_teacher_meta(teacher_dir).get("history") or {}
+    except Exception:  # the gate then uses its fixed floor
+        return None
+    best = next((v for v in hist.get("val") or [] if v.get("step") == hist.get("best_step")), None)
+    if not best or not best.get("per_class"):
+        return None
+    return [float("nan") if v is None else float(v) for v in best["per_class"]]
 
 
 def _initial_student(path: str | Path, num_classes: int):
@@ -507,8 +528,25 @@ def _prepare(cfg: PipelineConfig, run: RunDir, progress: ProgressReporter):
     for name, n in counts.items():
         if n == 0:
             progress.log(f"class '{name}' appears in no labelled slice: the model cannot learn it.", "warning")
+    for c in cases:
+        msg = adjacent_slices_warning(c.labelled_indices(), c.num_slices)
+        if msg:
+            progress.log(f"{c.name}: {msg}", "warning")
     progress.stage_end({"slices": len(slices), "labelled": int(slices.labelled.sum()), **counts})
     return cases, slices
+
+
+def adjacent_slices_warning(labelled: Sequence[int], num_slices: int) -> str | None:
+    """A warning when 3 or more labelled slices are all adjacent (no spread) in a scan of twice as
+    many slices: the teacher then never sees the organ's other parts, and new scans and organ
+    ends suffer (Zhang et al., MIDL 2025, arXiv 2412.08081: spread-out slices train better).
+    Returns None when the labels are spread (or too few to judge)."""
+    idx = sorted(int(i) for i in labelled)
+    if len(idx) < 3 or num_slices < 2 * len(idx) or idx[-1] - idx[0] + 1 != len(idx):
+        return None
+    return (f"the labelled slices {idx[0]}-{idx[-1]} are all adjacent: the model will do worse on new scans "
+            "and at the organs' ends. Label slices spread over each organ (e.g. at 25, 50 and 75 % of "
+            "its extent) instead.")
 
 
 def _load_unlabelled(sub: DataConfig):
@@ -533,7 +571,8 @@ def _model_metadata(cfg: PipelineConfig, run: RunDir, slices, summary: dict) -> 
     except Exception as exc:  # the card then lacks the teacher details, nothing else
         log.warning("teacher metadata not read: %s", exc)
     names = slices.class_map.names
-    val = teacher_meta.get("history", {}).get("best_val_dice_per_class") if isinstance(teacher_meta, dict) else None
+    val = _teacher_val_per_class(run.path / "teacher" / "final")
+    val = dict(zip(names, val)) if val else None
     dice = {}
     if isinstance(summary.get("labelled_dice"), (list, tuple)):
         dice = dict(zip(names, summary["labelled_dice"]))
@@ -546,6 +585,8 @@ def _model_metadata(cfg: PipelineConfig, run: RunDir, slices, summary: dict) -> 
                          "distillation": summary},
             "validation": {"dice": dice, "teacher_val_dice": state.get("teacher", {}).get("val_dice"),
                            "teacher_val_dice_per_class": val,
+                           "quality_gate": summary.get("quality_gate"),
+                           "warnings": (summary.get("quality_gate") or {}).get("warnings", []),
                            "note": "dice: the student's Dice on the labelled slices (training fit); "
                                    "teacher_val_dice: the teacher's Dice on labelled slices held out from its training"},
             "teacher": teacher_meta}

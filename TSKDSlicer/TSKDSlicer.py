@@ -471,6 +471,10 @@ class TSKDSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if job.modelDir:
                 self._parameterNode.modelDir = job.modelDir
                 self._updateCurrentModelLabel()
+            if st.warnings:  # e.g. the student does not reproduce its teacher: say so, never silently
+                slicer.util.warningDisplay(
+                    _("Training finished with warnings:") + "\n\n" + "\n".join(f"- {w}" for w in st.warnings),
+                    windowTitle=_("TSKD"))
         elif st.status == jobs.FAILED:
             self._appendLog(st.error or "")
             slicer.util.errorDisplay(_("Training failed: {error}").format(error=st.error),

@@ -101,6 +101,12 @@ class SynthesisConfig:
         See ``min_confidence``; None = use ``min_confidence`` as an absolute threshold.
     max_entropy:
         Optional upper bound on the mean normalised entropy over the same region (None = off).
+    min_condition_dice:
+        Mask-conditioned sampling only: keep a synthetic slice only when the teacher's label of it
+        agrees with the mask it was generated from (Dice >= this; a check that can fail, unlike
+        confidence: the fine-tuned teacher is confidently wrong on unrealistic samples,
+        benchmarks/RESULTS.md section 3). None = off. When no slice passes, the run says so and
+        goes on with the real slices alone.
 
     Runtime:
 
@@ -142,6 +148,7 @@ class SynthesisConfig:
     min_confidence: float = 0.75
     real_confidence_quantile: float | None = 0.1
     max_entropy: float | None = None
+    min_condition_dice: float | None = 0.8
     seed: int = 0
     device: str = "auto"
     mixed_precision: bool = True
@@ -237,6 +244,8 @@ class SynthesisConfig:
             bad("min_confidence", "must be in [0, 1]")
         if self.real_confidence_quantile is not None and not 0.0 <= self.real_confidence_quantile <= 1.0:
             bad("real_confidence_quantile", "must be in [0, 1] or None")
+        if self.min_condition_dice is not None and not 0.0 <= self.min_condition_dice <= 1.0:
+            bad("min_condition_dice", "must be in [0, 1] or None")
         if self.max_entropy is not None and not 0.0 <= self.max_entropy <= 1.0:
             bad("max_entropy", "must be in [0, 1] or None")
         if self.device != "auto" and not (self.device == "cpu" or self.device.startswith("cuda")):

@@ -279,6 +279,13 @@ def _run(slices, teacher_proba, out_dir, config, progress) -> SyntheticTransferS
     keep = conf_all >= threshold
     if config.max_entropy is not None:
         keep &= ent_all <= config.max_entropy
+    n_conf = int(keep.sum())
+    if config.min_condition_dice is not None and config.conditioning == "mask" and order:
+        cd_all = torch.tensor([float("nan") if items[i]["condition_dice"] is None else float(items[i]["condition_dice"])
+                               for i in order])
+        keep &= ~(cd_all < config.min_condition_dice)  # unconditioned (guidance-free) samples: no check
+        filt["min_condition_dice"] = config.min_condition_dice
+        filt["failed_condition_check"] = n_conf - int(keep.sum())
     names = [slices.case_names[c] for c in range(len(slices.case_names))]
 
     def entry(i):
@@ -293,9 +300,11 @@ def _run(slices, teacher_proba, out_dir, config, progress) -> SyntheticTransferS
     kept = [i for i, k in zip(order, keep.tolist()) if k]
     dropped = [i for i, k in zip(order, keep.tolist()) if not k]
     if order and not kept:
-        progress.log(f"synthesis: the teacher is unsure about every synthetic slice (confidence < "
-                     f"{threshold:.3f}); the transfer set is empty. Lower min_confidence or "
-                     "train the diffusion model longer.", "warning")
+        why = (f"the teacher's label of none agrees with its generating mask (Dice >= {config.min_condition_dice})"
+               if n_conf else f"the teacher is unsure about every one (confidence < {threshold:.3f})")
+        progress.log(f"synthesis: no synthetic slice passed the check: {why}; distillation goes on with the "
+                     "real slices alone. Realistic samples need a longer diffusion training (--preset "
+                     "balanced or quality, a GPU).", "warning")
     empty_img = torch.zeros(0, 1, S, S)
     images = torch.stack([items[i]["images"] for i in kept]) if kept else empty_img
     probs = torch.stack([items[i]["probabilities"] for i in kept]) if kept else torch.zeros(0, K + 1, S, S, dtype=torch.float16)

@@ -200,6 +200,9 @@ class JobState:
     stages_done: list = field(default_factory=list)
     returncode: int | None = None
     events: int = 0
+    #: messages of the backend's ``log`` events with level ``warning`` (e.g. a student that does
+    #: not match its teacher, a class labelled on one slice), shown when the job ends
+    warnings: list = field(default_factory=list)
 
     @property
     def stage_fraction(self) -> float | None:
@@ -229,6 +232,8 @@ class JobState:
         if self.status == CANCELLED:
             return "Cancelled (the run can be resumed)"
         if self.status == DONE:
+            if self.warnings:
+                return f"Finished with {len(self.warnings)} warning(s): {self.warnings[0]}"
             return "Finished"
         parts = [self.stage_label or "Starting"]
         if self.total:
@@ -267,6 +272,9 @@ class JobState:
         elif kind == "stage_end" and stage:
             self.stages_done.append(stage)
             self.eta_s = 0.0
+        elif kind == "log" and event.get("level") == "warning" and isinstance(event.get("message"), str):
+            if event["message"] not in self.warnings:
+                self.warnings.append(event["message"])
         elif kind == "done":
             self.status = DONE
             self.model_dir = event.get("message") or self.model_dir

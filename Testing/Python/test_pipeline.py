@@ -97,6 +97,10 @@ def test_train_segment_reload(finished_run, tmp_path):
                                      ("prepare", "teacher", "synthesis", "distillation", "export"))
     saved = json.loads((finished_run / "config.json").read_text())
     assert saved["teacher"]["steps"] == tiny_config()["teacher"]["steps"]
+    # a student trained for 8 steps fits nothing: the card says so instead of handing it over silently
+    gate = card["validation"]["quality_gate"]
+    assert gate["passed"] is False and card["validation"]["warnings"] == gate["warnings"]
+    assert any("fits the labelled slices of 'liver' poorly" in w for w in gate["warnings"])
 
 
 def test_progress_json_lines_follow_the_schema(finished_run):
@@ -114,6 +118,10 @@ def test_progress_json_lines_follow_the_schema(finished_run):
             seen.add(e["stage"])
     assert {"prepare", "teacher", "synthesis", "distillation", "export"} <= seen
     assert any("val_dice" in e.get("metrics", {}) for e in events if e["stage"] == "teacher")
+    # the quality gate's warnings reach the JSON stream (the Slicer module shows them) and the end
+    warned = [e["message"] for e in events if e["event"] == "log" and e.get("level") == "warning"]
+    assert any("poorly" in w for w in warned)
+    assert events[-1]["metrics"]["warnings"] and set(events[-1]["metrics"]["warnings"]) <= set(warned)
 
 
 def _start(cmd):

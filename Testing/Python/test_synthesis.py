@@ -161,7 +161,12 @@ def test_run_synthesis_resumes_stores_and_round_trips(ct_slices, teacher, tmp_pa
     m = ts.manifest
     assert m["filter"]["kept"] + m["filter"]["dropped"] == 6 and m["filter"]["kept"] == len(ts)
     assert all(c >= 0.5 for c in ts.confidence.tolist())
-    assert all(d["confidence"] < 0.5 for d in m["dropped"])
+    assert all(d["confidence"] < 0.5 or d["condition_dice"] < 0.8 for d in m["dropped"])
+    # a mask-conditioned slice is kept only when the teacher's label agrees with its mask
+    assert all(e["confidence"] >= 0.5 and (e["condition_dice"] is None or e["condition_dice"] >= 0.8)
+                          for e in m["items"])
+    assert m["filter"].get("failed_condition_check", 0) == sum(
+        1 for d in m["dropped"] if d["confidence"] >= 0.5 and d["condition_dice"] < 0.8)
     assert (out / "grid.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     # round trip through disk, memory-mapped
