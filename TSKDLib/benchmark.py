@@ -359,6 +359,8 @@ def add_benchmark_arguments(p) -> None:
     p.add_argument("--name", default=None, help="dataset name in the tables")
     p.add_argument("--config", help="JSON with 'teacher', 'synthesis', 'distillation' overrides")
     p.add_argument("--out", required=True, help="output folder")
+    from .cli import add_axis_argument
+    add_axis_argument(p)  # 3D volumes: slice axis (default acquisition)
 
 
 def _pair(spec: str) -> tuple[str, str]:
@@ -382,8 +384,9 @@ def load_benchmark_data(args) -> BenchmarkData:
         raise InputError("give --images/--masks (2D) or --volumes and --test-volumes (3D).")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", LabelGeometryWarning)
-        train = [load_case(*_pair(v), args.class_map, classes=args.classes) for v in args.volumes]
-        test = [load_case(*_pair(v), args.class_map, classes=args.classes) for v in args.test_volumes]
+        axis = getattr(args, "axis", None) or "acquisition"
+        train = [load_case(*_pair(v), args.class_map, classes=args.classes, axis=axis) for v in args.volumes]
+        test = [load_case(*_pair(v), args.class_map, classes=args.classes, axis=axis) for v in args.test_volumes]
     return BenchmarkData(train, test, "3d", args.name or "volumes")
 
 
