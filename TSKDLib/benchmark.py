@@ -373,6 +373,8 @@ def add_benchmark_arguments(p) -> None:
                    help="sparse-slices: score within the training scans only (skip the other scans)")
     p.add_argument("--work-dir", default=None,
                    help="keep each experiment's teacher and teacher outputs here and reuse them on rerun")
+    from .cli import add_axis_argument
+    add_axis_argument(p)  # 3D volumes: slice axis (default acquisition)
 
 
 def _pair(spec: str) -> tuple[str, str]:
@@ -403,8 +405,9 @@ def _load_volumes(args, train_specs, test_specs) -> tuple[list, list]:
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", LabelGeometryWarning)
-        train = [load_case(*_pair(v), args.class_map, classes=args.classes) for v in train_specs]
-        test = [load_case(*_pair(v), args.class_map, classes=args.classes) for v in test_specs]
+        axis = getattr(args, "axis", None) or "acquisition"
+        train = [load_case(*_pair(v), args.class_map, classes=args.classes, axis=axis) for v in train_specs]
+        test = [load_case(*_pair(v), args.class_map, classes=args.classes, axis=axis) for v in test_specs]
     return train, test
 
 

@@ -1,11 +1,13 @@
 """Cases (an image, its partial labels, the class map, which slices are labelled) and the
 prepared 2D slice set that every training stage consumes.
 
-Slices are taken in a canonical orientation (see :func:`TSKDLib.geometry.to_canonical`): the
-volume is reoriented exactly to LPS, so its array is ``(z, y, x)`` = (inferior->superior,
-right->left... in array index terms: z towards superior, y towards posterior, x towards left).
-Axial slices are ``array[k]``, coronal ``array[:, j]``, sagittal ``array[:, :, i]``. The slice
-axis is therefore chosen through the direction matrix, not the file's array order.
+Slices are taken in a *slice frame* (:func:`TSKDLib.geometry.slice_frame`): an exact permutation
+and flip of the file's voxels (no interpolation) whose array is ``(N, H, W)`` = (slices, rows,
+columns). With the default axis ``acquisition`` the slices are the file's own acquired slices
+(the stacking voxel axis, even when oblique to the patient axes); with ``axial`` / ``coronal`` /
+``sagittal`` they are perpendicular to the patient axis closest to S / P / L (canonical LPS frame,
+``(S, P, L)``, ``(P, S, L)``, ``(L, S, P)``). The slice axis is chosen through the header
+(direction matrix, spacing), never the array shape.
 """
 
 from __future__ import annotations
@@ -44,9 +46,10 @@ class Case:
     class_map:
         The task's classes.
     axis:
-        ``"axial"``, ``"coronal"`` or ``"sagittal"``.
+        ``"acquisition"`` (default: the file's own slices), ``"axial"``, ``"coronal"`` or
+        ``"sagittal"`` (see :func:`TSKDLib.geometry.slice_frame`).
     labelled:
-        ``(N,)`` bool over canonical slices along ``axis``: which slices count as labelled.
+        ``(N,)`` bool over frame slices along ``axis``: which slices count as labelled.
         Unlabelled slices are ignored by every supervised loss (never treated as background).
     modality:
         DICOM modality if known ("CT", "MR", "US"), else None.
@@ -57,23 +60,33 @@ class Case:
     image: sitk.Image
     labels: sitk.Image | None
     class_map: ClassMap
-    axis: str = "axial"
+    axis: str = geometry.DEFAULT_AXIS
     labelled: np.ndarray | None = None
     modality: str | None = None
     image_path: str | None = None
     labels_path: str | None = None
     _canonical: sitk.Image | None = field(default=None, repr=False)
     _canonical_labels: sitk.Image | None = field(default=None, repr=False)
+    _frame: geometry.SliceFrame | None = field(default=None, repr=False)
 
     def __post_init__(self):
-        if self.axis not in geometry.SLICE_AXES:
-            raise InputError(f"unknown slice axis {self.axis!r}; use axial, coronal or sagittal.")
+        if self.axis not in geometry.AXIS_CHOICES:
+            raise InputError(f"unknown slice axis {self.axis!r}; use {', '.join(geometry.AXIS_CHOICES)}.")
 
-    # -- canonical arrays ----------------------------------------------------------------------
+    # -- slice frame ---------------------------------------------------------------------------
+    @property
+    def frame(self) -> geometry.SliceFrame:
+        """The exact slice frame of :attr:`image` for :attr:`axis`."""
+        if self._frame is None:
+            self._frame = geometry.slice_frame(self.image, self.axis)
+        return self._frame
+
     @property
     def canonical_image(self) -> sitk.Image:
+        """The image in its slice frame: array ``(N, H, W)``, spacing ``(W, H, N)`` mm, same
+        physical voxel positions (LPS) as :attr:`image`."""
         if self._canonical is None:
-            self._canonical = geometry.to_canonical(self.image)
+            self._canonical = self.frame.frame_image(self.image)
         return self._canonical
 
     @property
@@ -81,72 +94,76 @@ class Case:
         if self.labels is None:
             return None
         if self._canonical_labels is None:
-            self._canonical_labels = geometry.to_canonical(self.labels)
+            self._canonical_labels = self.frame.frame_image(self.labels)
         return self._canonical_labels
 
     @property
     def num_slices(self) -> int:
-        return sitk.GetArrayViewFromImage(self.canonical_image).shape[geometry.SLICE_AXES[self.axis]]
+        return self.frame.num_slices
 
     def image_slices(self) -> np.ndarray:
-        """Raw intensities as ``(N, H, W)`` float32 slices along ``axis`` (canonical frame)."""
-        arr = sitk.GetArrayViewFromImage(self.canonical_image)
-        return np.ascontiguousarray(np.moveaxis(arr, geometry.SLICE_AXES[self.axis], 0))
+        """Raw intensities as ``(N, H, W)`` float32 slices along ``axis`` (slice frame)."""
+        return sitk.GetArrayViewFromImage(self.canonical_image)
 
     def label_slices(self) -> np.ndarray | None:
         """Class indices as ``(N, H, W)`` uint8/uint16 slices along ``axis``, or None."""
         if self.labels is None:
             return None
-        arr = sitk.GetArrayViewFromImage(self.canonical_labels)
-        return np.ascontiguousarray(np.moveaxis(arr, geometry.SLICE_AXES[self.axis], 0))
+        return sitk.GetArrayViewFromImage(self.canonical_labels)
 
     def slice_spacing(self) -> tuple[float, float]:
         """Pixel spacing ``(row_mm, col_mm)`` of the slices returned by :meth:`image_slices`."""
-        sx, sy, sz = self.canonical_image.GetSpacing()
-        per_axis = [sz, sy, sx]  # numpy axis order (z, y, x)
-        del per_axis[geometry.SLICE_AXES[self.axis]]
-        return float(per_axis[0]), float(per_axis[1])
+        sx, sy, _ = self.canonical_image.GetSpacing()
+        return float(sy), float(sx)
 
     def labelled_indices(self) -> list[int]:
-        """Canonical indices of the labelled slices."""
+        """Frame indices of the labelled slices."""
         return [] if self.labelled is None else [int(i) for i in np.flatnonzero(self.labelled)]
+
+    def axis_info(self) -> dict:
+        """JSON-able description of the slicing: axis choice, sliced file axis (``i``/``j``/``k``),
+        the scan's acquisition plane and slice normal (LPS unit vector), slice count."""
+        return {"axis": self.axis, "file_slice_axis": "ijk"[self.frame.file_slice_axis],
+                "acquisition_plane": geometry.acquisition_plane(self.image),
+                "slice_normal": [round(float(v), 6) for v in geometry.stacking_direction(self.image)],
+                "labelled_file_slices": self.labelled_file_indices()}
+
+    def labelled_file_indices(self) -> list[int]:
+        """The labelled slices as the file's own slice indices (along the file axis
+        :attr:`TSKDLib.geometry.SliceFrame.file_slice_axis`), sorted."""
+        return sorted(self.frame.frame_to_file_slice(i) for i in self.labelled_indices())
 
     # -- back to the original grid ---------------------------------------------------------------
     def to_original(self, slices: np.ndarray) -> sitk.Image:
-        """Put ``(N, H, W)`` per-slice label maps (canonical frame) back on the original grid.
-
-        Returns a uint8 image with the image's exact size, spacing, origin and direction."""
+        """Put ``(N, H, W)`` per-slice label maps (slice frame) back on the original grid, voxel
+        for voxel. Returns a uint8 (uint16 for values >= 256) image with the image's exact size,
+        spacing, origin and direction. ``ValueError`` if the shape does not fit."""
         slices = np.asarray(slices)
-        canon_shape = sitk.GetArrayViewFromImage(self.canonical_image).shape
-        arr = np.moveaxis(slices, 0, geometry.SLICE_AXES[self.axis])
-        if arr.shape != canon_shape:
-            raise ValueError(f"slices of shape {slices.shape} do not fit the case ({canon_shape}).")
-        img = sitk.GetImageFromArray(np.ascontiguousarray(arr.astype(np.uint8 if arr.max(initial=0) < 256 else np.uint16)))
-        img.CopyInformation(self.canonical_image)
-        return geometry.from_canonical(img, self.image)
+        arr = slices.astype(np.uint8 if slices.max(initial=0) < 256 else np.uint16)
+        return self.frame.to_original(arr, self.image)
 
     def file_to_canonical_slice(self, k: int) -> int:
         """Convert a slice index as counted in the image file (voxel index along the file axis
-        closest to ``axis``) into the canonical index used by :meth:`image_slices`."""
-        direction = np.array(self.image.GetDirection()).reshape(3, 3)
-        lps_axis = 2 - geometry.SLICE_AXES[self.axis]  # axial -> S (2), coronal -> P (1), sagittal -> L (0)
-        file_axis = int(np.argmax(np.abs(direction[lps_axis])))
-        n = self.image.GetSize()[file_axis]
+        that is sliced, :attr:`TSKDLib.geometry.SliceFrame.file_slice_axis`) into the frame index
+        used by :meth:`image_slices`. Raises :class:`LabelError` outside ``0..N-1``."""
+        n = self.num_slices
         if not 0 <= k < n:
-            raise LabelError(f"labelled slice {k} is outside the image (0..{n - 1}).", self.image_path,
-                             "Give slice indices within the image.")
-        return k if direction[lps_axis, file_axis] > 0 else n - 1 - k
+            ijk = "ijk"[self.frame.file_slice_axis]
+            raise LabelError(f"labelled slice {k} is outside the image: it has {n} {self.axis} slices "
+                             f"(0..{n - 1}, file axis {ijk}).", self.image_path,
+                             "Give the file's own slice indices along the slice axis (see tskd inspect).")
+        return self.frame.file_to_frame_slice(k)
 
 
-def _labelled_from_values(label_values_canonical: np.ndarray, axis: int) -> np.ndarray:
-    other = tuple(a for a in range(3) if a != axis)
-    return np.any(label_values_canonical != 0, axis=other)
+def _labelled_from_values(label_values_frame: np.ndarray) -> np.ndarray:
+    """``(N, H, W)`` label values -> ``(N,)`` bool: slices holding any non-zero value."""
+    return np.any(label_values_frame != 0, axis=(1, 2))
 
 
 def load_case(image: str | Path, labels: str | Path | None = None,
               class_map: ClassMap | str | Path | dict | None = None,
               classes: Sequence[str] | None = None, labelled_slices: Sequence[int] | None = None,
-              axis: str = "axial", name: str | None = None, subject: str | None = None,
+              axis: str = geometry.DEFAULT_AXIS, name: str | None = None, subject: str | None = None,
               spacing_2d: tuple[float, float] | None = None, mask_threshold: int | None = None,
               require_labels: bool = False) -> Case:
     """Read an image and its (partial) labels into a :class:`Case`.
@@ -164,11 +181,13 @@ def load_case(image: str | Path, labels: str | Path | None = None,
         Names of the classes to learn (subset of the class map); other labelled structures
         become background.
     labelled_slices:
-        Indices of labelled slices, counted along the file's voxel axis closest to ``axis``.
-        Default: a slice is labelled when it holds any non-zero label value. Passing them lets
-        an all-background slice count as labelled.
+        Indices of labelled slices: the file's own slice indices along the sliced voxel axis
+        (for ``acquisition``, the file's stacking axis; for a named axis, the file axis closest to
+        it). Default: a slice is labelled when it holds any non-zero label value. Passing them
+        lets an all-background slice count as labelled.
     axis:
-        Slice axis (axial default), defined through the direction matrix.
+        ``acquisition`` (default), ``axial``, ``coronal`` or ``sagittal``
+        (:func:`TSKDLib.geometry.slice_frame`).
     mask_threshold:
         For 2D masks saved as 0/255 images: values >= threshold are the (single) class.
 
@@ -196,8 +215,10 @@ def load_case(image: str | Path, labels: str | Path | None = None,
         indices = class_map.to_indices(values, source=str(labels))
         lab_img = sitk.GetImageFromArray(indices)
         lab_img.CopyInformation(img)
-        ax = geometry.SLICE_AXES[axis]
-        labelled = _labelled_from_values(sitk.GetArrayFromImage(geometry.to_canonical(raw)), ax)
+        if axis not in geometry.AXIS_CHOICES:
+            raise InputError(f"unknown slice axis {axis!r}; use {', '.join(geometry.AXIS_CHOICES)}.")
+        frame = geometry.slice_frame(img, axis)
+        labelled = _labelled_from_values(frame.to_array(sitk.GetArrayViewFromImage(raw)))
     elif class_map is None:
         if require_labels:
             raise LabelError("no labels given.", image_path, "Pass the label file with --labels.")
@@ -363,3 +384,55 @@ def prepare_slices(cases: Sequence[Case], size: int = 256,
         raise LabelError("no labelled slice in any case.", fix="Label at least one slice.")
     return SliceSet(**{k: torch.cat(v) for k, v in parts.items()}, class_map=cmap,
                     case_names=[c.name for c in cases], subjects=[c.subject for c in cases])
+
+
+def check_label_coverage(cases: Sequence[Case]) -> list[str]:
+    """Check, before any training, that every class is drawn on the labelled slices.
+
+    For each class of the (shared) class map, counts the labelled slices (over all labelled
+    cases) holding at least one voxel of it.
+
+    Returns
+    -------
+    list of str
+        Warnings: one per class present on a single labelled slice only.
+
+    Raises
+    ------
+    LabelError
+        A class (or every class) has no labelled voxel on the labelled slices; the message names
+        the class(es), the scan(s) and their labelled slices as the file's own indices along the
+        slice axis, so a wrong ``--labelled-slices`` or ``--axis`` is visible at once.
+    """
+    labelled_cases = [c for c in cases if c.labels is not None and c.labelled is not None and c.labelled.any()]
+    if not labelled_cases:
+        return []
+    names = labelled_cases[0].class_map.names
+    counts = {name: 0 for name in names}
+    for c in labelled_cases:
+        lab = c.label_slices()
+        for s in c.labelled_indices():
+            present = np.unique(lab[s])
+            for k, name in enumerate(names, start=1):
+                if k in present:
+                    counts[name] += 1
+    missing = [n for n, v in counts.items() if v == 0]
+    if missing:
+        where = "; ".join(f"{Path(str(c.image_path or c.name)).name}: {c.axis} slices "
+                          f"{_fmt_indices(c.labelled_file_indices())} (file axis "
+                          f"{'ijk'[c.frame.file_slice_axis]}, {c.num_slices} slices)" for c in labelled_cases)
+        what = ("no class has a labelled voxel" if len(missing) == len(names) else
+                f"class{'es' if len(missing) > 1 else ''} {', '.join(repr(m) for m in missing)} "
+                f"{'have' if len(missing) > 1 else 'has'} no labelled voxel")
+        raise LabelError(f"{what} on the labelled slices ({where}).",
+                         labelled_cases[0].labels_path,
+                         "Check --labelled-slices (the file's own slice indices along the slice axis, "
+                         "see tskd inspect) and --axis, label those classes on the labelled slices, "
+                         "or drop them with --classes.")
+    return [f"class '{n}' is labelled on a single slice only: the model sees one example of it."
+            for n, v in counts.items() if v == 1]
+
+
+def _fmt_indices(idx: Sequence[int]) -> str:
+    idx = list(idx)
+    return ",".join(str(i) for i in idx[:20]) + (",..." if len(idx) > 20 else "")

@@ -44,6 +44,7 @@ def cmd_inspect(args) -> int:
     import numpy as np
 
     from .case import load_case
+    from . import geometry
     from .geometry import describe_geometry, orientation_code
 
     with warnings.catch_warnings(record=True) as caught:
@@ -54,11 +55,14 @@ def cmd_inspect(args) -> int:
         "image": str(args.image), "modality": case.modality,
         "geometry": describe_geometry(case.image), "orientation": orientation_code(case.image),
         "axis": case.axis, "slices": case.num_slices, "slice_spacing_mm": case.slice_spacing(),
+        "file_slice_axis": "ijk"[case.frame.file_slice_axis],
+        "acquisition_plane": geometry.acquisition_plane(case.image),
         "warnings": [str(w.message) for w in caught],
     }
     if case.labels is not None:
         lab = case.label_slices()
         labelled = case.labelled_indices()
+        report["labelled_file_slices"] = case.labelled_file_indices()
         per_class = {}
         for i, name in enumerate(case.class_map.names, start=1):
             present = [int(k) for k in labelled if np.any(lab[k] == i)]
@@ -78,6 +82,16 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+AXIS_HELP = ("slice axis: acquisition (default) = the scan's own slices, the voxel axis the file stacks "
+             "(largest spacing; through an oblique direction matrix, exact, no resampling); axial, coronal, "
+             "sagittal = perpendicular to the patient axis closest to S, P, L (for near-isotropic volumes)")
+
+
+def add_axis_argument(parser, default: str | None = "acquisition", help: str = AXIS_HELP) -> None:
+    """The same ``--axis`` choice for inspect, train, segment and benchmark."""
+    parser.add_argument("--axis", default=default, choices=["acquisition", "axial", "coronal", "sagittal"], help=help)
+
+
 # ------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -94,8 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--labels", help="label volume, .seg.nrrd or 2D mask")
     q.add_argument("--class-map", help="JSON {value: name} for label volumes")
     q.add_argument("--classes", nargs="+", help="class names to learn (default: all)")
-    q.add_argument("--labelled-slices", help="labelled slice indices, e.g. 2,7,12-14")
-    q.add_argument("--axis", default="axial", choices=["axial", "coronal", "sagittal"])
+    q.add_argument("--labelled-slices", help="labelled slice indices (the file's own, along the slice axis), "
+                                            "e.g. 2,7,12-14")
+    add_axis_argument(q)
     q.add_argument("--json", action="store_true", help="print JSON")
     q.set_defaults(func=cmd_inspect)
 

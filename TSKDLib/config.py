@@ -46,14 +46,17 @@ def tiny_config() -> dict:
 
 @dataclass
 class DataConfig:
-    """Inputs. ``labelled_slices[i]`` lists labelled slice indices of ``images[i]`` (file order)."""
+    """Inputs. ``labelled_slices[i]`` lists labelled slice indices of ``images[i]`` (the file's own
+    slice indices along the slice axis). ``axis``: ``acquisition`` (default: the scan's own
+    slices, even when oblique), ``axial``, ``coronal`` or ``sagittal`` (near-isotropic volumes);
+    see :func:`TSKDLib.geometry.slice_frame`."""
 
     images: list[str] = field(default_factory=list)
     labels: list[str] = field(default_factory=list)
     class_map: str | None = None
     classes: list[str] | None = None
     labelled_slices: list[list[int] | None] | None = None
-    axis: str = "axial"
+    axis: str = "acquisition"
     size: int = 256
     normalization: str = "auto"
     mask_threshold: int | None = None
@@ -104,8 +107,9 @@ class PipelineConfig:
                               fix="repeat --labelled-slices once per image (in the same order).")
         if d.size < 64 or d.size % 16:
             raise ConfigError(f"model size {d.size} must be a multiple of 16 and >= 64.")
-        if d.axis not in ("axial", "coronal", "sagittal"):
-            raise ConfigError(f"unknown slice axis {d.axis!r}.", fix="use axial, coronal or sagittal.")
+        from .geometry import AXIS_CHOICES
+        if d.axis not in AXIS_CHOICES:
+            raise ConfigError(f"unknown slice axis {d.axis!r}.", fix=f"use {', '.join(AXIS_CHOICES)}.")
         self.stage_configs()
         return self
 

@@ -5,8 +5,9 @@ A model package is a directory::
     model.onnx        input "image" (N, 1, S, S) float32 in [0, 1] -> output "logits" (N, K+1, S, S)
     model.ts          TorchScript (traced) of the same network (optional for inference)
     model_card.json   format "tskd-model" v1: classes (index, label value, name, colour),
-                      input_size, slice_axis, normalization, student, training, validation,
-                      teacher, versions, files (SHA-256 of every file)
+                      input_size, slice_axis, acquisition (training scans' acquisition planes),
+                      normalization, student, training, validation, teacher, versions, files
+                      (SHA-256 of every file)
 
 It is built in ``<dir>.tmp-<pid>`` beside the target and renamed into place, so a reader never
 sees a half-written package; an existing package is only replaced when ``overwrite`` is True.
@@ -100,10 +101,10 @@ def export_torchscript(model: torch.nn.Module, path: str | Path, input_size: int
 
 
 def export_model_package(model: torch.nn.Module, out_dir: str | Path, class_map: ClassMap,
-                         normalization: dict, input_size: int | None = None, slice_axis: str = "axial",
+                         normalization: dict, input_size: int | None = None, slice_axis: str = "acquisition",
                          name: str | None = None, training: dict | None = None, validation: dict | None = None,
                          teacher: dict | None = None, student: dict | None = None, torchscript: bool = True,
-                         overwrite: bool = False, check: bool = True) -> Path:
+                         overwrite: bool = False, check: bool = True, acquisition: dict | None = None) -> Path:
     """Write a model package directory atomically.
 
     Parameters
@@ -120,7 +121,12 @@ def export_model_package(model: torch.nn.Module, out_dir: str | Path, class_map:
     input_size:
         S (default: ``model.config.input_size``).
     slice_axis:
-        ``axial``, ``coronal`` or ``sagittal``.
+        ``acquisition`` (the scan's own slices), ``axial``, ``coronal`` or ``sagittal``
+        (:func:`TSKDLib.geometry.slice_frame`).
+    acquisition:
+        ``{"planes": [...], "directions": [[x, y, z], ...]}``: the training scans' acquisition
+        planes and slice normals (LPS); ``tskd segment`` refuses scans acquired in another plane
+        (:func:`TSKDLib.inference.check_acquisition_plane`).
     training, validation, teacher, student:
         Model-card entries (``validation`` as ``{"dice": {...}}``); ``student`` defaults to
         :func:`TSKDLib.student.describe_student`.
@@ -177,7 +183,7 @@ def export_model_package(model: torch.nn.Module, out_dir: str | Path, class_map:
             "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
             "classes": class_map.to_json_dict()["classes"],
             "ignored_values": [int(v) for v in class_map.ignored_values],
-            "input_size": size, "slice_axis": slice_axis,
+            "input_size": size, "slice_axis": slice_axis, "acquisition": _jsonable(acquisition or {}),
             "normalization": _jsonable(normalization),
             "inputs": {"image": ["N", 1, size, size]}, "outputs": {"logits": ["N", class_map.num_classes + 1, size, size]},
             "student": _jsonable(student), "training": _jsonable(training or {}),

@@ -16,8 +16,9 @@ in an environment with only ``onnxruntime``, ``SimpleITK``, ``numpy`` (and ``sli
   elsewhere every source pixel has the same argmax and so, by convexity, does the interpolated
   logit vector - the result equals "interpolate all logits, then argmax" exactly.
 
-Pipeline of :func:`segment_image`: read -> reorient to the canonical LPS frame
-(:func:`TSKDLib.geometry.to_canonical`) -> slices along the model card's slice axis, in batches ->
+Pipeline of :func:`segment_image`: read -> check the scan's acquisition plane against the model's
+(``acquisition`` models) -> exact slice frame of the model card's slice axis
+(:func:`TSKDLib.geometry.slice_frame`: permutation and flips, no interpolation) -> slices, in batches ->
 onnxruntime (CUDA provider when present, else CPU) -> labels on the native slice grid -> optional
 3D clean-up per class (SimpleITK: small-island removal, largest connected component, hole
 filling) -> back onto the input grid (exact, no interpolation) -> labelmap with the input's size,
@@ -67,7 +68,7 @@ class ModelPackage:
     card: the parsed ``model_card.json``.
     class_map: :class:`TSKDLib.classmap.ClassMap` of the K foreground classes.
     input_size: model input size S (pixels).
-    slice_axis: ``axial``, ``coronal`` or ``sagittal``.
+    slice_axis: ``acquisition``, ``axial``, ``coronal`` or ``sagittal``.
     normalization: the card's normalisation dict.
     session: the ``onnxruntime.InferenceSession``.
     """
@@ -163,7 +164,7 @@ def load_model_package(path: str | Path, providers: list[str] | None = None, thr
                                              "ignored_values": card.get("ignored_values", [])})
         size = int(card["input_size"])
         axis = str(card["slice_axis"])
-        if axis not in geometry.SLICE_AXES:
+        if axis not in geometry.AXIS_CHOICES:
             raise ValueError(f"slice axis {axis!r}")
     except Exception as exc:  # noqa: BLE001 - any malformed entry is a package error
         raise ModelPackageError(f"model card has an invalid entry ({exc}).", card_path, fix) from None
@@ -402,11 +403,30 @@ def _as_package(model) -> ModelPackage:
     return model if isinstance(model, ModelPackage) else load_model_package(model)
 
 
-def _slice_spacing(canon: sitk.Image, axis: str) -> tuple[float, float]:
-    sx, sy, sz = canon.GetSpacing()
-    per_axis = [sz, sy, sx]
-    del per_axis[geometry.SLICE_AXES[axis]]
-    return float(per_axis[0]), float(per_axis[1])
+def check_acquisition_plane(pkg: ModelPackage, img: sitk.Image, source=None) -> None:
+    """Refuse a scan acquired in another plane than the model's training scans.
+
+    Applies to models with slice axis ``acquisition`` whose card records the training scans'
+    slice normals (``acquisition.directions``, LPS unit vectors): the scan's slice normal
+    (:func:`TSKDLib.geometry.stacking_direction`) must be within
+    :data:`TSKDLib.geometry.PLANE_MATCH_DEG` (45 degrees) of one of them. Models with a named
+    axis (axial/coronal/sagittal) slice any scan along that patient axis, unchecked.
+
+    Raises :class:`InputError` naming both planes and the fix (no resampling is done)."""
+    acq = pkg.card.get("acquisition") or {}
+    dirs = acq.get("directions") or []
+    if pkg.slice_axis != "acquisition" or not dirs or img.GetDimension() != 3:
+        return
+    v = geometry.stacking_direction(img)
+    angle = min(geometry.plane_angle_deg(v, d) for d in dirs)
+    if angle > geometry.PLANE_MATCH_DEG:
+        planes = ", ".join(sorted(set(acq.get("planes") or []))) or "?"
+        raise InputError(f"the scan was acquired in the {geometry.acquisition_plane(img)} plane "
+                         f"(slice normal {np.round(v, 3).tolist()} LPS), {angle:.0f} degrees from the "
+                         f"model's training scans ({planes} acquisitions); the model sees its own "
+                         "acquisition plane only and TSKD does not resample.", source,
+                         "Segment scans acquired in the model's plane, or train a model on such scans "
+                         "(or with an explicit --axis axial/coronal/sagittal for near-isotropic scans).")
 
 
 def segment_image(model, image, batch_size: int = 8, cleanup: Cleanup | None = None,
@@ -455,12 +475,12 @@ def segment_image(model, image, batch_size: int = 8, cleanup: Cleanup | None = N
         from .io import read_image
 
         img, _ = read_image(image)
-    canon = geometry.to_canonical(img)
-    arr = sitk.GetArrayViewFromImage(canon)  # (z, y, x)
-    ax = geometry.SLICE_AXES[pkg.slice_axis]
-    slices = np.moveaxis(arr, ax, 0)  # view (N, H, W)
-    lo, hi = fit_normalization(pkg.normalization, arr)
-    resizer = NumpyResizer.create(slices.shape[1:], pkg.input_size, _slice_spacing(canon, pkg.slice_axis))
+    check_acquisition_plane(pkg, img, None if isinstance(image, sitk.Image) else image)
+    frame = geometry.slice_frame(img, pkg.slice_axis)
+    fsx, fsy, fsz = [float(img.GetSpacing()[a]) for a in frame.perm]  # (W, H, N) spacing
+    slices = frame.to_array(sitk.GetArrayViewFromImage(img))  # view (N, H, W)
+    lo, hi = fit_normalization(pkg.normalization, slices)
+    resizer = NumpyResizer.create(slices.shape[1:], pkg.input_size, (fsy, fsx))
     tm["read"] = time.perf_counter() - t0
     t1 = time.perf_counter()
     n = slices.shape[0]
@@ -487,13 +507,9 @@ def segment_image(model, image, batch_size: int = 8, cleanup: Cleanup | None = N
                 progress.update(min(start + batch_size, n), message="segmenting")
     tm["infer"] = time.perf_counter() - t1
     t2 = time.perf_counter()
-    canon_labels = np.moveaxis(out, 0, ax)
     if cleanup is not None and cleanup.active:
-        sx, sy, sz = canon.GetSpacing()
-        canon_labels = cleanup_labels(canon_labels, pkg.num_classes, (sz, sy, sx), cleanup)
-    lab = sitk.GetImageFromArray(np.ascontiguousarray(canon_labels))
-    lab.CopyInformation(canon)
-    result = geometry.from_canonical(lab, img)
+        out = cleanup_labels(out, pkg.num_classes, (fsz, fsy, fsx), cleanup)
+    result = frame.to_original(out, img)
     tm["cleanup"] = time.perf_counter() - t2
     return result
 

@@ -211,7 +211,8 @@ def train(images: Sequence[str | Path] | None = None, labels: Sequence[str | Pat
           classes: Sequence[str] | None = None, labelled_slices: Sequence[Sequence[int] | None] | None = None,
           config: PipelineConfig | str | Path | None = None, overwrite: bool = False,
           device: str | None = None, threads: int | None = None,
-          progress: ProgressReporter | None = None, synthesis: bool | None = None) -> TrainResult:
+          progress: ProgressReporter | None = None, synthesis: bool | None = None,
+          axis: str | None = None) -> TrainResult:
     """Run the whole TS-KD job and export a student model package.
 
     Parameters
@@ -223,7 +224,12 @@ def train(images: Sequence[str | Path] | None = None, labels: Sequence[str | Pat
     preset:
         ``fast`` | ``balanced`` | ``quality`` (see :mod:`TSKDLib.config`).
     class_map, classes, labelled_slices:
-        See :func:`TSKDLib.case.load_case`; ``labelled_slices`` is one list per scan.
+        See :func:`TSKDLib.case.load_case`; ``labelled_slices`` is one list per scan (the file's
+        own slice indices along the slice axis).
+    axis:
+        Slice axis: ``acquisition`` (default: each scan's own slices, even when oblique),
+        ``axial``, ``coronal`` or ``sagittal`` (:func:`TSKDLib.geometry.slice_frame`); recorded
+        in the model package.
     config:
         A :class:`PipelineConfig` or a JSON file; explicit arguments override it.
     overwrite:
@@ -271,6 +277,8 @@ def train(images: Sequence[str | Path] | None = None, labels: Sequence[str | Pat
         cfg.threads = threads
     if synthesis is not None:
         cfg.synthesis_enabled = bool(synthesis)
+    if axis:
+        cfg.data.axis = str(axis)
     cfg.data.images = [str(Path(p).resolve()) for p in cfg.data.images]
     cfg.data.labels = [str(Path(p).resolve()) for p in cfg.data.labels]
     if cfg.data.class_map:
@@ -354,6 +362,12 @@ def _run(cfg: PipelineConfig, run: RunDir, progress: ProgressReporter) -> TrainR
             t = build_teacher(slices.class_map.names, stage_cfgs["teacher"])
             ds = SliceDataset(slices.labelled_subset(), augment=True, seed=cfg.seed)
             t, history = finetune_teacher(t, ds, stage_cfgs["teacher"], progress, work_dir=teacher_dir)
+            if history.get("best_val_dice") == 0.0:  # held-out labelled slices exist, all missed
+                from .errors import TSKDError
+                raise TSKDError("the fine-tuned teacher's validation Dice is 0: it found none of the classes "
+                                "on the held-out labelled slices, so the student would learn nothing.",
+                                teacher_dir, "Check the labels and --labelled-slices / --axis (tskd inspect), "
+                                "label more slices, or train longer (--preset balanced).")
             if main:
                 save_teacher(t, final_teacher, stage_cfgs["teacher"], history)
             return t, history
@@ -445,7 +459,8 @@ def _run(cfg: PipelineConfig, run: RunDir, progress: ProgressReporter) -> TrainR
                 progress.stage_start("export", 1)
                 meta = _model_metadata(cfg, run, slices, dis_summary)
                 export_model_package(student, run.model_dir, slices.class_map, meta.pop("normalization"),
-                                     input_size=slices.size, slice_axis=cfg.data.axis, overwrite=True, **meta)
+                                     input_size=slices.size, slice_axis=cfg.data.axis, overwrite=True,
+                                     acquisition=_acquisition_of(run), **meta)
                 progress.update(1)
                 progress.stage_end({})
             _, dt = timed("export", _export)
@@ -503,7 +518,7 @@ def _initial_student(path: str | Path, num_classes: int):
 
 
 def _prepare(cfg: PipelineConfig, run: RunDir, progress: ProgressReporter):
-    from .case import prepare_slices
+    from .case import check_label_coverage, prepare_slices
     from .preprocess import Normalization
 
     progress.stage_start("prepare", len(cfg.data.images))
@@ -514,13 +529,16 @@ def _prepare(cfg: PipelineConfig, run: RunDir, progress: ProgressReporter):
                             "labelled_slices": [cfg.data.labelled_slices[i]] if cfg.data.labelled_slices else None})
         cases.extend(load_cases(sub) if sub.labels else _load_unlabelled(sub))
         progress.update(i + 1, message=Path(path).name)
+    for w in check_label_coverage(cases):  # LabelError when a class is on no labelled slice
+        progress.log(w, "warning")
     norm = None if cfg.data.normalization == "auto" else Normalization.preset(cfg.data.normalization)
     slices = prepare_slices(cases, cfg.data.size, norm)
     slices.save(run.stage_dir("prepare") / "slices.pt")
     counts = {name: int(sum(((slices.labels[slices.labelled] == k + 1).flatten(1).any(1)).tolist()))
               for k, name in enumerate(slices.class_map.names)}
     info = {"cases": [{"name": c.name, "image": c.image_path, "modality": c.modality,
-                       "labelled_slices": c.labelled_indices(), "slices": c.num_slices} for c in cases],
+                       "labelled_slices": c.labelled_indices(), "slices": c.num_slices, **c.axis_info()}
+                      for c in cases],
             "labelled_slices_per_class": counts,
             "normalization": _normalization_of(cases[0], norm)}
     text = json.dumps(info, indent=1)
@@ -547,6 +565,13 @@ def adjacent_slices_warning(labelled: Sequence[int], num_slices: int) -> str | N
     return (f"the labelled slices {idx[0]}-{idx[-1]} are all adjacent: the model will do worse on new scans "
             "and at the organs' ends. Label slices spread over each organ (e.g. at 25, 50 and 75 % of "
             "its extent) instead.")
+
+
+def _acquisition_of(run: RunDir) -> dict:
+    """The training scans' acquisition planes and slice normals (from prepare/cases.json)."""
+    cases = json.loads((run.path / "prepare" / "cases.json").read_text())["cases"]
+    return {"planes": [c.get("acquisition_plane") for c in cases if c.get("slice_normal")],
+            "directions": [c["slice_normal"] for c in cases if c.get("slice_normal")]}
 
 
 def _load_unlabelled(sub: DataConfig):
@@ -608,7 +633,7 @@ def resolve_model_dir(path: str | Path) -> Path:
 
 def segment(model_dir: str | Path, images: Sequence[str | Path], out: str | Path, fmt: str | None = None,
             cleanup: bool = True, overwrite: bool = False, progress: ProgressReporter | None = None,
-            device: str | None = None, largest_component: bool = False) -> list[dict]:
+            device: str | None = None, largest_component: bool = False, axis: str | None = None) -> list[dict]:
     """Segment scans with an exported student (onnxruntime; no PyTorch needed).
 
     Parameters
@@ -625,6 +650,11 @@ def segment(model_dir: str | Path, images: Sequence[str | Path], out: str | Path
         (``largest_component`` also keeps only the largest component of each class).
     device:
         ``cpu`` forces the CPU provider; ``auto``/``cuda`` use CUDA when onnxruntime has it.
+    axis:
+        Optional: the slice axis the caller expects; the model's own (``slice_axis`` in its card)
+        is always used, and a different one is a :class:`ConfigError`. Scans acquired in another
+        plane than an ``acquisition`` model's training scans are refused
+        (:func:`TSKDLib.inference.check_acquisition_plane`, :class:`InputError`).
 
     Returns
     -------
@@ -635,6 +665,9 @@ def segment(model_dir: str | Path, images: Sequence[str | Path], out: str | Path
     progress = progress or NullProgress()
     providers = ["CPUExecutionProvider"] if device == "cpu" else None
     pkg = load_model_package(resolve_model_dir(model_dir), providers=providers)
+    if axis and axis != pkg.slice_axis:
+        raise ConfigError(f"the model was trained on {pkg.slice_axis} slices, not {axis}.", pkg.path,
+                          f"Drop --axis or pass --axis {pkg.slice_axis}; to slice along {axis}, train a model with it.")
     out = Path(out)
     single_file = len(images) == 1 and out.name.lower().endswith(OUTPUT_SUFFIXES)
     fmt = (fmt or "seg.nrrd").lstrip(".")

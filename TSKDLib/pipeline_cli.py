@@ -34,7 +34,7 @@ def cmd_train(args) -> int:
     result = train(args.images, args.labels, out=args.out, preset=args.preset, class_map=args.class_map,
                    classes=args.classes, labelled_slices=_labelled_slices(args.labelled_slices, len(args.images or [])),
                    config=args.config, overwrite=args.overwrite, device=args.device, threads=args.threads,
-                   progress=progress, synthesis=False if args.no_synthesis else None)
+                   progress=progress, synthesis=False if args.no_synthesis else None, axis=args.axis)
     from .distributed import is_main
     if not args.progress_json and is_main():  # one summary under torchrun
         print(f"model package: {result.model_dir}")
@@ -49,7 +49,7 @@ def cmd_segment(args) -> int:
     progress = _reporter(args)
     outputs = segment(args.model_dir, args.images, out=args.out, fmt=args.format, cleanup=not args.no_cleanup,
                       overwrite=args.overwrite, progress=progress, device=args.device,
-                      largest_component=args.largest_component)
+                      largest_component=args.largest_component, axis=args.axis)
     if not args.progress_json:
         for o in outputs:
             print(f"{o['output']}  ({o['seconds']:.2f} s)")
@@ -116,13 +116,18 @@ def add_pipeline_commands(sub) -> None:
     t.add_argument("--class-map", help="JSON {value: name} for label volumes")
     t.add_argument("--classes", nargs="+", help="class names to learn (default: all in the class map)")
     t.add_argument("--labelled-slices", action="append",
-                   help="labelled slice indices (file order), e.g. 2,7,12-14; repeat once per scan; "
+                   help="labelled slice indices: the file's own slice indices along the slice axis (--axis), "
+                        "e.g. 2,7,12-14; repeat once per scan; "
                         "default: every slice holding a label")
     t.add_argument("--out", required=True, help="run directory")
     t.add_argument("--preset", default="fast", choices=["fast", "balanced", "quality"])
     t.add_argument("--config", help="JSON config file (see RUN_DIR/config.json of a run)")
     t.add_argument("--threads", type=int, help="CPU threads for PyTorch")
     t.add_argument("--no-synthesis", action="store_true", help="skip the diffusion synthesis stage")
+    from .cli import add_axis_argument
+    add_axis_argument(t, default=None, help="slice axis: acquisition (default: each scan's own slices, the voxel "
+                      "axis the file stacks, even when oblique), or axial, coronal, sagittal for near-isotropic "
+                      "volumes; recorded in the model package")
     t.set_defaults(func=cmd_train)
 
     s = sub.add_parser("segment", parents=[common], help="segment scans with a trained student model package")
@@ -136,6 +141,8 @@ def add_pipeline_commands(sub) -> None:
                    help="skip 3D clean-up (largest component, small islands, holes)")
     s.add_argument("--largest-component", action="store_true",
                    help="keep only the largest connected component of each class")
+    add_axis_argument(s, default=None, help="the model's slice axis (recorded in the model package); giving "
+                      "another one is an error")
     s.set_defaults(func=cmd_segment)
 
     i = sub.add_parser("info", help="show a model package's classes, validation Dice and provenance")

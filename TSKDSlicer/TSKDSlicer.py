@@ -707,12 +707,18 @@ class TSKDSlicerLogic(ScriptedLoadableModuleLogic):
             return None, []
         return mrml_io.segments_to_label_array(segmentationNode, ids, volumeNode), ids
 
-    def sliceAxis(self, volumeNode, orientation: str = "axial") -> int:
-        """numpy axis of ``arrayFromVolume`` holding ``orientation`` slices."""
-        return labels.slice_axis_for(mrml_io.ijk_to_ras(volumeNode), orientation)
+    #: Slice axis of training and slice counting (the backend's --axis; same rule on both sides).
+    sliceOrientation = "acquisition"
+
+    def sliceAxis(self, volumeNode, orientation: str | None = None) -> int:
+        """numpy axis of ``arrayFromVolume`` holding ``orientation`` slices (default
+        :attr:`sliceOrientation`: the volume's acquisition axis, as the backend slices it)."""
+        dims = volumeNode.GetImageData().GetDimensions() if volumeNode.GetImageData() else None
+        return labels.slice_axis_for(mrml_io.ijk_to_ras(volumeNode), orientation or self.sliceOrientation,
+                                     size=dims, spacing=volumeNode.GetSpacing())
 
     def labelledSliceCounts(self, volumeNode, segmentationNode) -> dict:
-        """``{segmentId: number of axial slices holding it}`` on the volume's grid."""
+        """``{segmentId: number of slices holding it}`` along :meth:`sliceAxis`, on the volume's grid."""
         array, ids = self._labelArray(volumeNode, segmentationNode)
         if array is None:
             return {}
@@ -720,13 +726,13 @@ class TSKDSlicerLogic(ScriptedLoadableModuleLogic):
         return {sid: len(labels.labelled_slices(array, axis, [n])) for n, sid in enumerate(ids, start=1)}
 
     def labelledSlices(self, volumeNode, segmentationNode, segmentIds, backgroundSlices=()) -> list[int]:
-        """Axial slices counted as labelled: any selected label, plus ``backgroundSlices``."""
+        """Slices (along :meth:`sliceAxis`) counted as labelled: any selected label, plus ``backgroundSlices``."""
         array, _ids = self._labelArray(volumeNode, segmentationNode, segmentIds)
         if array is None:
             return []
         return labels.effective_labelled_slices(array, self.sliceAxis(volumeNode), backgroundSlices)
 
-    def currentSliceIndex(self, volumeNode, viewName: str = "Red", orientation: str = "axial"):
+    def currentSliceIndex(self, volumeNode, viewName: str = "Red", orientation: str | None = None):
         """``(axis, index)`` of the slice shown in a slice view, on ``volumeNode``'s grid."""
         sliceNode = slicer.app.layoutManager().sliceWidget(viewName).mrmlSliceNode()
         m = sliceNode.GetSliceToRAS()
@@ -799,7 +805,8 @@ class TSKDSlicerLogic(ScriptedLoadableModuleLogic):
         request = training.TrainRequest(run_dir=runDir, images=images, labels=labelFiles,
                                         labelled_slices=specs if anyBackground else [],
                                         preset=preset, device=device, advanced=advanced or {}, class_map=classMap,
-                                        classes={str(i + 1): n for i, n in enumerate(firstNames)})
+                                        classes={str(i + 1): n for i, n in enumerate(firstNames)},
+                                        axis=self.sliceOrientation)
         request.write()
         argv = jobs.launcher_prefix(self.pythonExecutable()) + request.args()
         logging.info("TSKD: " + " ".join(argv))
@@ -869,7 +876,7 @@ class TSKDSlicerLogic(ScriptedLoadableModuleLogic):
         ``(segmentationNode, index)``. Other slices are left as they are."""
         card = models.read_card(modelDir)
         classes = mrml_io.classes_from_card(card)
-        orientation = card.get("slice_axis", "axial")
+        orientation = card.get("slice_axis", "axial")  # the model's own axis (old cards: axial)
         if index is None:
             axis, index = self.currentSliceIndex(volumeNode, orientation=orientation)
         else:

@@ -100,12 +100,13 @@ def launcher_prefix(python: str | None = None, watch_parent: bool = True) -> lis
 def train_args(images: Sequence[str], labels: Sequence[str], out: str, preset: str = "fast",
                device: str = "auto", labelled_slices: Sequence[str] | str | None = None,
                config: str | None = None, overwrite: bool = False,
-               class_map: str | None = None) -> list[str]:
+               class_map: str | None = None, axis: str | None = None) -> list[str]:
     """Arguments after ``tskd`` for ``tskd train`` (see docs/design.md); raises ``ValueError``.
 
-    ``labelled_slices``: one spec per image (``"4,11-12,20"``, file slice indices along the axial
-    axis), passed as a repeated ``--labelled-slices`` option; None = the backend's default (slices
-    holding any label).
+    ``labelled_slices``: one spec per image (``"4,11-12,20"``, the file's own slice indices along
+    the slice axis), passed as a repeated ``--labelled-slices`` option; None = the backend's
+    default (slices holding any label). ``axis``: ``--axis`` (None: the backend's default,
+    ``acquisition``).
     """
     if preset not in PRESETS:
         raise ValueError(f"preset must be one of {PRESETS}, not {preset!r}")
@@ -127,6 +128,8 @@ def train_args(images: Sequence[str], labels: Sequence[str], out: str, preset: s
         args += ["--config", str(config)]
     if overwrite:
         args.append("--overwrite")
+    if axis:
+        args += ["--axis", str(axis)]
     return args
 
 

@@ -8,26 +8,61 @@ that are *all background* as labelled (they then teach the model where the struc
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 
 ANATOMICAL_AXES = {"sagittal": 0, "coronal": 1, "axial": 2}  # RAS component of the slice normal
+ORIENTATIONS = ("acquisition", "axial", "coronal", "sagittal")  # the backend's --axis choices
+SPACING_EQUAL_RTOL = 1e-2
 
 
-def slice_axis_for(direction_ijk_to_ras, orientation: str = "axial") -> int:
-    """The numpy axis (0 = k, 1 = j, 2 = i) whose slices are ``orientation`` slices.
+def acquisition_axis(size, spacing) -> int:
+    """The file's stacking axis as an IJK index (0 = i, 1 = j, 2 = k): the same rule as the
+    backend's ``TSKDLib.geometry.acquisition_axis`` (kept in step by a test). One axis of size 1
+    -> that axis; isotropic -> k; two equal spacings -> the third; else the largest (ties -> k)."""
+    size, sp = list(size), [float(s) for s in spacing]
+    ones = [a for a in range(3) if size[a] == 1]
+    if len(ones) == 1:
+        return ones[0]
 
-    ``direction_ijk_to_ras`` is the 3x3 direction (or IJK-to-RAS) matrix whose columns are the i,
-    j, k directions in RAS. The slice normal of an axial slice is S (RAS row 2); the IJK column
-    most aligned with it is the slice axis. Raises ``ValueError`` for an unknown orientation.
+    def eq(a, b):
+        return abs(sp[a] - sp[b]) <= SPACING_EQUAL_RTOL * max(sp[a], sp[b])
+
+    pairs = [(a, b) for a, b in ((0, 1), (0, 2), (1, 2)) if eq(a, b)]
+    if len(pairs) == 3:
+        return 2
+    if len(pairs) == 1:
+        return ({0, 1, 2} - set(pairs[0])).pop()
+    return 2 if sp[2] >= max(sp) * (1 - 1e-9) else int(np.argmax(sp))
+
+
+def slice_axis_for(direction_ijk_to_ras, orientation: str = "acquisition", size=None, spacing=None) -> int:
+    """The numpy axis (0 = k, 1 = j, 2 = i) of ``arrayFromVolume`` whose slices the backend takes.
+
+    ``direction_ijk_to_ras`` is the 3x3 direction or the 4x4 IJK-to-RAS matrix (columns i, j, k
+    in RAS; with spacing in the column lengths). ``acquisition``: the volume's own stacking axis
+    (:func:`acquisition_axis`; ``spacing`` defaults to the column lengths, ``size`` to no axis of
+    size 1). ``axial``/``coronal``/``sagittal``: the IJK axes are assigned to R/L, A/P, S/I by
+    the largest summed |cosine| (the backend's rule), and the axis assigned to S, A/P or R/L is
+    the slice axis. Raises ``ValueError`` for an unknown orientation.
     """
-    if orientation not in ANATOMICAL_AXES:
-        raise ValueError(f"orientation must be one of {sorted(ANATOMICAL_AXES)}, not {orientation!r}")
+    if orientation not in ORIENTATIONS:
+        raise ValueError(f"orientation must be one of {list(ORIENTATIONS)}, not {orientation!r}")
     m = np.asarray(direction_ijk_to_ras, dtype=float)[:3, :3]
     norms = np.linalg.norm(m, axis=0)
     norms[norms == 0] = 1.0
-    column = int(np.argmax(np.abs(m[ANATOMICAL_AXES[orientation]] / norms)))
+    if orientation == "acquisition":
+        sp = norms if spacing is None else spacing
+        return 2 - acquisition_axis(size if size is not None else (2, 2, 2), sp)
+    d = np.abs(m / norms)
+    best, best_score = None, -1.0
+    for lps in itertools.permutations(range(3)):  # lps[a]: patient axis of IJK column a
+        score = sum(d[lps[a], a] for a in range(3))
+        if score > best_score + 1e-6:
+            best, best_score = lps, score
+    column = best.index(ANATOMICAL_AXES[orientation])
     return 2 - column
 
 
@@ -94,9 +129,9 @@ def parse_ranges(text: str) -> list[int]:
 def labelled_slices_spec(indices: Sequence[int]) -> str:
     """The ``--labelled-slices`` value for ``tskd train``: ``"4,11-12,20"``.
 
-    The backend counts these indices along the *file's* voxel axis closest to the slice
-    orientation (axial by default), i.e. the numpy axis :func:`slice_axis_for` returns for the
-    written image, in the file's own index order (no flip). Files written by
+    The backend counts these indices along the *file's* sliced voxel axis (the acquisition
+    axis by default), i.e. the numpy axis :func:`slice_axis_for` returns for the written image,
+    in the file's own index order (no flip). Files written by
     :func:`TSKDSlicerLib.mrml_io.export_training_inputs` keep the volume's voxel grid, so the
     indices are the ones shown in Slicer for that axis. Raises ``ValueError`` when empty.
     """

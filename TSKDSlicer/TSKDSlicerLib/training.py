@@ -94,6 +94,7 @@ class TrainRequest:
     advanced: dict = field(default_factory=dict)
     classes: dict = field(default_factory=dict)
     class_map: str = ""  # JSON class map shared by the label files (labels.json of case 0)
+    axis: str = "acquisition"  # slice axis (--axis), the same rule as labels.slice_axis_for
 
     @property
     def config_path(self) -> str:
@@ -123,7 +124,7 @@ class TrainRequest:
         has_config = os.path.isfile(self.config_path)
         return jobs.train_args(self.images, self.labels, self.run_dir, self.preset, self.device,
                                labelled_slices=specs, config=self.config_path if has_config else None,
-                               overwrite=overwrite, class_map=self.class_map or None)
+                               overwrite=overwrite, class_map=self.class_map or None, axis=self.axis or None)
 
 
 def list_runs(runs_dir: str) -> list[dict]:

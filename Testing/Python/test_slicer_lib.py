@@ -179,3 +179,32 @@ def test_requirements_and_pinned_constraints(tmp_path):
     import importlib.metadata
     assert f"numpy=={importlib.metadata.version('numpy')}" in lines
     assert install.is_satisfied("numpy>=1.0") and not install.is_satisfied("surely-not-installed-pkg-xyz")
+
+
+def test_slice_axis_matches_the_backend_on_oblique_and_anisotropic_headers():
+    """The module counts slices, finds "this slice" and labelled slices along the same voxel axis
+    as the backend (TSKDLib.geometry.slice_frame) for every --axis choice."""
+    SimpleITK = pytest.importorskip("SimpleITK")
+    from TSKDLib import geometry
+
+    def rot(axis, deg):
+        c, s = np.cos(np.radians(deg)), np.sin(np.radians(deg))
+        i, j = {"x": (1, 2), "y": (2, 0), "z": (0, 1)}[axis]
+        r = np.eye(3)
+        r[i, i], r[i, j], r[j, i], r[j, j] = c, -s, s, c
+        return r
+
+    short_axis = np.stack([np.array([-1, 1, 0]) / np.sqrt(2), np.array([-1, -1, 2]) / np.sqrt(6),
+                           np.array([1, 1, 1]) / np.sqrt(3)], axis=1)
+    headers = [(rot("z", d) @ rot("x", d), (0.98, 0.98, 2.0), (20, 18, 6)) for d in (0, 30, 45, 60)]
+    headers += [(short_axis, (1.25, 1.25, 8.0), (24, 24, 5)), (rot("y", 90), (1.0, 1.0, 1.0), (8, 9, 10)),
+                (np.eye(3)[:, [1, 2, 0]], (1.25, 8.0, 1.25), (24, 5, 24)), (np.eye(3), (0.2, 0.2, 1.0), (30, 20, 1))]
+    for lps, spacing, size in headers:
+        image = SimpleITK.Image(list(size), SimpleITK.sitkUInt8)
+        image.SetSpacing(spacing)
+        image.SetDirection(lps.flatten().tolist())
+        ras = np.diag([-1.0, -1.0, 1.0]) @ lps @ np.diag(spacing)  # Slicer's IJK-to-RAS (3x3)
+        for orientation in labels.ORIENTATIONS:
+            backend = geometry.slice_frame(image, orientation).file_slice_axis
+            assert labels.slice_axis_for(ras, orientation, size=size) == 2 - backend, (orientation, spacing)
+        assert labels.acquisition_axis(size, spacing) == geometry.acquisition_axis(size, spacing)
