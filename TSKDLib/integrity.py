@@ -299,7 +299,7 @@ def check_dicom_series(folder: str | Path) -> list[str]:
     kept = kept or infos
     if len(kept) > 1:
         desc = "; ".join(f"{sid or '(no series UID)'} '{inf[0].description}' ({len(inf)} files, e.g. "
-                         f"{Path(inf[0].file).name})" for sid, inf in kept.items())
+                         f"{min(Path(s.file).name for s in inf)})" for sid, inf in kept.items())
         raise DicomSeriesError(f"folder holds {len(kept)} DICOM series: {desc}.", folder,
                                "Put each series in its own folder (or remove the ones you do not want) "
                                "and point TSKD at the folder of the one series.")
