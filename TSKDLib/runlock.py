@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 LOCK_NAME = ".tskd.lock"
 LOCK_INFO_NAME = ".tskd.lock.json"
 LOCK_ITEMS = (LOCK_NAME, LOCK_INFO_NAME)
+#: How long to wait for the children of a dead holder (which inherited its lock) to exit.
+STALE_WAIT_S = 10.0
 
 
 def _pid_running(pid: int) -> bool:
@@ -96,13 +98,20 @@ class RunLock:
             lock.acquire()
         except Timeout:
             info = self.holder()
-            if not (self._is_stale(info) and type(lock).__name__ == "SoftFileLock"):
+            if self._is_stale(info):  # the recorded holder no longer runs on this host
+                soft = type(lock).__name__ == "SoftFileLock"
+                if soft:  # a lock file whose existence is the lock, left behind: remove it
+                    self.lock_path.unlink(missing_ok=True)
+                # An OS lock still held after its holder died belongs to a child it forked (a data
+                # loader worker inherits it), which exits within seconds of its parent: wait a bit.
+                try:
+                    lock.acquire(timeout=0 if soft else STALE_WAIT_S)
+                except Timeout:
+                    pass
+            if not lock.is_locked:
                 raise RunLockedError(f"run directory is in use by {self.describe(info)}.", self.run_dir,
                                      "Wait for that run to finish, or stop it (the run stays resumable) and "
                                      "run the same command again; or choose another --out folder.") from None
-            # A soft lock file left by a process that is gone: remove it and take the lock.
-            self.lock_path.unlink(missing_ok=True)
-            lock.acquire()
         self._lock = lock
         if previous and previous.get("pid") != os.getpid():
             self.took_over = previous  # the OS lock was free: its holder ended without cleaning up
