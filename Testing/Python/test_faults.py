@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import json
+import locale
 import os
 import shutil
 import signal
@@ -225,13 +226,15 @@ def test_dicom_duplicate_slice(tmp_path):
         read_image(folder)
 
 
-def test_dicom_two_series_are_listed(tmp_path):
+def test_dicom_two_series_are_listed(tmp_path, request):
     folder = _dicom_copy(tmp_path / "series")
     # A second series (a 5-slice reformat with its own series UID) in the same folder.
     full = sitk.ReadImage([str(f) for f in _dicom_files()])
     small = sitk.Cast(full[::4, ::4, :5], sitk.sitkInt16)
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
+    saved_locale = locale.setlocale(locale.LC_ALL)  # GDCM's writer sets the C locale (ASCII) process-wide
+    request.addfinalizer(lambda: locale.setlocale(locale.LC_ALL, saved_locale))
     for k in range(small.GetDepth()):
         s = small[:, :, k]
         for tag, value in {"0020|000e": "1.2.826.0.1.3680043.2.1125.999.2", "0020|000d": "1.2.826.0.1.3680043.2.1125.999",
