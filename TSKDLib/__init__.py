@@ -8,7 +8,8 @@ image segmentation", arXiv 2503.06976.
 __version__ = "0.1.0"
 
 from .errors import (CheckpointError, ConfigError, GeometryError, InputError, LabelError,  # noqa: F401
-                     ModelPackageError, RunExistsError, TSKDError)
+                     ModelPackageError, RunExistsError, TSKDError, CorruptFileError, DicomSeriesError,
+                     WriteError, RunLockedError, TSKDWarning)
 
 
 def __getattr__(name):

@@ -119,6 +119,15 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _report_error(args, exc: TSKDError) -> int:
+    if getattr(args, "progress_json", False):
+        sys.stdout.write(json.dumps({"v": 1, "event": "error", "stage": None, "message": str(exc),
+                                     "error_type": type(exc).__name__}) + "\n")
+        sys.stdout.flush()
+    print(f"tskd: error: {exc}", file=sys.stderr)
+    return EXIT_ERROR
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -128,12 +137,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except TSKDError as exc:
-        if getattr(args, "progress_json", False):
-            sys.stdout.write(json.dumps({"v": 1, "event": "error", "stage": None, "message": str(exc),
-                                         "error_type": type(exc).__name__}) + "\n")
-            sys.stdout.flush()
-        print(f"tskd: error: {exc}", file=sys.stderr)
-        return EXIT_ERROR
+        return _report_error(args, exc)
+    except OSError as exc:
+        # Last resort for a write outside TSKDLib.io's guarded writers: a full disk, a permission
+        # or a read-only file system is still one line and exit status 2, never a traceback.
+        from .io import WRITE_ERRNOS, write_error
+        err = write_error(exc, exc.filename or "output") if exc.errno in WRITE_ERRNOS else None
+        if err is None:
+            raise
+        return _report_error(args, err)
     except KeyboardInterrupt:
         if getattr(args, "progress_json", False):
             sys.stdout.write(json.dumps({"v": 1, "event": "log", "stage": None, "level": "warning",

@@ -98,7 +98,9 @@ def run_demo(out: str | Path = "runs/demo", preset: str = "fast", overwrite: boo
     write_overlay(ref, pred_sl, ref_sl, canon, png)
     lines += [f"Segmentation: {pred_path}", f"Overlay: {png}", f"Model package: {run.model_dir}",
               f"Total wall time: {time.monotonic() - t0:.0f} s (training {train_s:.0f} s)"]
-    (out / "demo_report.json").write_text(json.dumps(report, indent=1))
+    from .io import atomic_write
+    text = json.dumps(report, indent=1)
+    atomic_write(out / "demo_report.json", lambda tmp: tmp.write_text(text), overwrite=True)
     print("\n".join(lines), flush=True)
     return 0
 
@@ -125,5 +127,6 @@ def write_overlay(case, pred: np.ndarray, ref: np.ndarray, slices: list[int], pa
             ax.axis("off")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=80)
+    from .io import atomic_write
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=80, format="png"), overwrite=True)
     plt.close(fig)

@@ -59,3 +59,26 @@ class ConfigError(TSKDError):
 
 class RunExistsError(TSKDError):
     """An output would overwrite a finished run or a user file and ``--overwrite`` was not given."""
+
+
+class CorruptFileError(InputError):
+    """An input file is damaged: truncated, or its compressed data fails its checksum (gzip CRC)."""
+
+
+class DicomSeriesError(InputError):
+    """A DICOM folder does not hold one complete, regular series (missing or duplicated slices,
+    several series, mixed orientation or size, varying slice spacing)."""
+
+
+class WriteError(TSKDError):
+    """An output could not be written (no space left, permission denied, read-only file system);
+    the previous file, if any, is left unchanged."""
+
+
+class RunLockedError(TSKDError):
+    """Another TSKD process is working in the same run directory."""
+
+
+class TSKDWarning(UserWarning):
+    """Something TSKD could read but the user should know (for example a message of ITK's readers,
+    which would otherwise only reach the C++ standard error)."""

@@ -15,10 +15,12 @@ All images are returned as SimpleITK images (physical space in LPS mm).
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import shutil
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +28,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .classmap import ClassMap
-from .errors import InputError, LabelError, RunExistsError
+from .errors import InputError, LabelError, RunExistsError, TSKDError, WriteError
 
 IMAGE_2D_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 VOLUME_SUFFIXES = {".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd", ".seg.nrrd"}
@@ -51,20 +53,21 @@ class ImageInfo:
 
 
 def _read_dicom_series(folder: Path) -> tuple[sitk.Image, ImageInfo]:
+    from .integrity import call_itk, check_dicom_series, emit_itk_messages
+
+    # One series of same-size, same-orientation slices at regular, distinct positions, else a
+    # DicomSeriesError naming the files (TSKDLib/integrity.py): ITK would average the spacing
+    # over a missing slice and put the whole scan on a distorted grid.
+    files = check_dicom_series(folder)
     reader = sitk.ImageSeriesReader()
-    series = reader.GetGDCMSeriesIDs(str(folder))
-    if not series:
-        raise InputError("folder holds no DICOM series and no image file TSKD can read.", folder,
-                         "Point at a DICOM series folder or at an image file (.nii.gz, .nrrd, .mha, .png).")
-    # Largest series first: a folder may also hold a scout or a dose report.
-    files = max((reader.GetGDCMSeriesFileNames(str(folder), s) for s in series), key=len)
     reader.SetFileNames(files)
     reader.MetaDataDictionaryArrayUpdateOn()
     try:
-        image = reader.Execute()
+        image, messages = call_itk(reader.Execute)
     except RuntimeError as exc:
         raise InputError(f"DICOM series could not be read ({_first_line(exc)}).", folder,
                          "Check that the files form one complete series.") from None
+    emit_itk_messages(messages, folder)
     modality = reader.GetMetaData(0, "0008|0060").strip() if reader.HasMetaDataKey(0, "0008|0060") else None
     return image, ImageInfo(str(folder), modality)
 
@@ -76,13 +79,18 @@ def _first_line(exc: BaseException) -> str:
 
 
 def _read_file(path: Path) -> sitk.Image:
+    from .integrity import call_itk, emit_itk_messages, verify_file
+
     if not path.exists():
         raise InputError("file not found.", path, "Check the path.")
+    verify_file(path)  # compressed data read to the end (gzip CRC): a cut file is an error, not zeros
     try:
-        return sitk.ReadImage(str(path))
+        image, messages = call_itk(sitk.ReadImage, str(path))
     except RuntimeError as exc:
         raise InputError(f"file could not be read as an image ({_first_line(exc)}).", path,
                          "Use NIfTI, NRRD, MHA, a DICOM folder, or PNG/JPEG for 2D images.") from None
+    emit_itk_messages(messages, path)
+    return image
 
 
 def _to_luminance(image: sitk.Image) -> sitk.Image:
@@ -238,6 +246,8 @@ def read_seg_nrrd(path: str | Path, class_map: ClassMap | None = None) -> tuple[
     path = Path(path)
     if not path.is_file():
         raise InputError("file not found.", path, "Check the path of the .seg.nrrd file.")
+    from .integrity import verify_file
+    verify_file(path)
     try:
         seg = slicerio.read_segmentation(str(path))
     except Exception as exc:  # slicerio raises IOError/KeyError/ValueError on bad files
@@ -317,23 +327,77 @@ def find_2d_pairs(images_dir: str | Path, masks_dir: str | Path | None = None,
 # --------------------------------------------------------------------------------------------
 # Writing
 # --------------------------------------------------------------------------------------------
+#: Errors of a write the user can fix (free space, choose a writable folder), as shown to them.
+WRITE_ERRNOS = {errno.ENOSPC: "no space left on device", getattr(errno, "EDQUOT", 122): "disk quota exceeded",
+                errno.EACCES: "permission denied", errno.EPERM: "operation not permitted",
+                errno.EROFS: "read-only file system", errno.EFBIG: "file too large for the file system"}
+_FULL_BYTES = 1 << 20  # below this many free bytes, a failed write is taken as a full disk
+
+
+def _disk_nearly_full(path: Path) -> bool:
+    p = Path(path)
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    try:
+        return shutil.disk_usage(p).free < _FULL_BYTES
+    except OSError:
+        return False
+
+
+def write_error(exc: BaseException, path: str | Path) -> WriteError | None:
+    """The :class:`WriteError` (one line: path, reason, fix) for a failed write, or None when
+    ``exc`` is not a full disk, a quota, a permission or a read-only file system.
+
+    ``OSError`` is mapped by errno; other errors (SimpleITK and PyTorch raise ``RuntimeError`` on a
+    full disk) count as "no space left on device" when the disk has under 1 MiB free."""
+    reason = None
+    if isinstance(exc, OSError) and exc.errno in WRITE_ERRNOS:
+        reason = WRITE_ERRNOS[exc.errno]
+    elif isinstance(exc, (OSError, RuntimeError)) and _disk_nearly_full(Path(path).parent):
+        reason = WRITE_ERRNOS[errno.ENOSPC]
+    if reason is None:
+        return None
+    if reason in ("no space left on device", "disk quota exceeded", "file too large for the file system"):
+        fix = "Free some space on that disk (or write to another one) and run the command again."
+    else:
+        fix = "Choose a folder you can write to (or fix its permissions) and run the command again."
+    return WriteError(f"could not write: {reason}; the previous file, if any, is unchanged.", path, fix)
+
+
+@contextmanager
+def guard_write(path: str | Path):
+    """Turn a failed write of ``path`` (full disk, permission, read-only) into :class:`WriteError`."""
+    try:
+        yield
+    except TSKDError:
+        raise
+    except Exception as exc:
+        err = write_error(exc, path)
+        if err is None:
+            raise
+        raise err from exc
+
+
 def atomic_write(path: Path, write_fn, overwrite: bool = False) -> Path:
     """Write a file atomically: ``write_fn(tmp_path)`` then rename onto ``path``.
 
+    A failed write (full disk, permission denied, read-only file system) raises
+    :class:`WriteError` in one line and leaves ``path`` as it was (the temporary file is removed).
     Raises :class:`RunExistsError` if ``path`` exists and ``overwrite`` is False."""
     path = Path(path)
     if path.exists() and not overwrite:
         raise RunExistsError("output file exists and would be overwritten.", path,
                              "Choose another output path or pass --overwrite.")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = suffix_of(path)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=path.parent)
-    os.close(fd)
+    tmp = None
     try:
-        write_fn(Path(tmp))
-        os.replace(tmp, path)
+        with guard_write(path):  # the check runs before the temporary file is removed
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix_of(path), dir=path.parent)
+            os.close(fd)
+            write_fn(Path(tmp))
+            os.replace(tmp, path)
     finally:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
     return path
 
@@ -344,13 +408,18 @@ def replace_dir(tmp: str | Path, directory: str | Path) -> Path:
     An existing ``directory`` is swapped out first and removed only after the new one is in
     place, so a reader sees either the old or the new folder, never a half-written one."""
     tmp, directory = Path(tmp), Path(directory)
-    if directory.exists():
-        old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
-        os.replace(directory, old)
-        os.replace(tmp, directory)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, directory)
+    with guard_write(directory):
+        if directory.exists():
+            old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
+            os.replace(directory, old)
+            try:
+                os.replace(tmp, directory)
+            except BaseException:
+                os.replace(old, directory)  # put the previous folder back
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, directory)
     return directory
 
 

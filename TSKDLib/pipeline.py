@@ -29,14 +29,16 @@ from typing import Sequence
 from . import distributed
 from .config import DataConfig, PipelineConfig
 from .errors import ConfigError, InputError, RunExistsError
-from .io import atomic_write, replace_dir
+from .io import atomic_write, guard_write, replace_dir
 from .progress import NullProgress, ProgressReporter
+from .runlock import LOCK_ITEMS, RunLock
 
 log = logging.getLogger(__name__)
 
 STAGES = ("prepare", "teacher", "synthesis", "distillation", "export")
-#: What a run directory holds; ``--overwrite`` deletes these and nothing else.
-RUN_ITEMS = ("config.json", "state.json", *STAGES, "model")
+#: What a run directory holds; ``--overwrite`` deletes these and nothing else, except the run's
+#: lock (:mod:`TSKDLib.runlock`), which is held while the run is cleared and never deleted.
+RUN_ITEMS = ("config.json", "state.json", *STAGES, "model", *LOCK_ITEMS)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -119,6 +121,8 @@ class RunDir:
     def clear(self) -> None:
         """Delete this run's own items (never other files in the folder)."""
         for name in RUN_ITEMS:
+            if name in LOCK_ITEMS:
+                continue
             p = self.path / name
             if p.is_dir():
                 shutil.rmtree(p)
@@ -248,7 +252,8 @@ def train(images: Sequence[str | Path] | None = None, labels: Sequence[str | Pat
     ------
     TSKDError
         Bad inputs or configuration (:class:`InputError`, :class:`LabelError`,
-        :class:`ConfigError`, :class:`RunExistsError`, ...). ``KeyboardInterrupt`` (Ctrl-C or
+        :class:`ConfigError`, :class:`RunExistsError`, :class:`RunLockedError` when another process
+        holds the run directory, ...). ``KeyboardInterrupt`` (Ctrl-C or
         SIGTERM) leaves the run resumable.
 
     Multi-GPU: under ``torchrun --nproc_per_node=N`` (see :mod:`TSKDLib.distributed` and the
@@ -292,14 +297,23 @@ def train(images: Sequence[str | Path] | None = None, labels: Sequence[str | Pat
     if not distributed.is_main():
         progress = NullProgress()  # only rank 0 reports
     run = RunDir(out)
+    # One writer per run directory (rank 0 under torchrun): a second train (or the Slicer module's
+    # Resume) on the same folder refuses at once with RunLockedError naming the holder.
+    lock = RunLock(run.path) if distributed.is_main() else None
     try:
         with stop_on_sigterm():
+            if lock is not None:
+                lock.acquire()
             resuming = distributed.run_on_main(lambda: run.open(cfg, overwrite))
             progress.start(str(run.path))
+            if lock is not None and lock.took_over:
+                progress.log(f"took over the stale lock of {RunLock.describe(lock.took_over)}", "warning")
             if resuming:
                 progress.log(f"resuming the run in {run.path}")
             return _run(cfg, run, progress)
     finally:
+        if lock is not None:
+            lock.release()
         if owns_group:
             distributed.cleanup()
 
@@ -700,7 +714,12 @@ def copy_model_package(src: str | Path, dest: str | Path, overwrite: bool = Fals
     if dest.exists() and not overwrite:
         raise RunExistsError("destination exists.", dest, "Choose a new folder or pass --overwrite.")
     tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    shutil.copytree(src, tmp)
-    return replace_dir(tmp, dest)
+    try:
+        with guard_write(dest):  # full disk / permission / read-only: one line, dest unchanged
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            shutil.copytree(src, tmp)
+            return replace_dir(tmp, dest)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)

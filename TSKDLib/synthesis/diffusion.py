@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from ..errors import CheckpointError, ConfigError
 from .config import SynthesisConfig
-from ..io import replace_dir
+from ..io import guard_write, replace_dir
 
 log = logging.getLogger(__name__)
 
@@ -201,14 +201,18 @@ class DiffusionModel:
         directory = Path(directory)
         tmp = directory.with_name(f"{directory.name}.tmp-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
-        self.unet.save_pretrained(tmp, safe_serialization=True)
-        _diffusers().DDPMScheduler(**self.schedule).save_pretrained(tmp / "scheduler")
-        (tmp / META_FILE).write_text(json.dumps({"format": "tskd-diffusion", "format_version": 1,
-                                                 "num_classes": self.num_classes,
-                                                 "conditioning": self.conditioning,
-                                                 "resolution": self.resolution,
-                                                 "schedule": self.schedule}, indent=1))
-        replace_dir(tmp, directory)
+        try:
+            with guard_write(directory):  # full disk / permission: one line, previous folder kept
+                self.unet.save_pretrained(tmp, safe_serialization=True)
+                _diffusers().DDPMScheduler(**self.schedule).save_pretrained(tmp / "scheduler")
+                (tmp / META_FILE).write_text(json.dumps({"format": "tskd-diffusion", "format_version": 1,
+                                                         "num_classes": self.num_classes,
+                                                         "conditioning": self.conditioning,
+                                                         "resolution": self.resolution,
+                                                         "schedule": self.schedule}, indent=1))
+                replace_dir(tmp, directory)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
         return directory
 
     @classmethod

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from ..case import SliceSet
 from ..classmap import ClassMap
 from ..errors import ConfigError, ModelPackageError
-from ..io import replace_dir
+from ..io import guard_write, replace_dir
 
 FORMAT = "tskd-synthetic-transfer"
 FORMAT_VERSION = 1
@@ -254,14 +254,19 @@ class SyntheticTransferSet:
         directory = Path(directory)
         tmp = directory.with_name(f"{directory.name}.tmp-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        np.save(tmp / "images.npy", np.ascontiguousarray(torch.as_tensor(self.images).float().numpy()))
-        np.save(tmp / "probabilities.npy", np.ascontiguousarray(torch.as_tensor(self.probabilities).half().numpy()))
-        np.save(tmp / "confidence.npy", np.ascontiguousarray(torch.as_tensor(self.confidence).float().numpy()))
         manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, **self.manifest,
                     "count": len(self), "size": self.size, "num_classes": self.num_classes}
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
-        replace_dir(tmp, directory)
+        try:
+            with guard_write(directory):  # full disk / permission: one line, previous set kept
+                tmp.mkdir(parents=True)
+                np.save(tmp / "images.npy", np.ascontiguousarray(torch.as_tensor(self.images).float().numpy()))
+                np.save(tmp / "probabilities.npy",
+                        np.ascontiguousarray(torch.as_tensor(self.probabilities).half().numpy()))
+                np.save(tmp / "confidence.npy", np.ascontiguousarray(torch.as_tensor(self.confidence).float().numpy()))
+                (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+                replace_dir(tmp, directory)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
         return directory
 
     @classmethod

@@ -47,10 +47,13 @@ def _json_safe(value):
 
 
 def _atomic(path: Path, write) -> None:
+    from ..io import guard_write
+
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        write(tmp)
-        os.replace(tmp, path)
+        with guard_write(path):  # full disk / permission / read-only: one line, previous file kept
+            write(tmp)
+            os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 

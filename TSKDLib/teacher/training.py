@@ -10,7 +10,6 @@ stopping, and resumable checkpoints.
 from __future__ import annotations
 
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -298,9 +297,9 @@ def _batch_indices(train: list[int], step: int, batch_size: int, seed: int) -> l
 
 
 def _atomic_torch_save(obj, path: Path) -> None:
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    from ..io import atomic_write
+
+    atomic_write(path, lambda tmp: torch.save(obj, tmp), overwrite=True)
 
 
 class _TeacherLogits(nn.Module):
