@@ -50,6 +50,33 @@ STAGE_WEIGHTS = {"prepare": 0.03, "teacher": 0.32, "synthesis": 0.30, "distillat
 RUNNING, DONE, FAILED, CANCELLED, NOT_STARTED = "running", "done", "failed", "cancelled", "not started"
 
 
+class JobCancelled(RuntimeError):
+    """The user cancelled a job the caller was waiting for."""
+
+
+def run_responsive(job: "BackendJob", pump=None, cancelled=None, interval: float = 0.02) -> str:
+    """Start ``job`` and wait for it while keeping a GUI alive; returns the final status.
+
+    ``pump()`` runs between polls (Slicer: ``slicer.app.processEvents``); each round does a
+    non-blocking :meth:`BackendJob.poll`, so the GUI thread is never blocked for longer than one
+    ``pump`` call. When ``cancelled()`` turns true the job is cancelled without blocking and
+    :class:`JobCancelled` is raised once it has ended.
+    """
+    if job.process is None:
+        job.start()
+    asked = False
+    while job.poll():
+        if pump is not None:
+            pump()
+        if cancelled is not None and not asked and cancelled():
+            asked = True
+            job.cancel(timeout=10, block=False)
+        time.sleep(interval)
+    if asked or job.state.status == CANCELLED:
+        raise JobCancelled("cancelled")
+    return job.state.status
+
+
 # ---------------------------------------------------------------------------------------------
 # Command lines
 # ---------------------------------------------------------------------------------------------

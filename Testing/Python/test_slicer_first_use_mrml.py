@@ -264,5 +264,6 @@ def test_job_end_after_scene_close_is_guarded():
     fn = next(n for n in ast.walk(ast.parse(src)) if isinstance(n, ast.FunctionDef) and n.name == "_onJobFinished")
     body = ast.get_source_segment(src, fn)
     assert "self._parameterNode is not None" in body or "if self._parameterNode" in body
-    assert 'sliceWidget("Red")' not in src and "sliceWidget(viewName)" not in src.replace(
-        "sliceWidget(choose", "")
+    fn = next(n for n in ast.walk(ast.parse(src)) if isinstance(n, ast.FunctionDef) and n.name == "currentSliceIndex")
+    assert "choose_slice_view" in ast.get_source_segment(src, fn)
+    assert 'sliceWidget("Red")' not in src
