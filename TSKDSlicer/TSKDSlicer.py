@@ -49,7 +49,7 @@ except ImportError:  # Slicer < 5.4
     def translate(context, text):
         return text
 
-from TSKDSlicerLib import cases, compat, install, jobs, labels, models, mrml_io, selection, training
+from TSKDSlicerLib import cases, compat, install, jobs, labels, models, mrml_io, sampledata, selection, training
 
 SETTINGS_PREFIX = "TSKD/"
 
@@ -64,11 +64,11 @@ class TSKDSlicer(ScriptedLoadableModule):
         self.parent.title = _("TSKD")
         self.parent.categories = [translate("qSlicerAbstractCoreModule", "Segmentation")]
         self.parent.dependencies = []
-        self.parent.contributors = ["TSKD developers"]
+        self.parent.contributors = ["TSKD contributors (TSKD project)"]
         self.parent.helpText = _(
             "Label a few slices, train a small student network distilled from a foundation model "
             "(task-specific knowledge distillation, arXiv 2503.06976), then segment new scans. "
-            'See the <a href="https://github.com/tskd/tskd#slicer">documentation</a>.')
+            "Needs Slicer 5.10 or later. See the section \"3D Slicer module\" of the README of TSKD.")
         self.parent.acknowledgementText = _(
             "Method: Liang et al., task-specific knowledge distillation from vision foundation "
             "models for medical image segmentation (arXiv 2503.06976).")
@@ -76,6 +76,9 @@ class TSKDSlicer(ScriptedLoadableModule):
         # also stops a job by itself if Slicer dies without quitting cleanly.
         if hasattr(slicer, "app") and slicer.app is not None:
             slicer.app.connect("aboutToQuit()", lambda: jobs.JOBS.cancel_all(timeout=10))
+            # Sample Data > TSKD: the bundled abdominal CT (offline, from the module's resources)
+            moduleDir = os.path.dirname(os.path.abspath(__file__))
+            slicer.app.connect("startupCompleted()", lambda: sampledata.register(moduleDir))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1090,6 +1093,8 @@ class TSKDSlicerTest(ScriptedLoadableModuleTest):
         self.setUp()
         self.test_layout_without_red_view()
         self.setUp()
+        self.test_sample_data()
+        self.setUp()
         self.test_widget()
         self.setUp()
         self.test_export_import_roundtrip()
@@ -1146,6 +1151,14 @@ class TSKDSlicerTest(ScriptedLoadableModuleTest):
         self.assertEqual(widget.ui.segmentsListWidget.count, 1)
         self.assertIn("2 labelled slices", widget.ui.segmentsListWidget.item(0).text())
         self.assertTrue(widget.ui.trainButton.enabled)
+
+    def test_sample_data(self):
+        """Issue 11 item 14: the bundled CT is registered with Sample Data and loads."""
+        import SampleData
+        sampledata.register(os.path.dirname(os.path.abspath(__file__)))
+        volume = SampleData.downloadSample(sampledata.SAMPLE_NAME)
+        self.assertIsNotNone(volume)
+        self.assertEqual(volume.GetImageData().GetDimensions()[2] > 1, True)
 
     def test_version_check(self):
         """Issue 11 item 2: this Slicer passes the module's own start check."""

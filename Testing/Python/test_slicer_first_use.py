@@ -214,3 +214,66 @@ def test_non_blocking_cancel_returns_at_once_and_kills_later(tmp_path):
     assert worst < 0.5 and job.state.status == jobs.CANCELLED
     assert not psutil.pid_exists(job.process.pid) or \
         psutil.Process(job.process.pid).status() == psutil.STATUS_ZOMBIE
+
+
+# -- 14. Extensions Index metadata -----------------------------------------------------------------
+
+def _cmake_value(key):
+    import re
+    text = open(os.path.join(ROOT, "CMakeLists.txt"), encoding="utf-8").read()
+    m = re.search(rf'set\(EXTENSION_{key}\s+"([^"]*)"', text)
+    assert m, key
+    return m.group(1)
+
+
+def test_license_is_apache_2():
+    text = open(os.path.join(ROOT, "LICENSE"), encoding="utf-8").read()
+    assert "Apache License" in text and "Version 2.0, January 2004" in text
+    assert "END OF TERMS AND CONDITIONS" in text
+
+
+def test_no_placeholder_urls_and_real_screenshot():
+    for key in ("HOMEPAGE", "ICONURL", "SCREENSHOTURLS"):
+        value = _cmake_value(key)
+        assert "tskd/tskd" not in value and "example" not in value, (key, value)
+    shot = _cmake_value("SCREENSHOTURLS").split("}")[-1].lstrip("/")
+    icon = _cmake_value("ICONURL").split("}")[-1].lstrip("/")
+    for rel in (shot, icon):
+        path = os.path.join(ROOT, rel)
+        assert os.path.isfile(path), rel
+        assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    src = open(os.path.join(MODULE_DIR, "TSKDSlicer.py"), encoding="utf-8").read()
+    assert "github.com/tskd/tskd" not in src
+
+
+def test_plain_language_description_and_contributors():
+    import re
+    desc = _cmake_value("DESCRIPTION")
+    for jargon in ("LoRA", "distillation", "arXiv", "ONNX", "diffusion"):
+        assert jargon not in desc
+    assert "Slicer 5.10 or later" in desc
+    assert re.fullmatch(r"[^,()]+ \([^()]+\)(, [^,()]+ \([^()]+\))*", _cmake_value("CONTRIBUTORS"))
+
+
+def test_sample_data_is_bundled_and_checksummed():
+    import hashlib
+    from TSKDSlicerLib import sampledata
+    (src,) = sampledata.sample_sources(MODULE_DIR)
+    path = src["uris"].replace("file://", "")
+    digest = hashlib.sha256(open(path, "rb").read()).hexdigest()
+    assert src["checksums"] == f"SHA256:{digest}"
+    assert src["loadFileType"] == "VolumeFile" and os.path.isfile(src["thumbnailFileName"])
+    assert "sampledata.register" in open(os.path.join(MODULE_DIR, "TSKDSlicer.py"), encoding="utf-8").read()
+
+
+def test_screenshot_renders_from_an_mrml_scene(tmp_path):
+    pytest.importorskip("matplotlib")
+    slicer = pytest.importorskip("slicer")
+    if not hasattr(slicer, "vtkMRMLScene"):
+        pytest.skip("slicer-core is not installed")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, MODULE_DIR, os.environ.get("PYTHONPATH", "")]))
+    out = tmp_path / "shot.png"
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "render_screenshot.py"), str(out)],
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert out.stat().st_size > 10000
