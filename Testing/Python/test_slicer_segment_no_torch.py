@@ -79,3 +79,32 @@ def test_segment_runs_without_torch(tiny_package, tmp_path, via_launcher):
     assert any(e and e["event"] == "stage_end" and e["stage"] == "segment" for e in events)
     import SimpleITK as sitk
     assert sitk.ReadImage(str(out)).GetSize() == sitk.ReadImage(CT).GetSize()
+
+
+@pytest.mark.slow
+def test_segment_in_a_venv_with_only_the_segment_requirements(tiny_package, tmp_path):
+    """The module's segment-only install for real: a venv with numpy + SimpleITK (what Slicer
+    ships) and ``requirements-segment.txt``, no torch; ``python -m TSKDLib segment`` on the bundled
+    CT. Skipped when the package registry cannot be reached."""
+    import venv
+    home = tmp_path / "venv"
+    venv.EnvBuilder(with_pip=True).create(str(home))
+    py = str(home / ("Scripts/python.exe" if os.name == "nt" else "bin/python"))
+    req = os.path.join(MODULE_DIR, "Resources", "requirements-segment.txt")
+    r = subprocess.run([py, "-m", "pip", "install", "-q", "--disable-pip-version-check", "numpy", "SimpleITK",
+                        "-r", req], capture_output=True, text=True, timeout=600)
+    if r.returncode != 0:
+        text = r.stdout + r.stderr
+        if any(s in text for s in ("NewConnectionError", "Could not find a version", "Temporary failure",
+                                   "Network is unreachable", "No matching distribution", "ConnectTimeout")):
+            pytest.skip("package registry unreachable: " + text.strip().splitlines()[-1][:200])
+        raise AssertionError(text[-3000:])
+    r = subprocess.run([py, "-c", "import torch"], capture_output=True, text=True)
+    assert r.returncode != 0, "torch must not be installed by the segment requirements"
+    out = tmp_path / "pred.nii.gz"
+    env = jobs.backend_env({"PATH": os.environ.get("PATH", ""), "HOME": str(tmp_path)}, MODULE_DIR,
+                           device="cpu", external_python=True)
+    argv = jobs.launcher_prefix(py, watch_parent=True) + jobs.segment_args(tiny_package, [CT], str(out), device="cpu")
+    r = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    assert out.is_file()
