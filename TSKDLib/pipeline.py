@@ -26,7 +26,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from . import distributed
 from .config import DataConfig, PipelineConfig
 from .errors import ConfigError, InputError, RunExistsError
 from .io import atomic_write, guard_write, replace_dir
@@ -293,6 +292,7 @@ def train(images: Sequence[str | Path] | None = None, labels: Sequence[str | Pat
             raise InputError("file not found.", p, "Check the path.")
     cfg.validate()
     progress = progress or NullProgress()
+    from . import distributed  # imports torch: not at module level, `tskd segment` runs without it
     owns_group = distributed.init(cfg.device)  # no-op without torchrun
     if not distributed.is_main():
         progress = NullProgress()  # only rank 0 reports
@@ -324,6 +324,8 @@ def _run(cfg: PipelineConfig, run: RunDir, progress: ProgressReporter) -> TrainR
     ranks run teacher fine-tuning and distillation; only rank 0 writes in the run directory.
     Decisions to skip a finished stage are rank 0's, broadcast to all."""
     import torch
+
+    from . import distributed
 
     main = distributed.is_main()
     device = setup_device(cfg.device, cfg.threads, progress)

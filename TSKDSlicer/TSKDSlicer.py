@@ -49,7 +49,7 @@ except ImportError:  # Slicer < 5.4
     def translate(context, text):
         return text
 
-from TSKDSlicerLib import install, jobs, labels, models, mrml_io, training
+from TSKDSlicerLib import cases, compat, install, jobs, labels, models, mrml_io, sampledata, selection, training
 
 SETTINGS_PREFIX = "TSKD/"
 
@@ -64,11 +64,11 @@ class TSKDSlicer(ScriptedLoadableModule):
         self.parent.title = _("TSKD")
         self.parent.categories = [translate("qSlicerAbstractCoreModule", "Segmentation")]
         self.parent.dependencies = []
-        self.parent.contributors = ["TSKD developers"]
+        self.parent.contributors = ["TSKD contributors (TSKD project)"]
         self.parent.helpText = _(
             "Label a few slices, train a small student network distilled from a foundation model "
             "(task-specific knowledge distillation, arXiv 2503.06976), then segment new scans. "
-            'See the <a href="https://github.com/tskd/tskd#slicer">documentation</a>.')
+            "Needs Slicer 5.10 or later. See the section \"3D Slicer module\" of the README of TSKD.")
         self.parent.acknowledgementText = _(
             "Method: Liang et al., task-specific knowledge distillation from vision foundation "
             "models for medical image segmentation (arXiv 2503.06976).")
@@ -76,6 +76,9 @@ class TSKDSlicer(ScriptedLoadableModule):
         # also stops a job by itself if Slicer dies without quitting cleanly.
         if hasattr(slicer, "app") and slicer.app is not None:
             slicer.app.connect("aboutToQuit()", lambda: jobs.JOBS.cancel_all(timeout=10))
+            # Sample Data > TSKD: the bundled abdominal CT (offline, from the module's resources)
+            moduleDir = os.path.dirname(os.path.abspath(__file__))
+            slicer.app.connect("startupCompleted()", lambda: sampledata.register(moduleDir))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -182,11 +185,14 @@ class TrainingJob:
             time.sleep(0.05)
         return self.state.status
 
-    def cancel(self):
-        """Stop the process tree; the run dir stays resumable (``resume()``)."""
-        with slicer.util.WaitCursor():
-            self.job.cancel()
-            self.job.wait(timeout=60)
+    def cancel(self, block: bool = False):
+        """Stop the process tree; the run dir stays resumable (``resume()``).
+
+        Returns at once (SIGTERM now, SIGKILL 30 s later if needed, from the poll timer);
+        ``block=True`` waits until the job ended (console use)."""
+        self.job.cancel(timeout=30, block=False)
+        if block:
+            self.wait(timeout=60)
 
     def resume(self):
         """Run the same command again: the backend continues the run where it stopped."""
@@ -212,10 +218,23 @@ class TSKDSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNodeGuiTag = None
         self._trainingJob: TrainingJob | None = None
         self._cases: list = []  # (volumeNode, segmentationNode, segmentIds, backgroundSlices)
+        self._selection = selection.SegmentSelection()
+        self._busy = ""  # non-empty while an install or a segmentation runs (buttons disabled)
+        self._sliceUndo: list = []  # (segmentationNode, volumeNode, backup) of "segment this slice"
+        self.ui = None
 
     # -- set-up -----------------------------------------------------------------------------
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
+        problem = compat.runtime_problem(f"{slicer.app.majorVersion}.{slicer.app.minorVersion}")
+        if problem:  # Slicer 5.8 (Python 3.9): say so instead of failing later inside pip
+            label = qt.QLabel(problem)
+            label.wordWrap = True
+            label.setStyleSheet("color: #b00; font-weight: bold")
+            self.layout.addWidget(label)
+            self.layout.addStretch(1)
+            logging.error(problem)
+            return
         uiWidget = slicer.util.loadUI(self.resourcePath("UI/TSKDSlicer.ui"))
         self.layout.addWidget(uiWidget)
         self.ui = slicer.util.childWidgetVariables(uiWidget)
@@ -227,7 +246,7 @@ class TSKDSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.modelsTableWidget.horizontalHeader().setStretchLastSection(True)
         self.ui.casesTableWidget.setHorizontalHeaderLabels([_("Volume"), _("Labels"), _("Segments")])
         self.ui.casesTableWidget.horizontalHeader().setStretchLastSection(True)
-        self.ui.runsFolderLabel.text = self.logic.dataDir
+        self.ui.runsFolderLabel.text = self.logic.runsDir
         self.ui.pythonLineEdit.text = self.logic.externalPython or ""
         self.ui.cancelButton.enabled = False
         self.ui.resumeButton.enabled = False
@@ -235,10 +254,10 @@ class TSKDSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
 
-        self.ui.segmentationSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.updateSegmentList)
-        self.ui.inputVolumeSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.updateSegmentList)
-        self.ui.refreshLabelsButton.connect("clicked()", self.updateSegmentList)
-        self.ui.segmentsListWidget.connect("itemChanged(QListWidgetItem*)", lambda item: self.updateLabelledSummary())
+        # The segment list follows the parameter node (see _onParameterNodeModified), never the
+        # selectors' currentNodeChanged: Qt emits that before the parameter node is updated.
+        self.ui.refreshLabelsButton.connect("clicked()", lambda: self.updateSegmentList(force=True))
+        self.ui.segmentsListWidget.connect("itemChanged(QListWidgetItem*)", lambda item: self._onSegmentChecked())
         self.ui.backgroundSlicesLineEdit.connect("editingFinished()", self.updateLabelledSummary)
         self.ui.markBackgroundSliceButton.connect("clicked()", self.onMarkBackgroundSlice)
         self.ui.addCaseButton.connect("clicked()", self.onAddCase)
@@ -259,6 +278,21 @@ class TSKDSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.segmentSliceButton.connect("clicked()", self.onSegmentSlice)
         self.ui.editSegmentsButton.connect("clicked()", self.onEditSegments)
         self.ui.retrainButton.connect("clicked()", self.onRetrain)
+        # Buttons added in code (no .ui change needed): undo of "segment this slice", runs folder.
+        self.undoSliceButton = qt.QPushButton(_("Undo slice"))
+        self.undoSliceButton.toolTip = _("Put the last slice segmented with 'Segment this slice' back as it was.")
+        self.undoSliceButton.enabled = False
+        self.ui.segmentSliceButton.parentWidget().layout().addWidget(self.undoSliceButton)
+        self.undoSliceButton.connect("clicked()", self.onUndoSlice)
+        self.runsFolderButton = qt.QPushButton(_("Runs folder..."))
+        self.runsFolderButton.toolTip = _("Where training runs (image copies, checkpoints) are kept. "
+                                          "The model library does not move.")
+        self.deleteRunButton = qt.QPushButton(_("Delete runs..."))
+        self.deleteRunButton.toolTip = _("Delete old training runs to free disk space. Trained models stay in the library.")
+        self.ui.resumeButton.parentWidget().layout().addWidget(self.runsFolderButton)
+        self.ui.resumeButton.parentWidget().layout().addWidget(self.deleteRunButton)
+        self.runsFolderButton.connect("clicked()", self.onChangeRunsFolder)
+        self.deleteRunButton.connect("clicked()", self.onDeleteRuns)
 
         self.initializeParameterNode()
         self.refreshModels()
@@ -268,23 +302,27 @@ class TSKDSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.removeObservers()
 
     def enter(self) -> None:
-        self.initializeParameterNode()
+        if self.ui is not None:
+            self.initializeParameterNode()
 
     def exit(self) -> None:
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self._parameterNodeGuiTag = None
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
 
     def onSceneStartClose(self, caller, event) -> None:
         # The training job is not part of the scene: it keeps running (its inputs are on disk)
         # and its model lands in the model library. Only node references are dropped.
+        self._sliceUndo = []
+        if self.ui is None:
+            return
         self._cases = []
         self._updateCasesTable()
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:
-        if self.parent.isEntered:
+        if self.ui is not None and self.parent.isEntered:
             self.initializeParameterNode()
 
     def initializeParameterNode(self) -> None:
@@ -301,27 +339,41 @@ class TSKDSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def setParameterNode(self, inputParameterNode) -> None:
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
         self._parameterNode = inputParameterNode
         if self._parameterNode:
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
-            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
             self._updateButtons()
-            self.updateSegmentList()
+            self.updateSegmentList(force=True)
             self._updateCurrentModelLabel()
 
+    def _onParameterNodeModified(self, caller=None, event=None) -> None:
+        """The parameter node changed (its selectors were updated first): rebuild the segment
+        list only when the volume/segmentation pair (or its segments) changed."""
+        p = self._parameterNode
+        if p and self._selection.needs_update(p.inputVolume, p.labelSegmentation):
+            self.updateSegmentList()
+        self._updateButtons()
+
     def _updateButtons(self, caller=None, event=None) -> None:
+        if self.ui is None:
+            return
         p = self._parameterNode
         running = bool(self._trainingJob and self._trainingJob.isRunning())
+        busy = running or bool(self._busy)
         canTrain = bool(self._cases) or bool(p and p.inputVolume and p.labelSegmentation and self._checkedSegmentIds())
-        self.ui.trainButton.enabled = canTrain and not running
-        self.ui.retrainButton.enabled = canTrain and not running
+        self.ui.trainButton.enabled = canTrain and not busy
+        self.ui.retrainButton.enabled = canTrain and not busy
         self.ui.cancelButton.enabled = running
         self.ui.resumeButton.enabled = bool(self._trainingJob) and not running and \
             self._trainingJob.state.status in (jobs.CANCELLED, jobs.FAILED)
         hasModel = bool(p and p.modelDir and os.path.isdir(p.modelDir))
-        self.ui.segmentButton.enabled = hasModel and bool(p.inputVolume or self._checkedVolumes())
-        self.ui.segmentSliceButton.enabled = hasModel and bool(p.inputVolume)
+        self.ui.segmentButton.enabled = hasModel and bool(p.inputVolume or self._checkedVolumes()) and not self._busy
+        self.ui.segmentSliceButton.enabled = hasModel and bool(p.inputVolume) and not self._busy
+        if hasattr(self, "undoSliceButton"):
+            self.undoSliceButton.enabled = bool(self._sliceUndo) and not self._busy
+            self.deleteRunButton.enabled = not self._busy
 
     # -- data and labels ----------------------------------------------------------------------
     def _checkedSegmentIds(self) -> list[str]:
@@ -330,7 +382,8 @@ class TSKDSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             item = self.ui.segmentsListWidget.item(row)
             if item.checkState() == qt.Qt.Checked:
                 out.append(item.data(qt.Qt.UserRole))
-        return out
+        p = self._parameterNode
+        return selection.SegmentSelection.valid_ids(p.labelSegmentation if p else None, out)
 
     def _backgroundSlices(self) -> list[int]:
         try:
@@ -338,30 +391,38 @@ class TSKDSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         except ValueError:
             return []
 
-    def updateSegmentList(self, *args) -> None:
-        """List the segments with their number of labelled slices (all checked by default)."""
+    def updateSegmentList(self, *args, force: bool = False) -> None:
+        """List the segments of the *current* segmentation with their labelled slices (rows from
+        :class:`TSKDSlicerLib.selection.SegmentSelection`; all checked by default)."""
         p = self._parameterNode
         widget = self.ui.segmentsListWidget
-        previous = set(self._checkedSegmentIds())
-        widget.blockSignals(True)
-        widget.clear()
+        volume = p.inputVolume if p else None
+        segmentation = p.labelSegmentation if p else None
+        if not force and not self._selection.needs_update(volume, segmentation):
+            return
         counts = {}
-        if p and p.inputVolume and p.labelSegmentation:
+        if volume and segmentation:
             try:
-                counts = self.logic.labelledSliceCounts(p.inputVolume, p.labelSegmentation)
+                counts = self.logic.labelledSliceCounts(volume, segmentation)
             except Exception as exc:  # noqa: BLE001 - shown to the user
                 self.ui.labelledSummaryLabel.text = _("Cannot read the labels: {error}").format(error=exc)
-        if p and p.labelSegmentation:
-            seg = p.labelSegmentation.GetSegmentation()
-            for n in range(seg.GetNumberOfSegments()):
-                sid = seg.GetNthSegmentID(n)
-                name = seg.GetSegment(sid).GetName()
-                item = qt.QListWidgetItem(f"{name}  ({counts.get(sid, 0)} labelled slices)")
-                item.setData(qt.Qt.UserRole, sid)
-                item.setFlags(item.flags() | qt.Qt.ItemIsUserCheckable)
-                item.setCheckState(qt.Qt.Checked if (not previous or sid in previous) else qt.Qt.Unchecked)
-                widget.addItem(item)
+        widget.blockSignals(True)
+        widget.clear()
+        for row in self._selection.rows(volume, segmentation, counts):
+            item = qt.QListWidgetItem(row.text)
+            item.setData(qt.Qt.UserRole, row.segment_id)
+            item.setFlags(item.flags() | qt.Qt.ItemIsUserCheckable)
+            item.setCheckState(qt.Qt.Checked if row.checked else qt.Qt.Unchecked)
+            widget.addItem(item)
         widget.blockSignals(False)
+        self.updateLabelledSummary()
+
+    def _onSegmentChecked(self) -> None:
+        p = self._parameterNode
+        if p and p.labelSegmentation:
+            widget = self.ui.segmentsListWidget
+            allIds = [widget.item(r).data(qt.Qt.UserRole) for r in range(widget.count)]
+            self._selection.remember_checks(p.labelSegmentation, self._checkedSegmentIds(), allIds)
         self.updateLabelledSummary()
 
     def updateLabelledSummary(self) -> None:
@@ -373,8 +434,9 @@ class TSKDSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         try:
             slices = self.logic.labelledSlices(p.inputVolume, p.labelSegmentation, self._checkedSegmentIds(),
                                                self._backgroundSlices())
-            self.ui.labelledSummaryLabel.text = _("Labelled slices (axial): {n} - {spec}").format(
-                n=len(slices), spec=labels.compress_ranges(slices) or "-")
+            kind = _("Checked prediction slices") if mrml_io.is_prediction(p.labelSegmentation) \
+                else _("Labelled slices")
+            self.ui.labelledSummaryLabel.text = f"{kind}: {len(slices)} - {labels.compress_ranges(slices) or '-'}"
         except Exception as exc:  # noqa: BLE001
             self.ui.labelledSummaryLabel.text = str(exc)
         self._updateButtons()
@@ -434,7 +496,15 @@ class TSKDSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             advanced = self._advanced()
             if initStudent:
                 advanced["init_student"] = initStudent
-            job = self.logic.trainCases(self._currentCases(), preset=p.preset, device=p.device, advanced=advanced)
+            try:
+                job = self.logic.trainCases(self._currentCases(), preset=p.preset, device=p.device, advanced=advanced)
+            except cases.LabelPlaneWarning as warning:
+                if not slicer.util.confirmOkCancelDisplay(
+                        str(warning) + "\n\n" + _("Train anyway, counting every one of these slices as labelled?"),
+                        windowTitle=_("TSKD: check the labels")):
+                    return
+                job = self.logic.trainCases(self._currentCases(), preset=p.preset, device=p.device,
+                                            advanced=advanced, acceptLabelWarnings=True)
             self._attachJob(job)
 
     def _attachJob(self, job: TrainingJob) -> None:
@@ -463,12 +533,14 @@ class TSKDSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _onJobFinished(self, job: TrainingJob) -> None:
         st = job.state
+        if self.ui is None:
+            return
         self.ui.statusLabel.text = st.summary()
         self._updateButtons()
         if st.status == jobs.DONE:
             self.ui.progressBar.value = 100
             self.refreshModels()
-            if job.modelDir:
+            if job.modelDir and self._parameterNode is not None:  # None: the scene was closed meanwhile
                 self._parameterNode.modelDir = job.modelDir
                 self._updateCurrentModelLabel()
             if st.warnings:  # e.g. the student does not reproduce its teacher: say so, never silently
@@ -482,9 +554,8 @@ class TSKDSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onCancel(self) -> None:
         if self._trainingJob and self._trainingJob.isRunning():
-            self.ui.statusLabel.text = _("Stopping...")
-            slicer.app.processEvents()
-            self._trainingJob.cancel()
+            self.ui.statusLabel.text = _("Stopping... (the run stays resumable)")
+            self._trainingJob.cancel()  # returns at once; the poll timer finishes the job
         self._updateButtons()
 
     def onResume(self) -> None:
@@ -596,29 +667,93 @@ class TSKDSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _checkedVolumes(self) -> list:
         return list(self.ui.segmentVolumesSelector.checkedNodes())
 
+    def _setBusy(self, what: str) -> None:
+        self._busy = what
+        self._updateButtons()
+
     def onSegment(self) -> None:
         p = self._parameterNode
         volumes = self._checkedVolumes() or [p.inputVolume]
-        with slicer.util.tryWithErrorDisplay(_("Segmentation failed."), waitCursor=True):
-            if not self.logic.ensureDependencies(training=False):
-                return
-            start = time.monotonic()
-            results = self.logic.segment(volumes, p.modelDir, device=p.device, logCallback=self._appendLog)
-            elapsed = time.monotonic() - start
-            self.ui.segmentTimeLabel.text = _("{n} volume(s) segmented in {t:.1f} s").format(n=len(results), t=elapsed)
-            if results:
-                slicer.util.setSliceViewerLayers(background=volumes[0])
-                p.labelSegmentation = results[0]
+        dialog = None
+        self._setBusy("segment")
+        try:
+            with slicer.util.tryWithErrorDisplay(_("Segmentation failed.")):
+                if not self.logic.ensureDependencies(training=False):
+                    return
+                dialog = slicer.util.createProgressDialog(
+                    labelText=_("Segmenting {n} volume(s)...").format(n=len(volumes)), windowTitle=_("TSKD"), maximum=0)
+                dialog.setCancelButtonText(_("Cancel"))
+                start = time.monotonic()
+                try:
+                    results = self.logic.segment(volumes, p.modelDir, device=p.device, logCallback=self._appendLog,
+                                                 cancelled=lambda: dialog.wasCanceled)
+                except jobs.JobCancelled:
+                    self.ui.segmentTimeLabel.text = _("Segmentation cancelled.")
+                    return
+                elapsed = time.monotonic() - start
+                self.ui.segmentTimeLabel.text = _("{n} volume(s) segmented in {t:.1f} s").format(n=len(results), t=elapsed)
+                if results:
+                    slicer.util.setSliceViewerLayers(background=volumes[0])
+                    # The prediction is a separate segmentation: the user's labels stay selected for
+                    # training. To retrain on corrected slices, select the prediction as labels and
+                    # list the slices you checked.
+        finally:
+            if dialog is not None:
+                dialog.close()
+            self._setBusy("")
 
     def onSegmentSlice(self) -> None:
         p = self._parameterNode
-        with slicer.util.tryWithErrorDisplay(_("Slice segmentation failed."), waitCursor=True):
-            if not self.logic.ensureDependencies(training=False):
-                return
-            start = time.monotonic()
-            seg, index = self.logic.segmentSlice(p.inputVolume, p.modelDir, device=p.device)
-            self.ui.segmentTimeLabel.text = _("Slice {k} segmented in {t:.1f} s").format(
-                k=index, t=time.monotonic() - start)
+        self._setBusy("slice")
+        try:
+            with slicer.util.tryWithErrorDisplay(_("Slice segmentation failed."), waitCursor=True):
+                if not self.logic.ensureDependencies(training=False):
+                    return
+                start = time.monotonic()
+                seg, index, backup = self.logic.segmentSlice(p.inputVolume, p.modelDir, device=p.device,
+                                                             returnUndo=True)
+                self._sliceUndo = (self._sliceUndo + [(seg, p.inputVolume, backup)])[-20:]
+                self.ui.segmentTimeLabel.text = _("Slice {k} segmented in {t:.1f} s ('Undo slice' restores it)").format(
+                    k=index, t=time.monotonic() - start)
+        finally:
+            self._setBusy("")
+
+    def onUndoSlice(self) -> None:
+        if not self._sliceUndo:
+            return
+        seg, volume, backup = self._sliceUndo.pop()
+        with slicer.util.tryWithErrorDisplay(_("Undo failed."), waitCursor=True):
+            if seg.GetScene() is None or volume.GetScene() is None:
+                raise RuntimeError(_("The segmentation or the volume is no longer in the scene."))
+            mrml_io.restore_slice(seg, volume, backup)
+            self.ui.segmentTimeLabel.text = _("Slice {k} restored.").format(k=backup["index"])
+        self._updateButtons()
+
+    # -- runs folder ------------------------------------------------------------------------------
+    def onChangeRunsFolder(self) -> None:
+        folder = qt.QFileDialog.getExistingDirectory(None, _("Folder for training runs"), self.logic.runsDir)
+        if folder:
+            self.logic.runsDir = folder
+            self.ui.runsFolderLabel.text = self.logic.runsDir
+
+    def onDeleteRuns(self) -> None:
+        runs = training.list_runs(self.logic.runsDir)
+        if not runs:
+            slicer.util.infoDisplay(_("No training run in {dir}.").format(dir=self.logic.runsDir))
+            return
+        items = [f"{r['name']}  ({models.format_size(models.dir_size(r['run_dir']))}"
+                 f"{', finished' if r['finished'] else ''})" for r in runs]
+        choice = qt.QInputDialog.getItem(None, _("Delete run"), _("Run to delete (its model stays in the library):"),
+                                         items, 0, False)
+        if not choice:
+            return
+        run = runs[items.index(choice)]
+        if slicer.util.confirmYesNoDisplay(_("Delete run {name}?").format(name=run["name"])):
+            with slicer.util.tryWithErrorDisplay(_("Delete failed."), waitCursor=True):
+                running = [j.runDir for j in TrainingJob._active if j.isRunning()]
+                freed = self.logic.deleteRun(run["run_dir"], running=running)
+                slicer.util.infoDisplay(_("Deleted {name} ({size}).").format(name=run["name"],
+                                                                             size=models.format_size(freed)))
 
     def onEditSegments(self) -> None:
         p = self._parameterNode
@@ -652,11 +787,29 @@ class TSKDSlicerLogic(ScriptedLoadableModuleLogic):
     # -- settings ----------------------------------------------------------------------------
     @property
     def dataDir(self) -> str:
-        """Folder holding ``runs/`` and ``models/`` (setting ``TSKD/DataDirectory``)."""
+        """Folder holding the model library ``models/`` (setting ``TSKD/DataDirectory``; default
+        the settings folder, unchanged so existing libraries stay where they are)."""
         default = training.default_data_dir(os.path.dirname(slicer.app.slicerUserSettingsFilePath))
         path = slicer.util.settingsValue(SETTINGS_PREFIX + "DataDirectory", default)
         os.makedirs(path, exist_ok=True)
         return path
+
+    @property
+    def runsDir(self) -> str:
+        """Folder of training runs (GBs: image copies, checkpoints). Setting ``TSKD/RunsDirectory``;
+        default ``<Slicer cache folder>/TSKD/runs`` (not the roaming settings folder)."""
+        default = training.default_runs_dir(slicer.app.cachePath)
+        path = slicer.util.settingsValue(SETTINGS_PREFIX + "RunsDirectory", "") or default
+        os.makedirs(path, exist_ok=True)
+        return path
+
+    @runsDir.setter
+    def runsDir(self, path: str) -> None:
+        qt.QSettings().setValue(SETTINGS_PREFIX + "RunsDirectory", path or "")
+
+    def deleteRun(self, runDir: str, running=()) -> int:
+        """Delete a run folder (never a model of the library); returns the bytes freed."""
+        return training.delete_run(self.runsDir, runDir, running=running)
 
     @property
     def externalPython(self) -> str:
@@ -672,31 +825,71 @@ class TSKDSlicerLogic(ScriptedLoadableModuleLogic):
 
     def backendEnvironment(self, device: str | None = None) -> dict:
         """Environment for backend processes: Slicer's startup environment (what PythonSlicer
-        expects) plus ``PYTHONPATH`` to TSKDLib/TSKDSlicerLib."""
-        base = slicer.util.startupEnvironment() if not self.externalPython else dict(os.environ)
-        return jobs.backend_env(base, self.moduleDir, device)
+        expects) plus ``PYTHONPATH`` to TSKDLib/TSKDSlicerLib. An external Python gets none of
+        Slicer's Python variables (PYTHONHOME, PYTHONNOUSERSITE, PYTHONPATH...)."""
+        external = bool(self.externalPython)
+        return jobs.backend_env(slicer.util.startupEnvironment(), self.moduleDir, device, external_python=external)
 
     def modelLibrary(self) -> models.ModelLibrary:
         return models.ModelLibrary(os.path.join(self.dataDir, "models"))
 
     # -- dependencies ---------------------------------------------------------------------------
     def ensureDependencies(self, training: bool = True) -> bool:
-        """Install what is missing (first use only). False if Slicer must restart first."""
+        """Install what is missing (first use only). False if Slicer must restart first.
+
+        Segment-only use installs ``requirements-segment.txt`` (ONNX Runtime, no torch); training
+        installs torch>=2.3 through PyTorchUtils, then ``requirements.txt``, with the installed
+        torch build pinned (:func:`TSKDSlicerLib.install.install_plan`). An external Python is
+        checked (it starts, Python >= 3.10, torch>=2.3 for training) but never installed into.
+        """
+        problem = compat.runtime_problem(f"{slicer.app.majorVersion}.{slicer.app.minorVersion}")
+        if problem:
+            raise install.InstallError(problem)
         if self.externalPython:
-            return True  # the user's own environment
+            probe = jobs.probe_python(self.externalPython, self.backendEnvironment())
+            problem = compat.external_python_problem(probe) or (
+                install.torch_problem(probe.get("torch")) if training else None)
+            if problem:
+                raise install.InstallError(_("Your own Python cannot run TSKD: {problem}").format(problem=problem))
+            return True
         resources = os.path.join(self.moduleDir, "Resources")
         try:
             if training:
                 install.ensure_torch()
-            req = "requirements.txt" if training else "requirements-segment.txt"
-            install.ensure_requirements(os.path.join(resources, req),
-                                        os.path.join(resources, "constraints.txt"), requester="TSKD")
+            mode = "train" if training else "segment"
+            install.ensure_requirements(install.requirements_file(mode, resources),
+                                        os.path.join(resources, "constraints.txt"), requester="TSKD",
+                                        run_pip=self._runPip)
         except install.InstallError as exc:
             if exc.restart_required:
                 if slicer.util.confirmYesNoDisplay(str(exc) + "\n\n" + _("Restart Slicer now?")):
                     slicer.util.restart()
                 return False
             raise
+        return True
+
+    def _runPip(self, args) -> bool:
+        """``PythonSlicer -m pip ARGS`` in a subprocess behind a progress dialog with Cancel (the GUI
+        stays responsive); False when cancelled. Raises ``RuntimeError`` when pip fails."""
+        python = shutil.which("PythonSlicer") or sys.executable
+        job = jobs.BackendJob([python, "-m", "pip", *args], env=slicer.util.startupEnvironment())
+        dialog = slicer.util.createProgressDialog(labelText=_("Installing Python packages (several minutes)..."),
+                                                  windowTitle=_("TSKD"), maximum=0)
+        dialog.setCancelButtonText(_("Cancel"))
+
+        def onLog(line, j):
+            logging.info("pip: " + line)
+            dialog.labelText = line[-120:]
+
+        job.on_log = onLog
+        try:
+            status = jobs.run_responsive(job, pump=slicer.app.processEvents, cancelled=lambda: dialog.wasCanceled)
+        except jobs.JobCancelled:
+            return False
+        finally:
+            dialog.close()
+        if status != jobs.DONE:
+            raise RuntimeError(_("pip failed: {error}").format(error="\n".join(list(job.log)[-15:])))
         return True
 
     # -- labels ---------------------------------------------------------------------------------
@@ -730,27 +923,19 @@ class TSKDSlicerLogic(ScriptedLoadableModuleLogic):
         array, _ids = self._labelArray(volumeNode, segmentationNode, segmentIds)
         if array is None:
             return []
-        return labels.effective_labelled_slices(array, self.sliceAxis(volumeNode), backgroundSlices)
+        return cases.case_labelled_slices(volumeNode, segmentationNode, segmentIds, backgroundSlices,
+                                          self.sliceOrientation, array=array)
 
     def currentSliceIndex(self, volumeNode, viewName: str = "Red", orientation: str | None = None):
-        """``(axis, index)`` of the slice shown in a slice view, on ``volumeNode``'s grid."""
-        sliceNode = slicer.app.layoutManager().sliceWidget(viewName).mrmlSliceNode()
+        """``(axis, index)`` of the slice shown in a slice view (``viewName`` if the layout has it,
+        else its first slice view), on ``volumeNode``'s grid, through any parent transform."""
+        layoutManager = slicer.app.layoutManager()
+        viewName = mrml_io.choose_slice_view(list(layoutManager.sliceViewNames()), viewName)
+        sliceNode = layoutManager.sliceWidget(viewName).mrmlSliceNode()
         m = sliceNode.GetSliceToRAS()
-        ras = [m.GetElement(0, 3), m.GetElement(1, 3), m.GetElement(2, 3), 1.0]
-        rasToIjk = vtk.vtkMatrix4x4()
-        volumeNode.GetRASToIJKMatrix(rasToIjk)
-        transform = volumeNode.GetParentTransformNode()
-        if transform:
-            worldToLocal = vtk.vtkGeneralTransform()
-            transform.GetTransformFromWorld(worldToLocal)
-            ras = [*worldToLocal.TransformPoint(ras[:3]), 1.0]
-        ijk = rasToIjk.MultiplyPoint(ras)
+        ras = [m.GetElement(0, 3), m.GetElement(1, 3), m.GetElement(2, 3)]
         axis = self.sliceAxis(volumeNode, orientation)
-        index = int(round(ijk[2 - axis]))
-        dims = volumeNode.GetImageData().GetDimensions()
-        if not 0 <= index < dims[2 - axis]:
-            raise ValueError(_("The {view} view shows no slice of {name}.").format(view=viewName, name=volumeNode.GetName()))
-        return axis, index
+        return axis, mrml_io.slice_index_at(volumeNode, ras, axis)
 
     # -- training -------------------------------------------------------------------------------
     def train(self, volumeNode, segmentationNode, segmentIds, preset: str = "fast", device: str = "auto",
@@ -774,40 +959,24 @@ class TSKDSlicerLogic(ScriptedLoadableModuleLogic):
             cases.append((vol, seg, list(ids), list(backgroundSlices)))
         return self.trainCases(cases, preset=preset, device=device, advanced=advanced, runName=runName)
 
-    def trainCases(self, cases, preset="fast", device="auto", advanced=None, runName=None) -> TrainingJob:
-        """Export each ``(volume, segmentation, segmentIds, backgroundSlices)`` case and start
-        ``tskd train`` in the background."""
-        if not cases:
+    def trainCases(self, trainingCases, preset="fast", device="auto", advanced=None, runName=None,
+                   acceptLabelWarnings: bool = False) -> TrainingJob:
+        """Export each ``(volume, segmentation, segmentIds, slices)`` case and start ``tskd train``
+        in the background (:func:`TSKDSlicerLib.cases.prepare_training_request`: labels drawn in
+        another plane or with 3D tools raise ``LabelPlaneWarning`` unless
+        ``acceptLabelWarnings``; a prediction counts only on its checked ``slices``)."""
+        if not trainingCases:
             raise ValueError(_("No training case."))
-        firstNames = mrml_io.segment_names(cases[0][1], cases[0][2])
+        firstNames = mrml_io.segment_names(trainingCases[0][1], trainingCases[0][2])
         name = runName or training.new_run_name("_".join(firstNames[:3]))
-        runDir = os.path.join(self.dataDir, "runs", name)
-        images, labelFiles, specs, anyBackground, classMap = [], [], [], False, ""
-        for n, (vol, seg, ids, background) in enumerate(cases):
-            if not vol or not seg or not ids:
-                raise ValueError(_("Case {n}: select a volume, its labels and at least one segment.").format(n=n + 1))
-            names = mrml_io.segment_names(seg, ids)
-            if names != firstNames:
-                raise ValueError(_("Case {n}: segments {names} differ from {first}.").format(
-                    n=n + 1, names=names, first=firstNames))
-            out = mrml_io.export_training_inputs(vol, seg, ids, os.path.join(runDir, "inputs", f"case_{n:03d}"))
-            axis = self.sliceAxis(vol)
-            labelled = labels.effective_labelled_slices(out["array"], axis, background)
-            if not labelled:
-                raise ValueError(_("{name}: no labelled slice. Draw at least one slice.").format(name=vol.GetName()))
-            classMap = classMap or out["class_map"]  # same names/values in every case
-            images.append(out["image"])
-            labelFiles.append(out["labels"])
-            specs.append(labels.labelled_slices_spec(labelled))
-            anyBackground = anyBackground or bool(background)
-        # Explicit slices only when the user marked background slices (then for every image, as
-        # the backend wants one spec per image); otherwise the backend's default is the same.
-        request = training.TrainRequest(run_dir=runDir, images=images, labels=labelFiles,
-                                        labelled_slices=specs if anyBackground else [],
-                                        preset=preset, device=device, advanced=advanced or {}, class_map=classMap,
-                                        classes={str(i + 1): n for i, n in enumerate(firstNames)},
-                                        axis=self.sliceOrientation)
-        request.write()
+        runDir = os.path.join(self.runsDir, name)
+        try:
+            request = cases.prepare_training_request(trainingCases, runDir, preset=preset, device=device,
+                                                     advanced=advanced, orientation=self.sliceOrientation,
+                                                     accept_label_warnings=acceptLabelWarnings)
+        except Exception:
+            shutil.rmtree(runDir, ignore_errors=True)  # nothing started: no half-written run left
+            raise
         argv = jobs.launcher_prefix(self.pythonExecutable()) + request.args()
         logging.info("TSKD: " + " ".join(argv))
         backend = jobs.BackendJob(argv, env=self.backendEnvironment(device), cwd=runDir)
@@ -821,21 +990,20 @@ class TSKDSlicerLogic(ScriptedLoadableModuleLogic):
         return TrainingJob(self, backend, runDir, os.path.basename(runDir)).start()
 
     # -- segmenting -----------------------------------------------------------------------------
-    def _runBackend(self, args, device=None, logCallback=None) -> jobs.BackendJob:
-        """Run a short backend command while keeping the GUI alive; raises on failure."""
+    def _runBackend(self, args, device=None, logCallback=None, cancelled=None) -> jobs.BackendJob:
+        """Run a short backend command while keeping the GUI alive; raises on failure and
+        ``jobs.JobCancelled`` when ``cancelled()`` turned true."""
         job = jobs.BackendJob(jobs.launcher_prefix(self.pythonExecutable()) + args,
                               env=self.backendEnvironment(device),
                               on_log=(lambda line, j: logCallback(line)) if logCallback else None)
         job.start()
         jobs.JOBS.add(job)
-        while job.poll():
-            slicer.app.processEvents()
-            time.sleep(0.02)
-        if job.state.status != jobs.DONE:
+        status = jobs.run_responsive(job, pump=slicer.app.processEvents, cancelled=cancelled)
+        if status != jobs.DONE:
             raise RuntimeError(job.state.error or _("The backend failed."))
         return job
 
-    def segment(self, volumeNode, modelDir: str, device: str | None = None, logCallback=None):
+    def segment(self, volumeNode, modelDir: str, device: str | None = None, logCallback=None, cancelled=None):
         """Segment volume(s) with a model package; returns the new segmentation node (a list of
         nodes if ``volumeNode`` is a list). Segment names/colours come from the model card; each
         result is in its volume's geometry and subject-hierarchy study."""
@@ -851,14 +1019,15 @@ class TSKDSlicerLogic(ScriptedLoadableModuleLogic):
             os.makedirs(outDir)
             if len(vols) == 1:
                 outputs = [os.path.join(outDir, "in_000.nii.gz")]
-                self._runBackend(jobs.segment_args(modelDir, inputs, outputs[0], device), device, logCallback)
+                self._runBackend(jobs.segment_args(modelDir, inputs, outputs[0], device), device, logCallback, cancelled)
             else:
-                self._runBackend(jobs.segment_args(modelDir, inputs, outDir, device), device, logCallback)
+                self._runBackend(jobs.segment_args(modelDir, inputs, outDir, device), device, logCallback, cancelled)
                 outputs = [self._findOutput(outDir, f"in_{n:03d}") for n in range(len(vols))]
             for vol, path in zip(vols, outputs):
                 seg = mrml_io.import_labelmap_file(path, vol, classes,
                                                    name=f"{vol.GetName()} {card.get('name', 'TSKD')}")
                 seg.CreateDefaultDisplayNodes()
+                mrml_io.mark_prediction(seg, vol, card.get("name", ""))  # never the user's labels
                 results.append(seg)
         return results if isinstance(volumeNode, (list, tuple)) else results[0]
 
@@ -870,10 +1039,11 @@ class TSKDSlicerLogic(ScriptedLoadableModuleLogic):
         raise RuntimeError(_("The backend wrote no result for {stem} in {dir}.").format(stem=stem, dir=outDir))
 
     def segmentSlice(self, volumeNode, modelDir: str, index: int | None = None, segmentationNode=None,
-                     device: str | None = None):
+                     device: str | None = None, returnUndo: bool = False):
         """Segment one slice (the Red view's if ``index`` is None) into ``segmentationNode``
         (default: this model's segmentation of the volume, created if needed). Returns
-        ``(segmentationNode, index)``. Other slices are left as they are."""
+        ``(segmentationNode, index)`` (``returnUndo``: plus the backup for
+        :func:`TSKDSlicerLib.mrml_io.restore_slice`). Other slices are left as they are."""
         card = models.read_card(modelDir)
         classes = mrml_io.classes_from_card(card)
         orientation = card.get("slice_axis", "axial")  # the model's own axis (old cards: axial)
@@ -883,12 +1053,8 @@ class TSKDSlicerLogic(ScriptedLoadableModuleLogic):
             axis = self.sliceAxis(volumeNode, orientation)
         if segmentationNode is None:
             name = f"{volumeNode.GetName()} {card.get('name', 'TSKD')}"
-            segmentationNode = slicer.mrmlScene.GetFirstNodeByName(name)
-            if segmentationNode is None or not segmentationNode.IsA("vtkMRMLSegmentationNode"):
-                segmentationNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
-                segmentationNode.CreateDefaultDisplayNodes()
-                segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(volumeNode)
-                mrml_io.place_next_to(segmentationNode, volumeNode)
+            segmentationNode = mrml_io.prediction_segmentation(slicer.mrmlScene, volumeNode, name,
+                                                               card.get("name", ""))
         sliceVolume = mrml_io.extract_slice_volume(volumeNode, axis, index)
         try:
             with tempfile.TemporaryDirectory(prefix="tskd-slice-") as tmp:
@@ -902,8 +1068,8 @@ class TSKDSlicerLogic(ScriptedLoadableModuleLogic):
                     slicer.mrmlScene.RemoveNode(pred)
         finally:
             slicer.mrmlScene.RemoveNode(sliceVolume)
-        mrml_io.write_slice_prediction(segmentationNode, sliceLabels, volumeNode, axis, index, classes)
-        return segmentationNode, index
+        backup = mrml_io.write_slice_prediction(segmentationNode, sliceLabels, volumeNode, axis, index, classes)
+        return (segmentationNode, index, backup) if returnUndo else (segmentationNode, index)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -920,6 +1086,14 @@ class TSKDSlicerTest(ScriptedLoadableModuleTest):
         slicer.mrmlScene.Clear()
 
     def runTest(self):
+        self.setUp()
+        self.test_version_check()
+        self.setUp()
+        self.test_segment_list_follows_selection()
+        self.setUp()
+        self.test_layout_without_red_view()
+        self.setUp()
+        self.test_sample_data()
         self.setUp()
         self.test_widget()
         self.setUp()
@@ -977,6 +1151,54 @@ class TSKDSlicerTest(ScriptedLoadableModuleTest):
         self.assertEqual(widget.ui.segmentsListWidget.count, 1)
         self.assertIn("2 labelled slices", widget.ui.segmentsListWidget.item(0).text())
         self.assertTrue(widget.ui.trainButton.enabled)
+
+    def test_sample_data(self):
+        """Issue 11 item 14: the bundled CT is registered with Sample Data and loads."""
+        import SampleData
+        sampledata.register(os.path.dirname(os.path.abspath(__file__)))
+        volume = SampleData.downloadSample(sampledata.SAMPLE_NAME)
+        self.assertIsNotNone(volume)
+        self.assertEqual(volume.GetImageData().GetDimensions()[2] > 1, True)
+
+    def test_version_check(self):
+        """Issue 11 item 2: this Slicer passes the module's own start check."""
+        self.assertIsNone(compat.runtime_problem(f"{slicer.app.majorVersion}.{slicer.app.minorVersion}"))
+        self.assertIn("Slicer 5.10 or later", compat.runtime_problem("5.8.1", (3, 9, 10)))
+
+    def test_segment_list_follows_selection(self):
+        """Issue 11 item 6: choosing another segmentation in the selector lists *its* segments."""
+        slicer.util.selectModule("TSKDSlicer")
+        widget = slicer.modules.TSKDSlicerWidget
+        volume, first = self._volumeAndLabels()
+        second = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "other")
+        second.GetSegmentation().AddEmptySegment("", "spleen")
+        second.GetSegmentation().AddEmptySegment("", "kidney")
+        widget.ui.inputVolumeSelector.setCurrentNode(volume)
+        widget.ui.segmentationSelector.setCurrentNode(first)
+        slicer.app.processEvents()
+        self.assertEqual(widget.ui.segmentsListWidget.count, 1)
+        widget.ui.segmentationSelector.setCurrentNode(second)  # through the GUI, as a user does
+        slicer.app.processEvents()
+        names = [widget.ui.segmentsListWidget.item(r).text() for r in range(widget.ui.segmentsListWidget.count)]
+        self.assertEqual(len(names), 2)
+        self.assertTrue(names[0].startswith("spleen"), names)
+        ids = widget._checkedSegmentIds()
+        self.assertTrue(all(second.GetSegmentation().GetSegment(i) for i in ids))
+
+    def test_layout_without_red_view(self):
+        """Issue 11 item 13: a layout without a Red view uses another slice view."""
+        import numpy as np
+        lm = slicer.app.layoutManager()
+        previous = lm.layout
+        try:
+            lm.setLayout(slicer.vtkMRMLLayoutNode.SlicerLayoutOneUpYellowSliceView)
+            slicer.app.processEvents()
+            volume = slicer.util.addVolumeFromArray(np.zeros((5, 8, 8), np.int16), name="tiny")
+            slicer.util.setSliceViewerLayers(background=volume, fit=True)
+            axis, index = TSKDSlicerLogic().currentSliceIndex(volume)
+            self.assertTrue(0 <= index < 8)
+        finally:
+            lm.setLayout(previous)
 
     def test_export_import_roundtrip(self):
         import numpy as np

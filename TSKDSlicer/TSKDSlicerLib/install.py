@@ -20,8 +20,13 @@ import importlib.metadata
 import os
 import re
 import tempfile
+from dataclasses import dataclass
 
-MIN_TORCH = ">=2.1"
+#: The backend uses ``torch.amp.GradScaler`` (torch 2.3) and ``pyproject.toml`` asks for torch>=2.3.
+MIN_TORCH = ">=2.3"
+MIN_TORCHVISION = ">=0.18"
+#: What each mode installs (the README's table says the same; a test checks both).
+MODES = ("segment", "train")
 
 
 class InstallError(RuntimeError):
@@ -92,40 +97,131 @@ def write_pinned_constraints(names_file: str, out_path: str | None = None) -> st
     return out_path
 
 
+def installed_version(name: str) -> str | None:
+    """Installed version of distribution ``name`` (no import), None when absent."""
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def version_satisfies(version: str | None, spec: str) -> bool:
+    """``version_satisfies("2.1.0+cu121", ">=2.3") -> False``; None (not installed) -> False."""
+    if not version:
+        return False
+    try:
+        from packaging.specifiers import SpecifierSet
+        from packaging.version import Version
+        return Version(version) in SpecifierSet(spec)
+    except ImportError:  # pragma: no cover - compare the numeric release only
+        want = tuple(int(x) for x in re.findall(r"\d+", spec.lstrip("<>=!~"))[:3])
+        have = tuple(int(x) for x in re.findall(r"\d+", version.split("+")[0])[:3])
+        return have >= want
+
+
+def torch_problem(version: str | None) -> str | None:
+    """Why a torch of ``version`` cannot run TSKD training, or None when it can."""
+    if version is None:
+        return "PyTorch is not installed."
+    if not version_satisfies(version, MIN_TORCH):
+        return (f"PyTorch {version} is too old: TSKD training needs torch{MIN_TORCH} "
+                f"(torch.amp.GradScaler).")
+    return None
+
+
+@dataclass
+class InstallPlan:
+    """What one mode needs: ``torch`` (through PyTorchUtils, torch``MIN_TORCH``), the requirement
+    strings pip is asked for (only the missing ones), and the constraints pinning packages that
+    are already installed (Slicer's numpy/SimpleITK/requests and the torch/torchvision build
+    PyTorchUtils chose, so no dependency can replace the CUDA build)."""
+
+    mode: str
+    torch: bool
+    torch_reason: str | None
+    requirements: list
+    constraints: list
+
+    def pip_args(self, constraints_file: str | None = None) -> list:
+        """``["install", req..., "-c", file]`` for ``python -m pip`` (empty when nothing is missing)."""
+        if not self.requirements:
+            return []
+        args = ["install", *self.requirements]
+        if constraints_file:
+            args += ["-c", constraints_file]
+        return args
+
+
+def requirements_file(mode: str, resources_dir: str) -> str:
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
+    return os.path.join(resources_dir, "requirements.txt" if mode == "train" else "requirements-segment.txt")
+
+
+def pinned_constraints(names_file: str) -> list[str]:
+    """``["numpy==2.4.6", "torch==2.5.1+cu124", ...]`` for the installed packages named in ``names_file``."""
+    out = []
+    for name in read_requirement_lines(names_file):
+        version = installed_version(requirement_name(name))
+        if version:
+            out.append(f"{requirement_name(name)}=={version}")
+    return out
+
+
+def install_plan(mode: str, resources_dir: str) -> InstallPlan:
+    """What to install for ``mode`` (``"segment"``: ONNX Runtime and friends, never torch;
+    ``"train"``: torch through PyTorchUtils, then the training requirements)."""
+    req = requirements_file(mode, resources_dir)
+    needs_torch = mode == "train"
+    reason = torch_problem(installed_version("torch")) if needs_torch else None
+    return InstallPlan(mode=mode, torch=bool(needs_torch and reason), torch_reason=reason,
+                       requirements=missing_requirements(req),
+                       constraints=pinned_constraints(os.path.join(resources_dir, "constraints.txt")))
+
+
 # ---------------------------------------------------------------------------------------------
 # Slicer-only
 # ---------------------------------------------------------------------------------------------
 
 def ensure_torch(ask: bool = True) -> None:
-    """Make sure PyTorch is importable, installing it through the PyTorch extension if needed.
+    """Make sure a PyTorch ``MIN_TORCH`` is installed, through the PyTorch extension if needed.
 
-    Raises :class:`InstallError` when the extension is missing or the user declines; with
+    Checked from the installed metadata (torch is not imported). An older torch is upgraded
+    through PyTorchUtils (same CUDA selection); Slicer must then restart. Raises
+    :class:`InstallError` when the extension is missing or the user declines; with
     ``restart_required`` when Slicer must restart first.
     """
-    try:
-        import torch  # noqa: F401
+    import sys
+
+    problem = torch_problem(installed_version("torch"))
+    if problem is None:
         return
-    except ImportError:
-        pass
     try:
         import PyTorchUtils
     except ImportError:
-        raise InstallError("PyTorch is needed for training. Install the 'PyTorch' extension from the "
-                           "Extensions Manager, restart Slicer, and try again.", restart_required=True) from None
+        raise InstallError(problem + " Install the 'PyTorch' extension from the Extensions Manager, "
+                           "restart Slicer, and try again.", restart_required=True) from None
     logic = PyTorchUtils.PyTorchUtilsLogic()
-    if not logic.torchInstalled():
-        torch = logic.installTorch(askConfirmation=ask, torchVersionRequirement=MIN_TORCH)
-        if torch is None:
-            raise InstallError("PyTorch was not installed (declined or failed). See the Python console.")
+    was_imported = "torch" in sys.modules
+    torch = logic.installTorch(askConfirmation=ask, torchVersionRequirement=MIN_TORCH,
+                               torchvisionVersionRequirement=MIN_TORCHVISION)
+    if torch is None:
+        raise InstallError(problem + " PyTorch was not installed (declined or failed). See the Python console.")
+    if was_imported or torch_problem(installed_version("torch")):
+        raise InstallError(f"PyTorch {installed_version('torch')} was installed. Restart Slicer to use it.",
+                           restart_required=True)
 
 
 def ensure_requirements(requirements_path: str, constraint_names_path: str | None = None,
-                        requester: str = "TSKD") -> None:
-    """Install what ``requirements_path`` lists and is missing (confirmation dialog, progress).
+                        requester: str = "TSKD", run_pip=None) -> None:
+    """Install what ``requirements_path`` lists and is missing (confirmation, progress, Cancel).
 
-    Uses ``slicer.packaging.pip_ensure`` where it exists (it also offers a restart when an
-    already-imported package changed), else ``slicer.util.pip_install`` after a confirmation.
-    Raises :class:`InstallError` if the user declines or pip fails.
+    Uses ``slicer.packaging.pip_ensure`` where it exists (Slicer >= 5.12: its own progress dialog,
+    and it offers a restart when an already-imported package changed). Otherwise asks for
+    confirmation and calls ``run_pip(args)`` with the ``python -m pip`` arguments; the module
+    passes a runner that shows a progress dialog with Cancel and keeps the GUI responsive
+    (``slicer.util.pip_install`` blocks the GUI for minutes). ``run_pip`` returns False when
+    cancelled. Raises :class:`InstallError` if the user declines or cancels, or pip fails.
     """
     import slicer
 
@@ -146,16 +242,16 @@ def ensure_requirements(requirements_path: str, constraint_names_path: str | Non
             except RuntimeError as exc:
                 raise InstallError(str(exc)) from exc
             return
-        # Slicer < 5.12
         if not slicer.util.confirmOkCancelDisplay(
                 f"{requester} needs these Python packages:\n\n" + "\n".join(missing) +
                 "\n\nInstall them now? This can take several minutes.", requester):
             raise InstallError("Installation of the Python packages was declined.")
-        args = list(missing)
-        if constraints:
-            args += ["-c", constraints]
-        with slicer.util.WaitCursor():
-            slicer.util.pip_install(args)
+        args = ["install", *missing] + (["-c", constraints] if constraints else [])
+        if run_pip is None:
+            with slicer.util.WaitCursor():
+                slicer.util.pip_install(args[1:])
+        elif run_pip(args) is False:
+            raise InstallError("Installation of the Python packages was cancelled.")
     finally:
         if constraints and os.path.exists(constraints):
             os.remove(constraints)

@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-try:  # psutil ships with Slicer; keep a fallback so the module imports anywhere
+try:  # installed with the module's requirements (Slicer does not ship it); fallback without it
     import psutil
 except ImportError:  # pragma: no cover
     psutil = None
@@ -50,6 +50,33 @@ STAGE_WEIGHTS = {"prepare": 0.03, "teacher": 0.32, "synthesis": 0.30, "distillat
 RUNNING, DONE, FAILED, CANCELLED, NOT_STARTED = "running", "done", "failed", "cancelled", "not started"
 
 
+class JobCancelled(RuntimeError):
+    """The user cancelled a job the caller was waiting for."""
+
+
+def run_responsive(job: "BackendJob", pump=None, cancelled=None, interval: float = 0.02) -> str:
+    """Start ``job`` and wait for it while keeping a GUI alive; returns the final status.
+
+    ``pump()`` runs between polls (Slicer: ``slicer.app.processEvents``); each round does a
+    non-blocking :meth:`BackendJob.poll`, so the GUI thread is never blocked for longer than one
+    ``pump`` call. When ``cancelled()`` turns true the job is cancelled without blocking and
+    :class:`JobCancelled` is raised once it has ended.
+    """
+    if job.process is None:
+        job.start()
+    asked = False
+    while job.poll():
+        if pump is not None:
+            pump()
+        if cancelled is not None and not asked and cancelled():
+            asked = True
+            job.cancel(timeout=10, block=False)
+        time.sleep(interval)
+    if asked or job.state.status == CANCELLED:
+        raise JobCancelled("cancelled")
+    return job.state.status
+
+
 # ---------------------------------------------------------------------------------------------
 # Command lines
 # ---------------------------------------------------------------------------------------------
@@ -68,14 +95,30 @@ def backend_pythonpath(module_dir: str | None = None) -> list[str]:
     return paths
 
 
-def backend_env(base: dict | None = None, module_dir: str | None = None, device: str | None = None) -> dict:
+#: Variables through which Slicer's launcher points Python at Slicer's own interpreter files. A
+#: Python of another version or installation (a venv, conda) that inherits them loads Slicer's
+#: standard library and fails to start, so they never reach an external Python.
+SLICER_PYTHON_VARIABLES = ("PYTHONHOME", "PYTHONPATH", "PYTHONNOUSERSITE", "PYTHONSTARTUP",
+                           "PYTHONEXECUTABLE", "PYTHONPLATLIBDIR", "PYTHONSAFEPATH", "PYTHONUSERBASE",
+                           "__PYVENV_LAUNCHER__", "VIRTUAL_ENV")
+
+
+def backend_env(base: dict | None = None, module_dir: str | None = None, device: str | None = None,
+                external_python: bool = False) -> dict:
     """Environment for a backend subprocess: unbuffered UTF-8 output, ``PYTHONPATH`` set.
 
+    ``external_python``: the backend runs in the user's own Python (a venv/conda interpreter,
+    possibly of another Python version): every variable of :data:`SLICER_PYTHON_VARIABLES` is
+    dropped and ``PYTHONPATH`` holds only the folders of TSKDLib/TSKDSlicerLib. Otherwise (Slicer's
+    PythonSlicer) an existing ``PYTHONPATH`` is kept after ours.
     ``device == "cpu"`` also hides GPUs (``CUDA_VISIBLE_DEVICES=-1``) so nothing touches them.
     """
     env = dict(os.environ if base is None else base)
     paths = backend_pythonpath(module_dir)
-    if env.get("PYTHONPATH"):
+    if external_python:
+        for name in SLICER_PYTHON_VARIABLES:
+            env.pop(name, None)
+    elif env.get("PYTHONPATH"):
         paths.append(env["PYTHONPATH"])
     env["PYTHONPATH"] = os.pathsep.join(paths)
     env["PYTHONUNBUFFERED"] = "1"
@@ -83,6 +126,41 @@ def backend_env(base: dict | None = None, module_dir: str | None = None, device:
     if device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = "-1"
     return env
+
+
+PROBE_CODE = (
+    "import json, sys\n"
+    "out = {'python': list(sys.version_info[:3]), 'executable': sys.executable}\n"
+    "try:\n"
+    "    import importlib.metadata as m\n"
+    "    out['torch'] = m.version('torch')\n"
+    "except Exception:\n"
+    "    out['torch'] = None\n"
+    "try:\n"
+    "    import TSKDLib\n"
+    "    out['tskd'] = getattr(TSKDLib, '__version__', '?')\n"
+    "except Exception as exc:\n"
+    "    out['tskd'] = None\n"
+    "    out['tskd_error'] = repr(exc)\n"
+    "print(json.dumps(out))\n")
+
+
+def probe_python(python: str, env: dict | None = None, timeout: float = 60.0) -> dict:
+    """Start ``python`` with ``env`` and report ``{"python": [3, 12, 1], "torch": "2.5.1" | None,
+    "tskd": version | None, "executable"}``. Raises ``RuntimeError`` with the interpreter's own
+    error output when it does not start (the message the user sees)."""
+    try:
+        r = subprocess.run([python, "-c", PROBE_CODE], env=env, capture_output=True, text=True,
+                           timeout=timeout, stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise RuntimeError(f"{python} could not be started: {exc}") from exc
+    if r.returncode != 0:
+        tail = "\n".join((r.stderr or r.stdout).strip().splitlines()[-6:])
+        raise RuntimeError(f"{python} failed to start (exit code {r.returncode}):\n{tail}")
+    for line in reversed(r.stdout.splitlines()):
+        if line.startswith("{"):
+            return json.loads(line)
+    raise RuntimeError(f"{python} printed no answer: {r.stdout[-500:]}")
 
 
 def launcher_prefix(python: str | None = None, watch_parent: bool = True) -> list[str]:
@@ -291,33 +369,53 @@ class JobState:
 # Process tree
 # ---------------------------------------------------------------------------------------------
 
+def signal_tree(pid: int | None, kill: bool = False, procs: list | None = None) -> list:
+    """Send SIGTERM (``kill``: SIGKILL) to process ``pid`` and its descendants without waiting.
+
+    Returns the processes signalled (psutil objects; ``procs`` are signalled as well, so
+    descendants listed earlier are not missed once the parent is gone; ``pid=None``: only
+    ``procs``, for a parent already reaped whose pid may be reused). Never blocks.
+    """
+    if pid is None and psutil is None:  # pragma: no cover
+        return []
+    if psutil is None:  # pragma: no cover - Windows: TerminateProcess; POSIX: SIGTERM/SIGKILL
+        try:
+            os.kill(pid, signal.SIGKILL if kill and hasattr(signal, "SIGKILL") else signal.SIGTERM)
+        except OSError:
+            pass
+        return []
+    found = list(procs or [])
+    try:
+        if pid is None:
+            raise psutil.NoSuchProcess(0)
+        parent = psutil.Process(pid)
+        try:
+            children = parent.children(recursive=True)
+        except psutil.NoSuchProcess:
+            children = []
+        found = [parent] + [c for c in children if c not in found] + [p for p in found if p != parent]
+    except psutil.NoSuchProcess:
+        pass
+    # Parent first: it coordinates a clean shutdown; then the children.
+    for p in found:
+        try:
+            p.kill() if kill else p.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    return found
+
+
 def terminate_tree(pid: int, timeout: float = 10.0) -> None:
-    """Stop process ``pid`` and all its descendants.
+    """Stop process ``pid`` and all its descendants, blocking until they are gone.
 
     SIGTERM first (the backend then checkpoints and exits, leaving the run resumable), SIGKILL for
     whatever is still alive after ``timeout`` seconds. Children are listed before the parent is
-    signalled so grandchildren (data loader workers) are not orphaned.
+    signalled so grandchildren (data loader workers) are not orphaned. The GUI uses the
+    non-blocking :meth:`BackendJob.cancel` (``block=False``) instead.
     """
-    if psutil is None:  # pragma: no cover
-        try:
-            os.kill(pid, signal.SIGTERM)
-        except OSError:
-            pass
+    procs = signal_tree(pid)
+    if psutil is None or not procs:  # pragma: no cover
         return
-    try:
-        parent = psutil.Process(pid)
-    except psutil.NoSuchProcess:
-        return
-    try:
-        procs = parent.children(recursive=True) + [parent]
-    except psutil.NoSuchProcess:
-        procs = [parent]
-    # Parent first: it coordinates a clean shutdown; then the children.
-    for p in [parent] + procs[:-1]:
-        try:
-            p.terminate()
-        except psutil.NoSuchProcess:
-            pass
     _, alive = psutil.wait_procs(procs, timeout=timeout)
     for p in alive:
         try:
@@ -372,6 +470,8 @@ class BackendJob:
         self._threads: list[threading.Thread] = []
         self._cancel_requested = False
         self._finished = False
+        self._kill_at: float | None = None
+        self._cancel_procs: list = []
 
     # -- life cycle ------------------------------------------------------------------------
     def start(self) -> BackendJob:
@@ -379,6 +479,7 @@ class BackendJob:
         if self.is_running():
             raise RuntimeError("the job is already running")
         self.state = JobState(status=RUNNING)
+        self._kill_at, self._cancel_procs = None, []
         self._cancel_requested = False
         self._finished = False
         self._queue = queue.Queue()
@@ -420,16 +521,28 @@ class BackendJob:
             return 0.0
         return (self.ended_at or time.monotonic()) - self.started_at
 
-    def cancel(self, timeout: float = 20.0) -> None:
+    def cancel(self, timeout: float = 20.0, block: bool = True) -> None:
         """Stop the whole process tree (SIGTERM, then SIGKILL after ``timeout``); resumable.
 
-        Blocks until the processes are gone (the backend exits within seconds of SIGTERM). The
-        job's final state is delivered by the next :meth:`poll`.
+        ``block=True`` waits until the processes are gone (console, Slicer quitting).
+        ``block=False`` (the GUI's Cancel) only sends SIGTERM and returns at once; :meth:`poll`
+        sends SIGKILL to whatever is still alive ``timeout`` seconds later. Either way the job's
+        final state (``cancelled``) is delivered by :meth:`poll`.
         """
         if self.process is None or self.process.poll() is not None:
             return
         self._cancel_requested = True
-        terminate_tree(self.process.pid, timeout=timeout)
+        if block:
+            terminate_tree(self.process.pid, timeout=timeout)
+            return
+        self._cancel_procs = signal_tree(self.process.pid, procs=self._cancel_procs)
+        self._kill_at = time.monotonic() + timeout
+
+    def _enforce_cancel(self) -> None:
+        """SIGKILL the tree once the grace period of a non-blocking cancel has passed."""
+        if self._kill_at is not None and time.monotonic() >= self._kill_at:
+            self._kill_at = None
+            self._cancel_procs = signal_tree(self.process.pid, kill=True, procs=self._cancel_procs)
 
     # -- output ------------------------------------------------------------------------------
     def _read(self, stream, name: str) -> None:
@@ -448,6 +561,7 @@ class BackendJob:
         """
         if self.process is None or self._finished:
             return False
+        self._enforce_cancel()
         for _ in range(max_lines):
             try:
                 name, line = self._queue.get_nowait()
@@ -472,6 +586,9 @@ class BackendJob:
                     self.on_log(line, self)
         if self.process.poll() is not None and self._queue.empty() and \
                 not any(t.is_alive() for t in self._threads):
+            if self._kill_at is not None:  # the parent is gone: no child of it may outlive the job
+                self._cancel_procs = signal_tree(None, kill=True, procs=self._cancel_procs)
+                self._kill_at = None
             self._finish()
             return False
         return True

@@ -138,3 +138,60 @@ def labelled_slices_spec(indices: Sequence[int]) -> str:
     if not indices:
         raise ValueError("no labelled slice")
     return compress_ranges(indices)
+
+
+#: Longest run of consecutive labelled slices accepted without asking: the method needs a few
+#: slices; long runs come from 3D tools (threshold, grow from seeds, islands...) or interpolation.
+MAX_CONSECUTIVE_LABELLED = 6
+
+
+def _runs(indices: Sequence[int]) -> list[tuple[int, int]]:
+    runs = []
+    for v in sorted(set(int(i) for i in indices)):
+        if runs and v == runs[-1][1] + 1:
+            runs[-1] = (runs[-1][0], v)
+        else:
+            runs.append((v, v))
+    return runs
+
+
+def label_plane_problems(labels: np.ndarray, axis: int, axis_names: Mapping[int, str] | None = None,
+                         max_run: int = MAX_CONSECUTIVE_LABELLED) -> list[str]:
+    """Why the labels do not look drawn slice by slice along ``axis``; empty when they do.
+
+    Training counts every slice along ``axis`` that holds a label as *completely* labelled (all
+    other voxels of it are background). That is right for slices a person drew on, and silently
+    wrong for labels drawn on slices of another plane (each training slice then holds only a
+    line of them) or with 3D tools (threshold, grow from seeds: every touched slice counts).
+
+    - another plane: fewer slices along another axis hold labels than along ``axis``;
+    - 3D tools: more than ``max_run`` consecutive labelled slices along ``axis``.
+
+    ``axis_names``: ``{numpy axis: "sagittal", ...}`` for the messages.
+    """
+    labels = np.asarray(labels)
+    names = dict(axis_names or {})
+    name = names.get(axis, f"axis {axis}")
+    along = labelled_slices(labels, axis)
+    if not along:
+        return []
+    problems = []
+    for other in range(labels.ndim):
+        if other == axis:
+            continue
+        n_other = len(labelled_slices(labels, other))
+        if n_other < len(along):
+            problems.append(
+                f"The labels look drawn on {n_other} {names.get(other, f'axis {other}')} slice(s), "
+                f"but training uses {name} slices: each of the {len(along)} {name} slices they touch "
+                f"would count as completely labelled. Draw on {name} slices instead.")
+            break
+    long_runs = [(a, b) for a, b in _runs(along) if b - a + 1 > max_run]
+    if long_runs:
+        spans = ", ".join(f"{a}-{b}" for a, b in long_runs[:3])
+        problems.append(
+            f"{sum(b - a + 1 for a, b in long_runs)} consecutive {name} slices ({spans}) hold labels: "
+            f"was a 3D tool used (threshold, grow from seeds, fill between slices)? Every one of them "
+            f"would count as completely labelled, and anything not labelled in them as background. "
+            f"Keep labels only on slices you checked, or confirm to train on all of them.")
+    return problems

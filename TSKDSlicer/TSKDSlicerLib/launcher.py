@@ -20,19 +20,50 @@ import threading
 import time
 
 
+def _pid_alive_windows(pid: int) -> bool:  # pragma: no cover - Windows only
+    """Windows without psutil: open the process and ask for its exit code (``os.kill(pid, 0)``
+    would send CTRL_C_EVENT there instead of testing the process)."""
+    import ctypes
+    from ctypes import wintypes
+
+    PROCESS_QUERY_LIMITED_INFORMATION, STILL_ACTIVE = 0x1000, 259
+    kernel32 = ctypes.WinDLL("kernel32", use_last_error=True)
+    kernel32.OpenProcess.restype = wintypes.HANDLE
+    handle = kernel32.OpenProcess(PROCESS_QUERY_LIMITED_INFORMATION, False, pid)
+    if not handle:
+        return ctypes.get_last_error() == 5  # ERROR_ACCESS_DENIED: it exists
+    try:
+        code = wintypes.DWORD()
+        if not kernel32.GetExitCodeProcess(handle, ctypes.byref(code)):
+            return False
+        return code.value == STILL_ACTIVE
+    finally:
+        kernel32.CloseHandle(handle)
+
+
+def _pid_alive_posix(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0 tests for existence on POSIX only
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except OSError:
+        return False
+    return True
+
+
 def parent_alive(pid: int) -> bool:
-    """True while process ``pid`` exists (psutil when available, else ``os.kill(pid, 0)``)."""
+    """True while process ``pid`` exists (psutil when available, else a platform check that
+    never signals the process)."""
     try:
         import psutil
+    except ImportError:
+        return _pid_alive_windows(pid) if os.name == "nt" else _pid_alive_posix(pid)
+    try:
         if not psutil.pid_exists(pid):
             return False
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except ImportError:  # pragma: no cover
-        try:
-            os.kill(pid, 0)
-        except OSError:
-            return False
-        return True
     except Exception:  # noqa: BLE001 - a vanished process raises various psutil errors
         return False
 

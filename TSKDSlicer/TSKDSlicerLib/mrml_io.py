@@ -147,9 +147,19 @@ def segments_to_label_array(segmentationNode, segmentIds: Sequence[str], referen
     """
     labelmap = _export_labelmap_node(segmentationNode, segmentIds, referenceVolumeNode, scene)
     try:
-        return slicer.util.arrayFromVolume(labelmap).copy()
+        return _label_array(labelmap, referenceVolumeNode)
     finally:
         labelmap.GetScene().RemoveNode(labelmap)
+
+
+def _label_array(labelmap, referenceVolumeNode) -> np.ndarray:
+    """The exported labelmap as a ``(K, J, I)`` array; all zeros when the export holds no voxels
+    (empty segments, segments outside the volume), which vtk leaves without scalars."""
+    image = labelmap.GetImageData()
+    if image is None or image.GetPointData() is None or image.GetPointData().GetScalars() is None:
+        i, j, k = referenceVolumeNode.GetImageData().GetDimensions()
+        return np.zeros((k, j, i), dtype=np.uint8)
+    return slicer.util.arrayFromVolume(labelmap).copy()
 
 
 def _export_labelmap_node(segmentationNode, segmentIds, referenceVolumeNode, scene=None):
@@ -201,7 +211,7 @@ def export_training_inputs(volumeNode, segmentationNode, segmentIds: Sequence[st
     image_path = write_volume(volumeNode, os.path.join(outDir, imageName))
     labelmap = _export_labelmap_node(segmentationNode, segmentIds, volumeNode, scene)
     try:
-        array = slicer.util.arrayFromVolume(labelmap).copy()
+        array = _label_array(labelmap, volumeNode)
         labels_path = write_volume(labelmap, os.path.join(outDir, labelsName))
     finally:
         scene.RemoveNode(labelmap)
@@ -264,6 +274,9 @@ def labelmap_to_segmentation(labelmapNode, classes: Sequence[dict], segmentation
         segmentationNode.CreateDefaultDisplayNodes()
     if referenceVolumeNode is not None:
         segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(referenceVolumeNode)
+        # The labelmap is on the volume's *local* grid: the segmentation must move with the
+        # volume (same parent transform), or the prediction lands beside the anatomy.
+        follow_transform(segmentationNode, referenceVolumeNode)
     array = slicer.util.arrayFromVolume(labelmapNode)
     present = set(np.unique(array).tolist())
     segmentation = segmentationNode.GetSegmentation()
@@ -283,8 +296,9 @@ def labelmap_to_segmentation(labelmapNode, classes: Sequence[dict], segmentation
     return segmentationNode
 
 
-def _oriented_image_from_array(array: np.ndarray, geometryNode):
-    """A ``vtkOrientedImageData`` holding ``array`` ``(K, J, I)`` on ``geometryNode``'s grid."""
+def _oriented_image_from_array(array: np.ndarray, geometryNode, matrix=None):
+    """A ``vtkOrientedImageData`` holding ``array`` ``(K, J, I)`` on ``geometryNode``'s grid
+    (``matrix``: that grid's IJK-to-RAS in the target's coordinates, default the node's own)."""
     image = slicer.vtkOrientedImageData()
     k, j, i = array.shape
     image.SetDimensions(i, j, k)
@@ -293,8 +307,10 @@ def _oriented_image_from_array(array: np.ndarray, geometryNode):
     flat = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars())
     flat[:] = np.ascontiguousarray(array, dtype=np.uint8).ravel()
     image.GetPointData().GetScalars().Modified()
-    m = vtk.vtkMatrix4x4()
-    geometryNode.GetIJKToRASMatrix(m)
+    m = matrix
+    if m is None:
+        m = vtk.vtkMatrix4x4()
+        geometryNode.GetIJKToRASMatrix(m)
     image.SetGeometryFromImageToWorldMatrix(m)
     return image
 
@@ -369,14 +385,67 @@ def extract_slice_volume(volumeNode, axis: int, index: int, name: str | None = N
     return node
 
 
+def follow_transform(node, referenceNode) -> None:
+    """Put ``node`` under the same parent transform as ``referenceNode`` (none if it has none)."""
+    node.SetAndObserveTransformNodeID(referenceNode.GetTransformNodeID())
+
+
+def volume_grid_in(segmentationNode, volumeNode) -> vtk.vtkMatrix4x4:
+    """The volume's IJK-to-RAS expressed in the segmentation's own (local) coordinates.
+
+    Equal to the volume's IJK-to-RAS when both nodes share their parent transform; otherwise
+    the linear transform between the two parents is applied. Raises :class:`MRMLIOError` for a
+    non-linear transform between them (harden it first).
+    """
+    m = vtk.vtkMatrix4x4()
+    volumeNode.GetIJKToRASMatrix(m)
+    vt, st = volumeNode.GetParentTransformNode(), segmentationNode.GetParentTransformNode()
+    if vt is st:
+        return m
+    between = vtk.vtkMatrix4x4()
+    if not slicer.vtkMRMLTransformNode.GetMatrixTransformBetweenNodes(vt, st, between):
+        raise MRMLIOError(f"{volumeNode.GetName()!r} and {segmentationNode.GetName()!r} are under "
+                          "different non-linear transforms; harden the transforms first.")
+    out = vtk.vtkMatrix4x4()
+    vtk.vtkMatrix4x4.Multiply4x4(between, m, out)
+    return out
+
+
+def read_slice(segmentationNode, referenceVolumeNode, axis: int, index: int, segmentIds) -> dict:
+    """``{segmentId: 2D uint8 mask}`` of one slice of the reference grid (an undo backup)."""
+    out = {}
+    for sid in segmentIds:
+        full = segments_to_label_array(segmentationNode, [sid], referenceVolumeNode)
+        out[sid] = (np.take(full, index, axis=axis) > 0).astype(np.uint8)
+    return out
+
+
+def _replace_slice(segmentationNode, referenceVolumeNode, axis, index, segment_id, mask2d) -> None:
+    logic = slicer.vtkSlicerSegmentationsModuleLogic
+    full = segments_to_label_array(segmentationNode, [segment_id], referenceVolumeNode)
+    full = (full > 0).astype(np.uint8)
+    index_slice = [slice(None)] * 3
+    index_slice[axis] = index
+    full[tuple(index_slice)] = mask2d
+    image = _oriented_image_from_array(full, referenceVolumeNode,
+                                       volume_grid_in(segmentationNode, referenceVolumeNode))
+    if not logic.SetBinaryLabelmapToSegment(image, segmentationNode, segment_id, logic.MODE_REPLACE):
+        name = segmentationNode.GetSegmentation().GetSegment(segment_id).GetName()
+        raise MRMLIOError(f"Could not update segment {name!r} on the slice.")
+
+
 def write_slice_prediction(segmentationNode, sliceLabels: np.ndarray, referenceVolumeNode,
-                           axis: int, index: int, classes: Sequence[dict]) -> None:
+                           axis: int, index: int, classes: Sequence[dict]) -> dict:
     """Replace the segments of ``classes`` on one slice of ``referenceVolumeNode``'s grid.
 
     ``sliceLabels`` is the 2D label array of that slice (the slice of a ``(K, J, I)`` array along
     numpy ``axis`` at ``index``, e.g. ``(J, I)`` for axis 0). Voxels on other slices are kept.
-    Segments missing from ``segmentationNode`` are created with the class name and colour.
-    Raises :class:`MRMLIOError` if the shape does not match the slice.
+    Segments missing from ``segmentationNode`` are created with the class name and colour. Works
+    whatever the parent transforms of the two nodes (see :func:`volume_grid_in`).
+
+    Returns the undo backup ``{"axis", "index", "slices": {segmentId: previous 2D mask},
+    "created": [segment ids added]}`` for :func:`restore_slice`: the user's edits on that slice
+    are never lost. Raises :class:`MRMLIOError` if the shape does not match the slice.
     """
     register_converter_rules()
     dims = referenceVolumeNode.GetImageData().GetDimensions()  # (I, J, K)
@@ -388,20 +457,120 @@ def write_slice_prediction(segmentationNode, sliceLabels: np.ndarray, referenceV
     if not 0 <= index < shape[axis]:
         raise MRMLIOError(f"Slice {index} is outside the volume (0..{shape[axis] - 1}).")
     segmentation = segmentationNode.GetSegmentation()
-    logic = slicer.vtkSlicerSegmentationsModuleLogic
-    index_slice = [slice(None)] * 3
-    index_slice[axis] = index
+    ids, created = [], []
     for c in classes:
-        segment_id = segmentation.GetSegmentIdBySegmentName(c["name"]) or \
-            segmentation.AddEmptySegment("", c["name"], list(c["color"]))
-        # Whole segment on the reference grid, slice replaced, written back whole: merge modes
-        # with an extent behave differently for shared and separate labelmaps, this does not.
-        full = segments_to_label_array(segmentationNode, [segment_id], referenceVolumeNode)
-        full = (full > 0).astype(np.uint8)
-        full[tuple(index_slice)] = (sliceLabels == c["value"])
-        image = _oriented_image_from_array(full, referenceVolumeNode)
-        if not logic.SetBinaryLabelmapToSegment(image, segmentationNode, segment_id, logic.MODE_REPLACE):
-            raise MRMLIOError(f"Could not update segment {c['name']!r} on the slice.")
+        segment_id = segmentation.GetSegmentIdBySegmentName(c["name"])
+        if not segment_id:
+            segment_id = segmentation.AddEmptySegment("", c["name"], list(c["color"]))
+            created.append(segment_id)
+        ids.append(segment_id)
+    backup = {"axis": axis, "index": index, "created": created,
+              "slices": read_slice(segmentationNode, referenceVolumeNode, axis, index,
+                                   [sid for sid in ids if sid not in created])}
+    for c, segment_id in zip(classes, ids):
+        _replace_slice(segmentationNode, referenceVolumeNode, axis, index, segment_id,
+                       (sliceLabels == c["value"]).astype(np.uint8))
+    return backup
+
+
+def restore_slice(segmentationNode, referenceVolumeNode, backup: dict) -> None:
+    """Undo :func:`write_slice_prediction`: put the slice back as it was (segments it created are removed)."""
+    segmentation = segmentationNode.GetSegmentation()
+    for sid, mask in backup["slices"].items():
+        if segmentation.GetSegment(sid) is not None:
+            _replace_slice(segmentationNode, referenceVolumeNode, backup["axis"], backup["index"], sid, mask)
+    for sid in backup.get("created", []):
+        if segmentation.GetSegment(sid) is not None:
+            segmentation.RemoveSegment(sid)
+
+
+# ---------------------------------------------------------------------------------------------
+# Predictions vs. the user's labels
+# ---------------------------------------------------------------------------------------------
+
+PREDICTION_ATTRIBUTE = "TSKD.Prediction"       # "1" on segmentations written by the model
+SOURCE_VOLUME_ATTRIBUTE = "TSKD.SourceVolumeID"  # the volume it was predicted on
+
+
+def mark_prediction(segmentationNode, volumeNode, modelName: str = "") -> None:
+    """Record that ``segmentationNode`` is a model's prediction of ``volumeNode``."""
+    segmentationNode.SetAttribute(PREDICTION_ATTRIBUTE, "1")
+    segmentationNode.SetAttribute(SOURCE_VOLUME_ATTRIBUTE, volumeNode.GetID() or "")
+    if modelName:
+        segmentationNode.SetAttribute("TSKD.Model", modelName)
+
+
+def prediction_segmentation(scene, volumeNode, name: str, modelName: str = ""):
+    """The segmentation that receives a model's predictions of ``volumeNode`` (created if needed):
+    never the user's label segmentation, under the volume's parent transform, in its study."""
+    node = scene.GetFirstNodeByName(name)
+    if node is None or not node.IsA("vtkMRMLSegmentationNode") or not is_prediction(node):
+        node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
+        node.CreateDefaultDisplayNodes()
+        node.SetReferenceImageGeometryParameterFromVolumeNode(volumeNode)
+        place_next_to(node, volumeNode)
+    follow_transform(node, volumeNode)
+    mark_prediction(node, volumeNode, modelName)
+    return node
+
+
+def is_prediction(segmentationNode) -> bool:
+    return bool(segmentationNode) and segmentationNode.GetAttribute(PREDICTION_ATTRIBUTE) == "1"
+
+
+def check_training_labels(volumeNode, segmentationNode, checkedSlices) -> None:
+    """Refuse label/volume pairs that would train on unchecked or foreign predictions.
+
+    A model's prediction may be used as training labels only on the slices a person checked
+    (``checkedSlices``, non-empty) and only with the volume it was predicted on. Raises
+    :class:`MRMLIOError` saying what to do.
+    """
+    if not is_prediction(segmentationNode):
+        return
+    source = segmentationNode.GetAttribute(SOURCE_VOLUME_ATTRIBUTE)
+    if source and volumeNode.GetID() and source != volumeNode.GetID():
+        scene = segmentationNode.GetScene()
+        other = scene.GetNodeByID(source) if scene is not None else None
+        raise MRMLIOError(
+            f"{segmentationNode.GetName()!r} is the model's prediction of "
+            f"{other.GetName() if other else source!r}, not of {volumeNode.GetName()!r}. "
+            "Select the volume it belongs to.")
+    if not list(checkedSlices):
+        raise MRMLIOError(
+            f"{segmentationNode.GetName()!r} is a model prediction: list the slices you checked or "
+            "corrected (the \"labelled slices\" field); only those are used for training.")
+
+
+def slice_index_at(volumeNode, rasWorld, axis: int) -> int:
+    """Index along numpy ``axis`` of the slice of ``volumeNode`` through world point ``rasWorld``
+    (a slice view's centre), through the volume's parent transform. Raises ``ValueError`` when
+    the point is outside the volume."""
+    ras = [float(x) for x in rasWorld[:3]]
+    transform = volumeNode.GetParentTransformNode()
+    if transform is not None:
+        worldToLocal = vtk.vtkGeneralTransform()
+        transform.GetTransformFromWorld(worldToLocal)
+        ras = list(worldToLocal.TransformPoint(ras))
+    rasToIjk = vtk.vtkMatrix4x4()
+    volumeNode.GetRASToIJKMatrix(rasToIjk)
+    ijk = rasToIjk.MultiplyPoint([*ras, 1.0])
+    index = int(round(ijk[2 - axis]))
+    dims = volumeNode.GetImageData().GetDimensions()
+    if not 0 <= index < dims[2 - axis]:
+        raise ValueError(f"The view shows no slice of {volumeNode.GetName()!r} "
+                         f"(slice {index} of 0..{dims[2 - axis] - 1}).")
+    return index
+
+
+def choose_slice_view(available: Sequence[str], preferred: str = "Red") -> str:
+    """The slice view to read the current slice from: ``preferred`` if the layout has it, else the
+    first one. Raises ``ValueError`` when the layout shows no slice view."""
+    names = [n for n in available if n]
+    if preferred in names:
+        return preferred
+    if names:
+        return names[0]
+    raise ValueError("The layout shows no slice view; choose a layout with a slice view.")
 
 
 def _basename(path: str) -> str:

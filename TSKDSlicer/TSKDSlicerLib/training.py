@@ -3,12 +3,17 @@
 Plain Python (no Slicer, no Qt). The MRML export of each case is done by
 :mod:`TSKDSlicerLib.mrml_io`; this module only deals with paths and files.
 
-Layout of the TSKD data folder (``<Slicer settings dir>/TSKD`` by default)::
+Where things go:
 
-    runs/<run name>/inputs/case_000/{image.nrrd, labels.nii.gz, labels.json}
-    runs/<run name>/request.json      # what the module asked for (to resume and retrain)
-    runs/<run name>/...               # the backend's run dir (config.json, state.json, model/ ...)
-    models/<model name>/              # model packages (see models.py)
+    <runs folder>/<run name>/inputs/case_000/{image.nrrd, labels.nii.gz, labels.json}
+    <runs folder>/<run name>/request.json   # what the module asked for (to resume and retrain)
+    <runs folder>/<run name>/...            # the backend's run dir (config.json, state.json, model/ ...)
+    <settings dir>/TSKD/models/<model name>/  # the model library (model packages, see models.py)
+
+Runs (image copies, checkpoints: gigabytes) go to ``<Slicer cache folder>/TSKD/runs`` by default
+(:func:`default_runs_dir`; on Windows the settings folder roams with the user profile), the
+``TSKD/RunsDirectory`` setting moves them, and :func:`delete_run` removes one. The model library
+stays in the settings folder and is never touched by run deletion.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
+from typing import Iterable  # noqa: F401 - annotation
 
 from . import jobs
 
@@ -72,6 +78,33 @@ def default_data_dir(settings_dir: str | None = None) -> str:
     if settings_dir:
         return os.path.join(settings_dir, "TSKD")
     return os.path.join(os.path.expanduser("~"), ".tskd")
+
+
+def default_runs_dir(cache_dir: str | None = None) -> str:
+    """``<cache_dir>/TSKD/runs`` (Slicer: ``slicer.app.cachePath``), else ``~/.tskd/runs``."""
+    if cache_dir:
+        return os.path.join(cache_dir, "TSKD", "runs")
+    return os.path.join(os.path.expanduser("~"), ".tskd", "runs")
+
+
+def delete_run(runs_dir: str, run_dir: str, running: "Iterable[str]" = ()) -> int:
+    """Delete one run folder of ``runs_dir``; returns the bytes freed.
+
+    Refuses (``ValueError``) a folder that is not a run directly inside ``runs_dir`` (no
+    ``request.json``), and (``RuntimeError``) a run whose job is still running (``running``:
+    run dirs of running jobs). The model library is elsewhere and never touched: a finished
+    run's model was copied into it when training ended.
+    """
+    import shutil
+
+    root, target = Path(runs_dir).resolve(), Path(run_dir).resolve()
+    if target.parent != root or not (target / "request.json").is_file():
+        raise ValueError(f"{run_dir} is not a TSKD run folder of {runs_dir}.")
+    if any(Path(r).resolve() == target for r in running):
+        raise RuntimeError(f"{target.name} is still running; cancel it first.")
+    size = sum(f.stat().st_size for f in target.rglob("*") if f.is_file())
+    shutil.rmtree(target)
+    return size
 
 
 def new_run_name(hint: str = "", now: datetime | None = None) -> str:
