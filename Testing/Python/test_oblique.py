@@ -124,7 +124,7 @@ def test_acquisition_axis_rule_and_named_axes_on_axis_aligned_scans(reference):
     assert geometry.acquisition_axis((800, 540, 1), (0.1, 0.1, 0.1)) == 2      # 2D image
     # Axis-aligned: acquisition == axial, and the named axes equal the canonical LPS reorientation.
     img = reference.image
-    canon = sitk.GetArrayViewFromImage(geometry.to_canonical(img))
+    canon = sitk.GetArrayFromImage(geometry.to_canonical(img))  # a copy: a view of a temporary image dangles
     for axis, a in geometry.SLICE_AXES.items():
         frame = geometry.slice_frame(img, axis)
         assert np.array_equal(frame.to_array(sitk.GetArrayViewFromImage(img)), np.moveaxis(canon, a, 0))
