@@ -651,14 +651,16 @@ class DistillResult:
                 "metrics": self.metrics}
 
 
-def _lr_at(step: int, cfg: DistillConfig, phase_end: int | None = None) -> float:
-    """Learning rate of ``step``: warm-up + cosine over ``cfg.steps`` in the distillation phase
-    (which may end earlier, at ``phase_end``), then cosine over ``finetune_steps``."""
+def _lr_at(step: int, cfg: DistillConfig, phase_end: int | None = None, planned: int | None = None) -> float:
+    """Learning rate of ``step``: warm-up + cosine over the planned distillation steps
+    (``cfg.steps``, or fewer when a time budget plans fewer; evidence may end the phase earlier, at
+    ``phase_end``), then cosine over ``finetune_steps``."""
     phase_end = cfg.steps if phase_end is None else phase_end
+    planned = cfg.steps if planned is None else planned
     if step < phase_end:
         if step < cfg.warmup_steps:
             return cfg.lr * (step + 1) / cfg.warmup_steps
-        span = max(cfg.steps - cfg.warmup_steps, 1)
+        span = max(planned - cfg.warmup_steps, 1)
         return cfg.lr * 0.5 * (1 + math.cos(math.pi * (step - cfg.warmup_steps) / span))
     k = step - phase_end
     return cfg.finetune_lr * 0.5 * (1 + math.cos(math.pi * k / max(cfg.finetune_steps, 1)))
@@ -686,11 +688,16 @@ def _sample(step: int, cfg: DistillConfig, transfer: TransferSet, g: torch.Gener
     return torch.cat(parts).numpy()
 
 
+#: distillation steps timed before a time budget (``max_seconds``) plans the phase's length
+_CALIBRATION_STEPS = 20
+
+
 @dataclass
 class _StopState:
     """Evidence-based stopping of the distillation phase (see :class:`DistillConfig`)."""
 
     phase_end: int
+    planned: int = 0
     best_score: float = -1.0
     best_step: int = 0
     bad_checks: int = 0
@@ -699,7 +706,7 @@ class _StopState:
     best_state: dict | None = None
 
     def to_dict(self) -> dict:
-        return {k: getattr(self, k) for k in ("phase_end", "best_score", "best_step", "bad_checks", "elapsed",
+        return {k: getattr(self, k) for k in ("phase_end", "planned", "best_score", "best_step", "bad_checks", "elapsed",
                                                "reason", "best_state")}
 
     def observe(self, rec: dict, model: nn.Module, cfg: DistillConfig, step: int, elapsed: float) -> bool:
@@ -713,7 +720,7 @@ class _StopState:
             if score > self.best_score:  # a small gain still moves the kept weights
                 self.best_score, self.best_step = score, step
                 self.best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-        if cfg.max_seconds is not None and elapsed >= cfg.max_seconds:
+        if cfg.max_seconds is not None and elapsed >= 1.2 * cfg.max_seconds:  # the plan was too hopeful
             self.reason = "time budget"
             return True
         if step >= cfg.min_steps and rec["fit_min"] >= cfg.fit_target and self.bad_checks >= cfg.patience:
@@ -727,7 +734,7 @@ class _Monitor:
     the user's labels) and agreement with the teacher's pseudo-labels on the real unlabelled
     slices (per-class Dice; pixels the pseudo-labels ignore are left out)."""
 
-    def __init__(self, transfer: TransferSet, pseudo: torch.Tensor | None, device, max_slices: int = 48):
+    def __init__(self, transfer: TransferSet, pseudo: torch.Tensor | None, device, max_slices: int = 32):
         self.k = transfer.num_classes
         self.device = device
         lab = torch.nonzero(transfer.labelled).flatten()
@@ -879,7 +886,7 @@ def distill(transfer: TransferSet, config: DistillConfig | None = None, cache: T
 
     ckdir = Path(checkpoint_dir) if checkpoint_dir is not None else None
     start, history = 0, []
-    stop = _StopState(phase_end=cfg.steps)
+    stop = _StopState(phase_end=cfg.steps, planned=cfg.steps)
     if ckdir is not None:
         if main:
             ckdir.mkdir(parents=True, exist_ok=True)
@@ -897,7 +904,7 @@ def distill(transfer: TransferSet, config: DistillConfig | None = None, cache: T
             projector.load_state_dict(state["projector"])
             opt.load_state_dict(state["optimizer"])
             start, history = int(state["step"]), list(state["history"])
-            stop = _StopState(**state.get("stop", {"phase_end": cfg.steps}))
+            stop = _StopState(**state.get("stop", {"phase_end": cfg.steps, "planned": cfg.steps}))
             log.info("resuming distillation at step %d", start)
 
     if not distributed.all_equal(start):
@@ -948,7 +955,7 @@ def distill(transfer: TransferSet, config: DistillConfig | None = None, cache: T
                 targets = out_aug[5]
         images, labels, valid = images.to(device), labels.to(device), valid.to(device)
         for lr_group in opt.param_groups:
-            lr_group["lr"] = _lr_at(step, cfg, stop.phase_end)
+            lr_group["lr"] = _lr_at(step, cfg, stop.phase_end, stop.planned)
         logits, projected = net(images, project=emb is not None)
         loss = logits.new_zeros(())
         parts = {}
@@ -987,6 +994,17 @@ def distill(transfer: TransferSet, config: DistillConfig | None = None, cache: T
         step += 1
         done = step
         rec = None
+        if (phase == "distill" and cfg.max_seconds is not None and stop.planned == cfg.steps
+                and done - start == _CALIBRATION_STEPS):
+            # plan the phase to fit the time budget, so that the learning rate anneals within it
+            per_step = (time.monotonic() - t0) / _CALIBRATION_STEPS * 1.1  # + checks and logging
+            left = max(cfg.max_seconds - stop.elapsed - (time.monotonic() - t0), 0.0)
+            plan = int(min(cfg.steps, max(cfg.min_steps, done + left / per_step)))
+            stop.planned = int(distributed.broadcast(plan))
+            stop.phase_end = min(stop.phase_end, stop.planned)
+            if stop.planned < cfg.steps:
+                progress.log(f"distillation: {stop.planned} of {cfg.steps} steps fit the {cfg.max_seconds:.0f} s "
+                             f"budget ({per_step:.2f} s per step); a GPU or --preset balanced trains longer.")
         if phase == "distill" and monitor is not None and (done % cfg.check_every == 0 or done == stop.phase_end):
             rec = monitor.check(model, done)
             model.train()
@@ -999,7 +1017,7 @@ def distill(transfer: TransferSet, config: DistillConfig | None = None, cache: T
         last_of_phase = done == stop.phase_end or done == stop.phase_end + cfg.finetune_steps
         if done % cfg.log_every == 0 or last_of_phase or rec is not None:
             n = running.pop("_n", 1)
-            entry = {"step": done, "phase": phase, "lr": _lr_at(step - 1, cfg, stop.phase_end),
+            entry = {"step": done, "phase": phase, "lr": _lr_at(step - 1, cfg, stop.phase_end, stop.planned),
                      **{k: v / n for k, v in running.items()}}
             if rec is not None:
                 entry.update({"fit": rec["fit_mean"], "agreement": rec["agreement_mean"]})
@@ -1013,8 +1031,11 @@ def distill(transfer: TransferSet, config: DistillConfig | None = None, cache: T
             save_checkpoint(done)
     model.eval()
     model.cpu()
-    metrics = {"steps": step, "distill_steps": stop.phase_end, "seconds": round(time.monotonic() - t0, 2),
-               "stopped_by": stop.reason or ("steps" if stop.phase_end >= cfg.steps else "evidence")}
+    if stop.reason is None:
+        stop.reason = ("steps" if stop.phase_end >= cfg.steps else
+                       "time budget" if stop.phase_end >= stop.planned else "evidence")
+    metrics = {"steps": step, "distill_steps": stop.phase_end, "planned_steps": stop.planned,
+               "seconds": round(time.monotonic() - t0, 2), "stopped_by": stop.reason}
     if pseudo_info:
         metrics["pseudo_labels"] = pseudo_info
     if history:
