@@ -44,6 +44,17 @@ def tiny_config() -> dict:
     }
 
 
+def synthesis_default(device: str) -> bool:
+    """Whether stage 2 runs when the user did not say: only on a CUDA device (``auto`` resolves
+    to CUDA when PyTorch sees a GPU). Evidence: at CPU (``fast``) budgets the 64 px synthetic
+    slices lowered the student's Dice on HC18 and on a second CT patient, and the teacher agrees
+    with its generating mask on few of them (benchmarks/RESULTS.md, sections 1, 3 and 6)."""
+    if device == "auto":
+        import torch
+        return bool(torch.cuda.is_available())
+    return str(device).startswith("cuda")
+
+
 @dataclass
 class DataConfig:
     """Inputs. ``labelled_slices[i]`` lists labelled slice indices of ``images[i]`` (the file's own
@@ -73,7 +84,10 @@ class PipelineConfig:
     teacher, synthesis, distillation, student: stage settings (dicts of the stage config fields,
         overriding the preset). ``distillation["init_student"]``: a model package or run directory
         whose student is the starting point (retraining after corrections) instead of a new one.
-    synthesis_enabled: run stage 2 (diffusion synthesis); off = "TS-KD without synthesis".
+    synthesis_enabled: run stage 2 (diffusion synthesis); off = "TS-KD without synthesis". None
+        (default) = decided by the device when the run starts (:func:`synthesis_default`): on with
+        a CUDA GPU, off on a CPU, where the synthetic slices cost minutes and did not help at CPU
+        budgets (benchmarks/RESULTS.md, sections 1, 3 and 6).
     device: ``auto`` | ``cpu`` | ``cuda`` | ``cuda:N``.
     threads: CPU threads for PyTorch (None: PyTorch's default).
     seed: seeds every stage.
@@ -85,7 +99,7 @@ class PipelineConfig:
     synthesis: dict = field(default_factory=dict)
     distillation: dict = field(default_factory=dict)
     student: dict = field(default_factory=dict)
-    synthesis_enabled: bool = True
+    synthesis_enabled: bool | None = None
     device: str = "auto"
     threads: int | None = None
     seed: int = 0

@@ -281,6 +281,9 @@ def train(images: Sequence[str | Path] | None = None, labels: Sequence[str | Pat
         cfg.threads = threads
     if synthesis is not None:
         cfg.synthesis_enabled = bool(synthesis)
+    if cfg.synthesis_enabled is None:  # recorded in config.json as decided
+        from .config import synthesis_default
+        cfg.synthesis_enabled = synthesis_default(cfg.device)
     if axis:
         cfg.data.axis = str(axis)
     cfg.data.images = [str(Path(p).resolve()) for p in cfg.data.images]

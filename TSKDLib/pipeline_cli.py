@@ -34,7 +34,7 @@ def cmd_train(args) -> int:
     result = train(args.images, args.labels, out=args.out, preset=args.preset, class_map=args.class_map,
                    classes=args.classes, labelled_slices=_labelled_slices(args.labelled_slices, len(args.images or [])),
                    config=args.config, overwrite=args.overwrite, device=args.device, threads=args.threads,
-                   progress=progress, synthesis=False if args.no_synthesis else None, axis=args.axis)
+                   progress=progress, synthesis=False if args.no_synthesis else (True if args.synthesis else None), axis=args.axis)
     from .distributed import is_main
     if not args.progress_json and is_main():  # one summary under torchrun
         print(f"model package: {result.model_dir}")
@@ -123,7 +123,10 @@ def add_pipeline_commands(sub) -> None:
     t.add_argument("--preset", default="fast", choices=["fast", "balanced", "quality"])
     t.add_argument("--config", help="JSON config file (see RUN_DIR/config.json of a run)")
     t.add_argument("--threads", type=int, help="CPU threads for PyTorch")
-    t.add_argument("--no-synthesis", action="store_true", help="skip the diffusion synthesis stage")
+    syn = t.add_mutually_exclusive_group()
+    syn.add_argument("--synthesis", action="store_true",
+                     help="run the diffusion synthesis stage (default: only on a CUDA GPU)")
+    syn.add_argument("--no-synthesis", action="store_true", help="skip the diffusion synthesis stage")
     from .cli import add_axis_argument
     add_axis_argument(t, default=None, help="slice axis: acquisition (default: each scan's own slices, the voxel "
                       "axis the file stacks, even when oblique), or axial, coronal, sagittal for near-isotropic "

@@ -44,7 +44,7 @@ def train_cmd(out: Path, config: Path, *extra: str) -> list[str]:
             "--labels", str(TOTALSEG / "example_seg_dicom.nii.gz"),
             "--class-map", str(TOTALSEG / "label_map_total_ct.json"), "--classes", *CLASSES,
             "--labelled-slices", "0,2,4", "--out", str(out), "--config", str(config),
-            "--threads", "2", *extra]
+            "--threads", "2", "--synthesis", *extra]  # on a CPU synthesis is off unless asked for
 
 
 def run(cmd, **kw) -> subprocess.CompletedProcess:
