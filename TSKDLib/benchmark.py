@@ -369,6 +369,8 @@ def add_benchmark_arguments(p) -> None:
     p.add_argument("--train-groups", nargs="+", default=None,
                    help="sparse-slices: training groups as comma-separated indices into --volumes "
                         "(e.g. 0,1,2); default: each volume alone")
+    p.add_argument("--skip-teacher-other", action="store_true",
+                   help="sparse-slices: do not run the teacher on the other scans (slow on a CPU)")
     p.add_argument("--within-only", action="store_true",
                    help="sparse-slices: score within the training scans only (skip the other scans)")
     p.add_argument("--work-dir", default=None,
@@ -425,7 +427,8 @@ def _run_sparse_cli(args, extra: dict) -> int:
     cfg = SparseConfig(seeds=args.seeds, per_class=args.slices_per_class, train_groups=groups, preset=args.preset,
                        teacher=extra.get("teacher", {}), synthesis=extra.get("synthesis", {}),
                        distillation=extra.get("distillation", {}), student=extra.get("student", {}),
-                       device=args.device, work_dir=args.work_dir, other_scans=not args.within_only)
+                       device=args.device, work_dir=args.work_dir, other_scans=not args.within_only,
+                       teacher_other=not args.skip_teacher_other)
     if methods:
         cfg.methods = methods
     progress = ProgressReporter(json_lines=args.progress_json, quiet=args.quiet)

@@ -117,6 +117,7 @@ class SparseConfig:
     device: str = "auto"
     work_dir: str | None = None
     other_scans: bool = True  # score on the held-out scans too
+    teacher_other: bool = True  # ... also the teacher there (slow on a CPU: ~2-3 s per slice)
 
 
 def _with_sparse_labels(case, per_class: int):
@@ -301,7 +302,8 @@ def run_sparse_benchmark(scans: list, cfg: SparseConfig, out: str | Path,
                 within("fill_between", lambda ci, case: fill_between_slices(case.label_slices(), picks[case.name]))
             if "teacher" in cfg.methods:
                 within("teacher", lambda ci, case: _predict(ex.teacher_proba_for_case(ci), case, cfg.size))
-                other("teacher", lambda x: ex.teacher.predict_proba(x))
+                if cfg.teacher_other:
+                    other("teacher", lambda x: ex.teacher.predict_proba(x))
             dcfg = ex.stage["distillation"]
             for method in ("scratch", "task_agnostic", "tskd_nosyn", "tskd"):
                 if method not in cfg.methods:
