@@ -61,6 +61,15 @@ def test_state_follows_events():
     err = jobs.JobState(status=jobs.RUNNING)
     err.update({"event": "error", "message": "x.nii: not found", "error_type": "InputError"})
     assert err.status == jobs.FAILED and "x.nii" in err.summary()
+    # the backend's warnings (e.g. the quality gate) are kept and shown when the job ends
+    w = jobs.JobState(status=jobs.RUNNING)
+    gate = "the student reproduces its teacher poorly on 'spleen' (agreement Dice 0.41 < 0.85 ...)"
+    w.update({"event": "log", "stage": "distillation", "level": "info", "message": "computing"})
+    w.update({"event": "log", "stage": "distillation", "level": "warning", "message": gate})
+    w.update({"event": "log", "stage": "distillation", "level": "warning", "message": gate})
+    w.update({"event": "done", "message": "/runs/a/model", "metrics": {"warnings": [gate]}})
+    assert w.warnings == [gate] and w.status == jobs.DONE
+    assert w.summary().startswith("Finished with 1 warning(s)") and "'spleen'" in w.summary()
 
 
 def test_train_args_and_validation():
