@@ -147,10 +147,10 @@ def _worker_distill(run_root: Path):
 
     real = distill_mod._lr_at
 
-    def interrupt_at_step_3(step, c):
+    def interrupt_at_step_3(step, c, *args):
         if step == 2:  # after the checkpoint of step 2, on every rank
             raise Interrupted
-        return real(step, c)
+        return real(step, c, *args)
     distill_mod._lr_at = interrupt_at_step_3
     try:
         distill(transfer, cfg, cache, "unet-s", checkpoint_dir=run_root / "resumed")
