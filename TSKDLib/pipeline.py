@@ -503,17 +503,18 @@ def _run(cfg: PipelineConfig, run: RunDir, progress: ProgressReporter) -> TrainR
 
 
 def _teacher_val_per_class(teacher_dir: Path) -> list[float] | None:
-    """The teacher's validation Dice per class at its best step, as saved with it (None if
-    unknown: no validation slices, or an unreadable teacher folder)."""
+    """The teacher's validation Dice per class at its best step, in its class order, from its
+    saved ``teacher.json`` (``validation.dice``); None if unknown (no validation slices, or an
+    unreadable teacher folder)."""
     try:
         from .teacher import read_teacher_meta
-        hist = read_teacher_meta(teacher_dir).get("history") or {}
+        meta = read_teacher_meta(teacher_dir)
     except Exception:  # the gate then uses its fixed floor
         return None
-    best = next((v for v in hist.get("val") or [] if v.get("step") == hist.get("best_step")), None)
-    if not best or not best.get("per_class"):
+    dice = (meta.get("validation") or {}).get("dice") or {}
+    if not dice:
         return None
-    return [float("nan") if v is None else float(v) for v in best["per_class"]]
+    return [float("nan") if dice.get(n) is None else float(dice[n]) for n in meta.get("class_names", [])]
 
 
 def _initial_student(path: str | Path, num_classes: int):

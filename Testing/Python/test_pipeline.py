@@ -98,6 +98,7 @@ def test_train_segment_reload(finished_run, tmp_path):
     saved = json.loads((finished_run / "config.json").read_text())
     assert saved["teacher"]["steps"] == tiny_config()["teacher"]["steps"]
     # a student trained for 8 steps fits nothing: the card says so instead of handing it over silently
+    assert list(card["validation"]["teacher_val_dice_per_class"]) == CLASSES  # the gate's reference
     gate = card["validation"]["quality_gate"]
     assert gate["passed"] is False and card["validation"]["warnings"] == gate["warnings"]
     assert any("fits the labelled slices of 'liver' poorly" in w for w in gate["warnings"])
