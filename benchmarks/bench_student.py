@@ -3,7 +3,7 @@ and Dice of TS-KD against its baselines at equal budget.
 
 Usage (from the repository root, ~10-15 min on 2 CPU cores)::
 
-    PYTHONPATH=. .venv/bin/python benchmarks/bench_student.py --part all --out /tmp/bench_student
+    PYTHONPATH=. .venv/bin/python benchmarks/bench_student.py --part all --out bench/student
 
 Parts
 -----
@@ -49,7 +49,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 DATA = ROOT / "Testing" / "Data"
 TOTALSEG = DATA / "totalseg"
-HC18_FULL = Path(os.environ.get("TSKD_HC18", "/work/shared/data/hc18"))
+HC18_FULL = Path(os.environ.get("TSKD_HC18", Path(__file__).resolve().parents[1].parent / "shared" / "data" / "hc18"))
 ARCHS = ("unet-s", "unet", "unet-l", "vit_tiny")
 
 
@@ -309,7 +309,7 @@ def part_accuracy(args, results):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--part", default="all", choices=["all", "size", "speed", "e2e", "accuracy"])
-    ap.add_argument("--out", default="/tmp/bench_student")
+    ap.add_argument("--out", default="bench/student")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--speed-threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)

@@ -80,7 +80,7 @@ def main(argv=None) -> int:
     ap.add_argument("--hc18", default=str(ROOT.parent / "shared" / "data" / "hc18"))
     ap.add_argument("--size", type=int, default=256)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", default="/tmp/bench_student_arch.json")
+    ap.add_argument("--out", default="bench/student_arch.json")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     from TSKDLib.runtime import tune_allocator
@@ -106,6 +106,7 @@ def main(argv=None) -> int:
         row["dice_per_ms"] = round(row["mean_dice"] / row["ms_per_slice"], 5)
         rows.append(row)
         print(json.dumps(row), flush=True)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(rows, indent=1))
     best = max(rows, key=lambda r: r["dice_per_ms"])
     print(f"best accuracy per CPU ms: {best['arch']}")

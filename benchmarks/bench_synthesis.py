@@ -11,7 +11,7 @@ the teacher finds a target structure (real reference alongside), the teacher-vs-
 
 Usage (from the repository root, about 10 minutes on 2 CPU cores with the defaults)::
 
-    PYTHONPATH=. .venv/bin/python benchmarks/bench_synthesis.py --out /tmp/tskd_bench_synthesis
+    PYTHONPATH=. .venv/bin/python benchmarks/bench_synthesis.py --out bench/synthesis
 
 Use ``--datasets ct`` or ``--modes mask`` to run a part; ``--train-steps``/``--num-images``
 override the ``fast`` preset.
@@ -71,7 +71,7 @@ def teacher_for(name: str, slices, out: Path, quiet: bool, steps: int | None = N
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", default="/tmp/tskd_bench_synthesis")
+    ap.add_argument("--out", default="bench/synthesis")
     ap.add_argument("--datasets", default="ct,hc18")
     ap.add_argument("--modes", default="mask,none")
     ap.add_argument("--train-steps", type=int, default=None)

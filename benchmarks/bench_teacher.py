@@ -1,7 +1,7 @@
 """Benchmark of the TS-KD teacher (issue 3): accuracy of the fine-tuned vs task-agnostic teacher,
 and CPU speed/memory. Prints figures; not a test.
 
-* HC18 (``/work/shared/data/hc18``): fine-tune on ``--n-train`` images from as many subjects,
+* HC18 (``../shared/data/hc18`` beside the checkout): fine-tune on ``--n-train`` images from as many subjects,
   evaluate on ``--n-test`` images of *other* subjects (split by subject number NNN). Dice and
   HD95 (MONAI) for the fine-tuned teacher and for task-agnostic LiteMedSAM with the full-image
   box. HD95 is reported in mm (HC18 pixel sizes, scaled to the 256 model grid).
@@ -246,7 +246,7 @@ def bench_speed(args, teacher, test):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--hc18", default="/work/shared/data/hc18")
+    parser.add_argument("--hc18", default=str(Path(__file__).resolve().parents[1].parent / "shared" / "data" / "hc18"))
     parser.add_argument("--n-train", type=int, default=20)
     parser.add_argument("--n-test", type=int, default=60)
     parser.add_argument("--steps", type=int, default=60)
