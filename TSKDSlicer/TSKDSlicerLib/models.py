@@ -18,6 +18,7 @@ from datetime import datetime
 from pathlib import Path
 
 CARD = "model_card.json"
+BROKEN = ".tskd-broken"  # marker written into a package that failed its checksum (the reason)
 FORMAT = "tskd-model"
 SUPPORTED_FORMAT_VERSIONS = (1,)
 
@@ -94,6 +95,17 @@ class ModelInfo:
     created: str
     size_bytes: int
     card: dict
+    broken: str | None = None
+
+    @property
+    def version(self) -> int:
+        """Version number in its line of quick updates (card ``version``; 1 for a trained model)."""
+        return int(self.card.get("version") or 1)
+
+    @property
+    def parent(self) -> str | None:
+        """Folder name of the package this one was quick-updated from (card ``parent``), if any."""
+        return self.card.get("parent") or None
 
     @property
     def class_names(self) -> list[str]:
@@ -101,7 +113,8 @@ class ModelInfo:
 
     def row(self) -> list[str]:
         """``[name, classes, Dice, date, size]`` as strings for a table."""
-        return [self.name, ", ".join(self.class_names),
+        name = self.name + (" (broken)" if self.broken else "")
+        return [name, ", ".join(self.class_names),
                 "" if self.dice is None else f"{self.dice:.3f}", self.created[:16].replace("T", " "),
                 format_size(self.size_bytes)]
 
@@ -114,7 +127,14 @@ def model_info(model_dir: str | os.PathLike) -> ModelInfo:
         created = datetime.fromtimestamp(os.path.getmtime(Path(model_dir) / CARD)).isoformat(timespec="seconds")
     return ModelInfo(path=str(model_dir), name=str(card.get("name") or Path(model_dir).name),
                      classes=list(card.get("classes") or []), dice=mean_dice(card), created=created,
-                     size_bytes=dir_size(model_dir), card=card)
+                     size_bytes=dir_size(model_dir), card=card, broken=_broken_reason(model_dir))
+
+
+def _broken_reason(model_dir) -> str | None:
+    try:
+        return (Path(model_dir) / BROKEN).read_text(encoding="utf-8").strip() or "failed its check"
+    except OSError:
+        return None
 
 
 class ModelLibrary:
@@ -142,6 +162,53 @@ class ModelLibrary:
                     continue
         return sorted(out, key=lambda m: m.created, reverse=True)
 
+    def contains(self, model_dir) -> bool:
+        """True when ``model_dir`` is a package folder of this library."""
+        try:
+            self._inside(model_dir)
+            return True
+        except ModelLibraryError:
+            return False
+
+    def mark_broken(self, model_dir, reason: str) -> None:
+        """Mark a library package as broken (it failed its checksum or does not load): it is
+        listed as "(broken)" and refused by the in-process segmenter until imported again."""
+        path = self._inside(model_dir)
+        (path / BROKEN).write_text(reason.strip() + "\n", encoding="utf-8")
+
+    def is_broken(self, model_dir) -> bool:
+        return self.contains(model_dir) and (Path(model_dir) / BROKEN).is_file()
+
+    def broken_reason(self, model_dir) -> str | None:
+        return _broken_reason(model_dir)
+
+    def add_version(self, package_dir, parent_dir) -> ModelInfo:
+        """Add a quick-updated package as a new version of library package ``parent_dir``.
+
+        The parent is kept unchanged (restorable: select it again); the new package is named
+        ``<parent name> v<N>`` with card ``version`` N (parent's + 1) and ``parent`` (the parent's
+        folder name). Returns the new :class:`ModelInfo`."""
+        parent = model_info(self._inside(parent_dir))
+        version = parent.version + 1
+        base = re.sub(r" v\d+$", "", parent.name)
+        info = self.add(package_dir, name=f"{base} v{version}")
+        path = Path(info.path) / CARD
+        card = json.loads(path.read_text(encoding="utf-8"))
+        card["version"] = version
+        card["parent"] = Path(parent.path).name
+        tmp = path.with_name(CARD + ".tmp")
+        tmp.write_text(json.dumps(card, indent=1), encoding="utf-8")
+        os.replace(tmp, path)
+        return model_info(info.path)
+
+    def versions(self, model_dir) -> list[ModelInfo]:
+        """The line of versions ending at ``model_dir``, oldest first (parents that were
+        deleted end the line)."""
+        line = [model_info(model_dir)]
+        while line[0].parent and (self.root / line[0].parent).is_dir() and len(line) < 1000:
+            line.insert(0, model_info(self.root / line[0].parent))
+        return line
+
     def unique_dir(self, name: str) -> Path:
         base = safe_folder_name(name)
         candidate, n = self.root / base, 2
@@ -159,7 +226,7 @@ class ModelLibrary:
         self.root.mkdir(parents=True, exist_ok=True)
         target = self.unique_dir(name or card.get("name") or Path(package_dir).name)
         tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
-        shutil.copytree(package_dir, tmp)
+        shutil.copytree(package_dir, tmp, ignore=shutil.ignore_patterns(BROKEN))
         if name:
             _write_card_name(tmp, name)
         os.replace(tmp, target)
