@@ -13,6 +13,10 @@ Python console API (see the README, "3D Slicer module")::
     job = logic.train(volumeNode, segmentationNode, ["Segment_1"], preset="fast")
     job.wait()                      # or job.cancel(); job.resume()
     seg = logic.segment(volumeNode, job.modelDir)
+    logic.segmentSlice(volumeNode, job.modelDir, index=40, segmentationNode=labels)  # in-process
+    logic.segmentRange(volumeNode, job.modelDir, 30, 60, segmentationNode=labels)
+    logic.suggestSlices(volumeNode, job.modelDir, count=5, segmentationNode=labels)
+    logic.quickUpdate(volumeNode, labels, job.modelDir)   # new model version from your corrections
 """
 
 from __future__ import annotations
@@ -79,6 +83,29 @@ class TSKDSlicer(ScriptedLoadableModule):
             # Sample Data > TSKD: the bundled abdominal CT (offline, from the module's resources)
             moduleDir = os.path.dirname(os.path.abspath(__file__))
             slicer.app.connect("startupCompleted()", lambda: sampledata.register(moduleDir))
+            # Segment Editor effect "TSKD" (only when the Segment Editor exists in this Slicer)
+            slicer.app.connect("startupCompleted()", lambda: registerSegmentEditorEffect(moduleDir))
+
+
+def registerSegmentEditorEffect(moduleDir: str) -> bool:
+    """Register the scripted Segment Editor effect "TSKD" (``SegmentEditorTSKD/SegmentEditorEffect.py``).
+    Returns False (and does nothing) where the Segment Editor effects are not available."""
+    try:
+        import qSlicerSegmentationsEditorEffectsPythonQt as effects
+    except ImportError:
+        return False
+    if not hasattr(slicer, "qSlicerSegmentEditorEffectFactory"):
+        return False
+    try:
+        if "TSKD" in [e.name for e in slicer.qSlicerSegmentEditorEffectFactory.instance().registeredEffects()]:
+            return True
+    except AttributeError:  # older factory API: registering twice is harmless
+        pass
+    path = os.path.join(moduleDir, "SegmentEditorTSKD", "SegmentEditorEffect.py")
+    instance = effects.qSlicerSegmentEditorScriptedEffect(None)
+    instance.setPythonSource(path.replace("\\", "/"))
+    instance.self().register()
+    return True
 
 
 # ---------------------------------------------------------------------------------------------
@@ -710,9 +737,8 @@ class TSKDSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 if not self.logic.ensureDependencies(training=False):
                     return
                 start = time.monotonic()
-                seg, index, backup = self.logic.segmentSlice(p.inputVolume, p.modelDir, device=p.device,
-                                                             returnUndo=True)
-                self._sliceUndo = (self._sliceUndo + [(seg, p.inputVolume, backup)])[-20:]
+                seg, index = self.logic.segmentSlice(p.inputVolume, p.modelDir)
+                self._sliceUndo = (self._sliceUndo + [(seg, p.inputVolume, index)])[-20:]
                 self.ui.segmentTimeLabel.text = _("Slice {k} segmented in {t:.1f} s ('Undo slice' restores it)").format(
                     k=index, t=time.monotonic() - start)
         finally:
@@ -721,12 +747,12 @@ class TSKDSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onUndoSlice(self) -> None:
         if not self._sliceUndo:
             return
-        seg, volume, backup = self._sliceUndo.pop()
+        seg, volume, index = self._sliceUndo.pop()
         with slicer.util.tryWithErrorDisplay(_("Undo failed."), waitCursor=True):
             if seg.GetScene() is None or volume.GetScene() is None:
                 raise RuntimeError(_("The segmentation or the volume is no longer in the scene."))
-            mrml_io.restore_slice(seg, volume, backup)
-            self.ui.segmentTimeLabel.text = _("Slice {k} restored.").format(k=backup["index"])
+            self.logic.undoLast(seg, volume)
+            self.ui.segmentTimeLabel.text = _("Slice {k} restored.").format(k=index)
         self._updateButtons()
 
     # -- runs folder ------------------------------------------------------------------------------
@@ -771,10 +797,12 @@ class TSKDSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 # ---------------------------------------------------------------------------------------------
 
 class TSKDSlicerLogic(ScriptedLoadableModuleLogic):
-    """Console API of TSKD in Slicer. All heavy work runs in a backend subprocess.
+    """Console API of TSKD in Slicer. Training (and quick updates) run in a backend subprocess;
+    interactive segmentation runs in Slicer's own process (onnxruntime).
 
-    Main entry points: :meth:`train`, :meth:`segment`, :meth:`segmentSlice`,
-    :meth:`modelLibrary`, :meth:`labelledSliceCounts`.
+    Main entry points: :meth:`train`, :meth:`segment`, :meth:`segmentSlice`, :meth:`segmentRange`,
+    :meth:`segmentWholeVolume`, :meth:`suggestSlices`, :meth:`quickUpdate`, :meth:`correctedSlices`,
+    :meth:`undoLast`, :meth:`modelLibrary`, :meth:`labelledSliceCounts`.
     """
 
     def __init__(self) -> None:
@@ -1038,38 +1066,174 @@ class TSKDSlicerLogic(ScriptedLoadableModuleLogic):
                 return os.path.join(outDir, name)
         raise RuntimeError(_("The backend wrote no result for {stem} in {dir}.").format(stem=stem, dir=outDir))
 
-    def segmentSlice(self, volumeNode, modelDir: str, index: int | None = None, segmentationNode=None,
-                     device: str | None = None, returnUndo: bool = False):
-        """Segment one slice (the Red view's if ``index`` is None) into ``segmentationNode``
-        (default: this model's segmentation of the volume, created if needed). Returns
-        ``(segmentationNode, index)`` (``returnUndo``: plus the backup for
-        :func:`TSKDSlicerLib.mrml_io.restore_slice`). Other slices are left as they are."""
+    # -- in-process interactive segmentation (Segment Editor effect "TSKD") ---------------------
+    @property
+    def interactive(self):
+        """The session's :class:`TSKDSlicerLib.inprocess.InteractiveSegmenter`: one onnxruntime
+        session per model (checksum verified once), undo states and correction tracking. The
+        backend process is only used for training and quick updates."""
+        seg = getattr(TSKDSlicerLogic, "_interactive", None)
+        if seg is None:
+            from TSKDSlicerLib import inprocess, interactive
+
+            interactive.ensure_backend_importable(self.moduleDir)
+            cache = interactive.ModelSessionCache(library=self.modelLibrary())
+            seg = inprocess.InteractiveSegmenter(cache, warn=lambda text: slicer.util.warningDisplay(text)
+                                                 if slicer.app and not slicer.app.testingEnabled() else logging.warning(text))
+            TSKDSlicerLogic._interactive = seg
+        return seg
+
+    def _targetSegmentation(self, volumeNode, modelDir, segmentationNode):
+        if segmentationNode is not None:
+            return segmentationNode
         card = models.read_card(modelDir)
-        classes = mrml_io.classes_from_card(card)
-        orientation = card.get("slice_axis", "axial")  # the model's own axis (old cards: axial)
+        name = f"{volumeNode.GetName()} {card.get('name', 'TSKD')}"
+        return mrml_io.prediction_segmentation(slicer.mrmlScene, volumeNode, name, card.get("name", ""))
+
+    def segmentSlice(self, volumeNode, modelDir: str, index: int | None = None, segmentationNode=None,
+                     device: str | None = None, returnUndo: bool = False, segmentIds=None, masking=None,
+                     visibleIds=None):
+        """Segment one slice in Slicer's own process (no file, no subprocess).
+
+        ``index``: slice index along the model's slice axis (None: the slice shown in the Red view,
+        or the layout's first slice view). ``segmentationNode``: default this model's prediction
+        segmentation of the volume (created). Only ``segmentIds`` (default: the segments named like
+        the model's classes) are written, under ``masking``
+        (:class:`TSKDSlicerLib.interactive.Masking`; default: everywhere, overwrite all). An undo
+        state is saved first (:meth:`undoLast`). Returns ``(segmentationNode, index)``
+        (``returnUndo``: plus the undo label). ``device`` is ignored (onnxruntime picks CUDA when
+        installed). Raises :class:`TSKDSlicerLib.interactive.InteractiveError` for refused input."""
+        seg = self._targetSegmentation(volumeNode, modelDir, segmentationNode)
         if index is None:
-            axis, index = self.currentSliceIndex(volumeNode, orientation=orientation)
-        else:
-            axis = self.sliceAxis(volumeNode, orientation)
-        if segmentationNode is None:
-            name = f"{volumeNode.GetName()} {card.get('name', 'TSKD')}"
-            segmentationNode = mrml_io.prediction_segmentation(slicer.mrmlScene, volumeNode, name,
-                                                               card.get("name", ""))
-        sliceVolume = mrml_io.extract_slice_volume(volumeNode, axis, index)
+            orientation = models.read_card(modelDir).get("slice_axis", "acquisition")
+            _axis, index = self.currentSliceIndex(volumeNode, orientation=orientation)
+        self.interactive.segment(volumeNode, seg, modelDir, [index], segmentIds=segmentIds, masking=masking,
+                                 visibleIds=visibleIds)
+        return (seg, index, f"TSKD slice {index}") if returnUndo else (seg, index)
+
+    def segmentRange(self, volumeNode, modelDir: str, first: int | None = None, last: int | None = None,
+                     segmentationNode=None, segmentIds=None, masking=None, protect: bool = True,
+                     progress=None, cancelled=None, visibleIds=None) -> dict:
+        """Segment slices ``first..last`` (model slice axis) in-process, in chunks.
+
+        ``first``/``last`` None: the extent between the first and last slice labelled in the
+        target segments. ``protect``: slices the user labelled or corrected are left as they are.
+        ``progress(done, total)``, ``cancelled()``: see
+        :meth:`TSKDSlicerLib.inprocess.InteractiveSegmenter.segment`. One undo state. Returns its
+        report (``slices`` written, ``skipped``, ``warnings``)."""
+        from TSKDSlicerLib import interactive
+
+        seg = self._targetSegmentation(volumeNode, modelDir, segmentationNode)
+        pred = self.interactive.predictor(volumeNode, modelDir)
+        if first is None or last is None:
+            mapping, _created = self.interactive.targetSegments(seg, modelDir, segmentIds, create=False)
+            labelled = self.interactive.labelledSlices(seg, volumeNode, list(mapping), pred.axis)
+            lo, hi = interactive.range_between_labelled(labelled, pred.num_slices)
+            first = lo if first is None else first
+            last = hi if last is None else last
+        if last < first:
+            first, last = last, first
+        return self.interactive.segment(volumeNode, seg, modelDir, range(int(first), int(last) + 1),
+                                        segmentIds=segmentIds, masking=masking, protect=protect,
+                                        progress=progress, cancelled=cancelled, visibleIds=visibleIds)
+
+    def segmentWholeVolume(self, volumeNode, modelDir: str, segmentationNode=None, segmentIds=None, masking=None,
+                           protect: bool = True, progress=None, cancelled=None, visibleIds=None) -> dict:
+        """Every slice of the volume in-process (chunks, ``progress``/``cancelled`` as in
+        :meth:`segmentRange`); user-labelled and corrected slices are kept when ``protect``."""
+        pred = self.interactive.predictor(volumeNode, modelDir)
+        return self.segmentRange(volumeNode, modelDir, 0, pred.num_slices - 1, segmentationNode, segmentIds,
+                                 masking, protect, progress, cancelled, visibleIds)
+
+    def undoLast(self, segmentationNode, volumeNode) -> str | None:
+        """Undo the last in-process write into ``segmentationNode``; returns what was undone."""
+        return self.interactive.undo(segmentationNode, volumeNode)
+
+    def correctedSlices(self, volumeNode, segmentationNode, modelDir: str | None = None) -> list[int]:
+        """Slices the model wrote and the user has edited since (compared with the prediction)."""
+        return self.interactive.correctedSlices(segmentationNode, volumeNode, modelDir)
+
+    def trainingSlices(self, volumeNode, segmentationNode, modelDir: str | None = None, segmentIds=None) -> list[int]:
+        """Slices retraining uses: labelled by the user, or predicted and corrected; never an
+        uncorrected prediction."""
+        return self.interactive.trainingSlices(segmentationNode, volumeNode, modelDir, segmentIds)
+
+    def suggestSlices(self, volumeNode, modelDir: str, count: int = 5, segmentationNode=None,
+                      moveView: bool = True, viewName: str = "Red") -> list[tuple[int, float]]:
+        """"Label next": the ``count`` unlabelled slices where the student is least sure (mean
+        entropy of its class probabilities, nats), best first, as ``[(slice, entropy)]``. Labelled
+        slices (user-labelled, corrected, or holding any label of ``segmentationNode``) and their
+        neighbours are skipped. ``moveView``: the slice view ``viewName`` jumps to the first one."""
+        labelled: list[int] = []
+        pred = self.interactive.predictor(volumeNode, modelDir)
+        if segmentationNode is not None:
+            seg = segmentationNode.GetSegmentation()
+            ids = [seg.GetNthSegmentID(n) for n in range(seg.GetNumberOfSegments())]
+            labelled = self.interactive.labelledSlices(segmentationNode, volumeNode, ids, pred.axis)
+            labelled += self.interactive.tracker(segmentationNode, volumeNode).training_slices()
+            labelled = sorted(set(labelled) - set(self.interactive.tracker(segmentationNode, volumeNode).predicted_slices)
+                              | set(self.interactive.tracker(segmentationNode, volumeNode).training_slices()))
+        picks = self.interactive.suggest(volumeNode, modelDir, count, labelled)
+        if moveView and picks and slicer.app is not None:
+            self.showSlice(volumeNode, pred.axis, picks[0][0], viewName)
+        return picks
+
+    def showSlice(self, volumeNode, axis: int, index: int, viewName: str = "Red") -> None:
+        """Move a slice view (``viewName`` if the layout has it) to slice ``index`` of the volume."""
+        layoutManager = slicer.app.layoutManager()
+        viewName = mrml_io.choose_slice_view(list(layoutManager.sliceViewNames()), viewName)
+        sliceNode = layoutManager.sliceWidget(viewName).mrmlSliceNode()
+        sliceNode.JumpSliceByOffsetting(*mrml_io.slice_center_ras(volumeNode, axis, index))
+
+    def quickUpdate(self, volumeNode, segmentationNode, modelDir: str, segmentIds=None, slices=None,
+                    device: str = "auto", wait: bool = True, logCallback=None, cancelled=None) -> dict:
+        """"Quick update": fine-tune the current student alone on its transfer set plus the
+        corrected and user-labelled slices of this volume (the teacher's cached outputs are
+        reused; nothing is re-fine-tuned), in a backend process (``tskd update``).
+
+        ``slices``: default :meth:`trainingSlices`. The new student is added to the model library
+        as a new version (``<name> vN``; the previous one stays and can be selected again).
+        Returns ``{"model_dir", "name", "dice_before", "dice_after", "slices", "seconds"}`` (Dice
+        per class on the given slices, before and after). Raises ``RuntimeError`` with the
+        backend's message on failure, :class:`TSKDSlicerLib.interactive.InteractiveError` when
+        there is no slice to learn from."""
+        from TSKDSlicerLib import interactive
+
+        mapping, _created = self.interactive.targetSegments(segmentationNode, modelDir, segmentIds, create=False)
+        if slices is None:
+            slices = self.trainingSlices(volumeNode, segmentationNode, modelDir, list(mapping))
+        slices = sorted(set(int(s) for s in slices))
+        if not slices:
+            raise interactive.InteractiveError(_("No corrected or labelled slice yet: correct a predicted slice "
+                                                 "(or draw one) before a quick update."))
+        pkg = self.interactive.package(modelDir)
+        ordered = sorted(mapping, key=lambda sid: mapping[sid])  # class order of the model
+        tmp = tempfile.mkdtemp(prefix="tskd-update-")
         try:
-            with tempfile.TemporaryDirectory(prefix="tskd-slice-") as tmp:
-                path = mrml_io.write_volume(sliceVolume, os.path.join(tmp, "slice.nrrd"))
-                out = os.path.join(tmp, "slice_pred.nii.gz")
-                self._runBackend(jobs.segment_args(modelDir, [path], out, device), device)
-                pred = mrml_io.load_volume(slicer.mrmlScene, out, "TSKD slice", labelmap=True)
-                try:
-                    sliceLabels = slicer.util.arrayFromVolume(pred).take(0, axis=axis)
-                finally:
-                    slicer.mrmlScene.RemoveNode(pred)
+            exported = mrml_io.export_training_inputs(volumeNode, segmentationNode, ordered, tmp)
+            # label values 1..K in class order; the class map names them like the model
+            classMap = os.path.join(tmp, "classes.json")
+            with open(classMap, "w", encoding="utf-8") as f:
+                json.dump({"classes": [{"value": mapping[sid], "name": pkg.class_map.names[mapping[sid] - 1]}
+                                       for sid in ordered]}, f)
+            outDir = os.path.join(tmp, "model")
+            report = os.path.join(tmp, "update.json")
+            axisName = pkg.slice_axis
+            args = ["update", modelDir, "--image", exported["image"], "--labels", exported["labels"],
+                    "--class-map", classMap, "--slices", labels.compress_ranges(slices), "--axis", axisName,
+                    "--out", outDir, "--report", report, "--device", device, "--progress-json"]
+            start = time.monotonic()
+            self._runBackend(args, device, logCallback, cancelled)
+            with open(report, encoding="utf-8") as f:
+                result = json.load(f)
+            lib = self.modelLibrary()
+            parent = modelDir if lib.contains(modelDir) else lib.add(modelDir).path
+            info = lib.add_version(outDir, parent)
         finally:
-            slicer.mrmlScene.RemoveNode(sliceVolume)
-        backup = mrml_io.write_slice_prediction(segmentationNode, sliceLabels, volumeNode, axis, index, classes)
-        return (segmentationNode, index, backup) if returnUndo else (segmentationNode, index)
+            shutil.rmtree(tmp, ignore_errors=True)
+        return {"model_dir": info.path, "name": info.name, "dice_before": result.get("dice_before"),
+                "dice_after": result.get("dice_after"), "slices": slices,
+                "seconds": time.monotonic() - start}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1098,6 +1262,8 @@ class TSKDSlicerTest(ScriptedLoadableModuleTest):
         self.test_widget()
         self.setUp()
         self.test_export_import_roundtrip()
+        self.setUp()
+        self.test_segment_editor_effect()
         self.setUp()
         self.test_full_loop()
 
@@ -1211,6 +1377,46 @@ class TSKDSlicerTest(ScriptedLoadableModuleTest):
                                                [{"value": 1, "name": "liver", "color": (1, 0, 0)}])
         back = mrml_io.segments_to_label_array(seg, [seg.GetSegmentation().GetNthSegmentID(0)], volume)
         np.testing.assert_array_equal(back, out["array"])
+
+    def test_segment_editor_effect(self):
+        """Issue 13: the effect "TSKD" is registered and its options panel builds; with a model
+        (``TSKD_TEST_MODEL_DIR``, a model package) "This slice" writes labels in-process and
+        Ctrl+Z (the editor's undo) restores them."""
+        self.delayDisplay("Segment Editor effect TSKD")
+        self.assertTrue(registerSegmentEditorEffect(os.path.dirname(os.path.abspath(__file__))))
+        names = [e.name for e in slicer.qSlicerSegmentEditorEffectFactory.instance().registeredEffects()]
+        self.assertIn("TSKD", names)
+        volume, segmentation = self._volumeAndLabels()
+        slicer.util.selectModule("SegmentEditor")
+        editorWidget = slicer.modules.segmenteditor.widgetRepresentation().self().editor
+        editorWidget.setSegmentationNode(segmentation)
+        editorWidget.setSourceVolumeNode(volume)
+        editorWidget.setActiveEffectByName("TSKD")
+        effect = editorWidget.activeEffect()
+        self.assertIsNotNone(effect)
+        modelDir = os.environ.get("TSKD_TEST_MODEL_DIR")
+        if not modelDir:
+            self.delayDisplay("Effect actions skipped (set TSKD_TEST_MODEL_DIR to a model package with a 'liver' class)")
+            editorWidget.setActiveEffectByName("")
+            return
+        import numpy as np
+        sid = segmentation.GetSegmentation().GetNthSegmentID(0)
+        before = mrml_io.segments_to_label_array(segmentation, [sid], volume)
+        logic = TSKDSlicerLogic()
+        info = logic.modelLibrary().add(modelDir, name="TSKD effect test")
+        try:
+            effect.self().refreshModels()
+            effect.self().modelComboBox.currentIndex = [m.path for m in effect.self()._models].index(info.path)
+            editorWidget.mrmlSegmentEditorNode().SetSelectedSegmentID(sid)
+            logic.showSlice(volume, 0, 11)
+            effect.self().onSlice()
+            after = mrml_io.segments_to_label_array(segmentation, [sid], volume)
+            self.assertFalse(np.array_equal(before, after))
+            editorWidget.undo()
+            np.testing.assert_array_equal(mrml_io.segments_to_label_array(segmentation, [sid], volume), before)
+        finally:
+            editorWidget.setActiveEffectByName("")
+            logic.modelLibrary().delete(info.path)
 
     def test_full_loop(self):
         if os.environ.get("TSKD_SLICER_FULL_TEST") != "1":

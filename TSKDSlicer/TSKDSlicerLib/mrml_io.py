@@ -562,6 +562,26 @@ def slice_index_at(volumeNode, rasWorld, axis: int) -> int:
     return index
 
 
+def slice_center_ras(volumeNode, axis: int, index: int) -> list[float]:
+    """World RAS (mm, through the volume's parent transform) of the centre of slice ``index``
+    along numpy ``axis`` of ``volumeNode`` (0 = k, 1 = j, 2 = i): where a slice view must be put
+    to show that slice (inverse of :func:`slice_index_at`). Raises ``ValueError`` outside the volume."""
+    dims = volumeNode.GetImageData().GetDimensions()
+    if not 0 <= int(index) < dims[2 - axis]:
+        raise ValueError(f"Slice {index} is outside {volumeNode.GetName()!r} (0..{dims[2 - axis] - 1}).")
+    ijk = [(d - 1) / 2.0 for d in dims]
+    ijk[2 - axis] = float(index)
+    m = vtk.vtkMatrix4x4()
+    volumeNode.GetIJKToRASMatrix(m)
+    ras = list(m.MultiplyPoint([*ijk, 1.0])[:3])
+    transform = volumeNode.GetParentTransformNode()
+    if transform is not None:
+        toWorld = vtk.vtkGeneralTransform()
+        transform.GetTransformToWorld(toWorld)
+        ras = list(toWorld.TransformPoint(ras))
+    return ras
+
+
 def choose_slice_view(available: Sequence[str], preferred: str = "Red") -> str:
     """The slice view to read the current slice from: ``preferred`` if the layout has it, else the
     first one. Raises ``ValueError`` when the layout shows no slice view."""

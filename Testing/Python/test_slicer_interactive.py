@@ -9,7 +9,6 @@ The effect's logic is plain classes (``TSKDSlicerLib.interactive``) and MRML glu
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 
 import numpy as np
@@ -439,6 +438,15 @@ def test_suggest_ranks_unlabelled_slices_by_entropy(scene, package, segmenter):
     assert [p[1] for p in picks] == sorted([p[1] for p in picks], reverse=True)
 
 
+def test_label_next_view_position_round_trips_under_a_transform(scene):
+    vol = _oblique_volume(scene)
+    for index in (0, 7, 29):
+        ras = mrml_io.slice_center_ras(vol, 0, index)  # where the Red view is moved
+        assert mrml_io.slice_index_at(vol, ras, 0) == index
+    with pytest.raises(ValueError, match="outside"):
+        mrml_io.slice_center_ras(vol, 0, 30)
+
+
 def test_backend_found_from_module_dir():
     before = list(sys.path)
     try:
@@ -446,4 +454,3 @@ def test_backend_found_from_module_dir():
         assert ROOT in sys.path
     finally:
         sys.path[:] = before
-    assert shutil.which  # keep import used

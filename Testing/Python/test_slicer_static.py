@@ -128,7 +128,7 @@ def test_plain_lib_imports_without_slicer_or_qt():
         "            raise ImportError('blocked ' + name)\n"
         "sys.meta_path.insert(0, Block())\n"
         f"sys.path.insert(0, {MODULE!r})\n"
-        "from TSKDSlicerLib import install, jobs, labels, launcher, models, training\n"
+        "from TSKDSlicerLib import install, interactive, jobs, labels, launcher, models, training\n"
         "print('ok')\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr
