@@ -116,7 +116,51 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .pipeline_cli import add_pipeline_commands
     add_pipeline_commands(sub)  # train, segment, info, export, demo, benchmark
+
+    u = sub.add_parser("update", help="quick update: fine-tune a trained student on its transfer set plus "
+                                      "corrected slices (the teacher's cached outputs are reused)")
+    u.add_argument("model", help="model package (run's model/, library copy, earlier update) or run folder")
+    u.add_argument("--image", required=True, help="the corrected scan (volume file or DICOM folder)")
+    u.add_argument("--labels", required=True, help="its labels (label volume or .seg.nrrd)")
+    u.add_argument("--class-map", help="JSON {value: name} of the label values (default: the model's)")
+    u.add_argument("--slices", required=True, help="corrected/labelled slice indices along the model's "
+                                                   "slice axis (the file's own), e.g. 12,17-18")
+    u.add_argument("--run", help="the model's training run folder (when the package does not record it)")
+    add_axis_argument(u, default=None, help="slice axis; must be the model's (default: the model's)")
+    u.add_argument("--out", required=True, help="folder of the new model package")
+    u.add_argument("--steps", type=int, default=None, help="distillation steps (default 150)")
+    u.add_argument("--finetune-steps", type=int, default=None, help="supervised steps on labels (default 40)")
+    u.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    u.add_argument("--threads", type=int, default=None, help="CPU threads")
+    u.add_argument("--report", help="also write the result (Dice before/after) to this JSON file")
+    u.add_argument("--overwrite", action="store_true", help="replace an existing --out package")
+    u.add_argument("--progress-json", action="store_true", help="progress as JSON lines on stdout")
+    u.set_defaults(func=cmd_update)
     return p
+
+
+def cmd_update(args) -> int:
+    """``tskd update``: :func:`TSKDLib.update.quick_update`; prints Dice before/after."""
+    from .pipeline_cli import _reporter
+    from .update import DEFAULT_FINETUNE_STEPS, DEFAULT_STEPS, quick_update
+
+    slices = _parse_slices(args.slices) or []
+    progress = _reporter(args)
+    result = quick_update(args.model, args.image, args.labels, slices, args.out, class_map=args.class_map,
+                          run=args.run, axis=args.axis,
+                          steps=DEFAULT_STEPS if args.steps is None else args.steps,
+                          finetune_steps=DEFAULT_FINETUNE_STEPS if args.finetune_steps is None else args.finetune_steps,
+                          device=args.device, threads=args.threads, progress=progress, overwrite=args.overwrite)
+    if args.report:
+        Path(args.report).write_text(json.dumps(result, indent=1))
+    if args.progress_json:
+        progress.done({"dice_before": result["dice_before"], "dice_after": result["dice_after"]}, result["model_dir"])
+    else:
+        fmt = (lambda d: ", ".join(f"{k} {v:.3f}" for k, v in d.items()))
+        print(f"new model: {result['model_dir']} ({result['seconds']:.0f} s)")
+        print(f"Dice on slices {result['slices']}: before {fmt(result['dice_before'])}; "
+              f"after {fmt(result['dice_after'])}")
+    return 0
 
 
 def _report_error(args, exc: TSKDError) -> int:

@@ -623,6 +623,7 @@ def _model_metadata(cfg: PipelineConfig, run: RunDir, slices, summary: dict) -> 
         dice = dict(zip(names, summary["labelled_dice"]))
     return {"normalization": info["normalization"], "name": run.path.name,
             "training": {"scans": [c["image"] for c in info["cases"]],
+                         "run_dir": str(run.path.resolve()),  # for `tskd update` (teacher outputs)
                          "labelled_slices": {c["name"]: c["labelled_slices"] for c in info["cases"]},
                          "labelled_slices_per_class": info["labelled_slices_per_class"],
                          "preset": cfg.preset, "synthesis": cfg.synthesis_enabled, "seed": cfg.seed,

@@ -1185,6 +1185,16 @@ class TSKDSlicerLogic(ScriptedLoadableModuleLogic):
         sliceNode = layoutManager.sliceWidget(viewName).mrmlSliceNode()
         sliceNode.JumpSliceByOffsetting(*mrml_io.slice_center_ras(volumeNode, axis, index))
 
+    def _runOf(self, modelDir: str) -> str | None:
+        """The training run of a library model: the card's ``training.run_dir``, else the run folder
+        named like the model in the runs folder (None when neither exists)."""
+        card = models.read_card(modelDir)
+        for path in ((card.get("training") or {}).get("run_dir"),
+                     os.path.join(self.runsDir, str(card.get("name") or "").split(" (updated)")[0])):
+            if path and os.path.isfile(os.path.join(path, "prepare", "slices.pt")):
+                return path
+        return None
+
     def quickUpdate(self, volumeNode, segmentationNode, modelDir: str, segmentIds=None, slices=None,
                     device: str = "auto", wait: bool = True, logCallback=None, cancelled=None) -> dict:
         """"Quick update": fine-tune the current student alone on its transfer set plus the
@@ -1222,6 +1232,9 @@ class TSKDSlicerLogic(ScriptedLoadableModuleLogic):
             args = ["update", modelDir, "--image", exported["image"], "--labels", exported["labels"],
                     "--class-map", classMap, "--slices", labels.compress_ranges(slices), "--axis", axisName,
                     "--out", outDir, "--report", report, "--device", device, "--progress-json"]
+            runDir = self._runOf(modelDir)
+            if runDir:
+                args += ["--run", runDir]
             start = time.monotonic()
             self._runBackend(args, device, logCallback, cancelled)
             with open(report, encoding="utf-8") as f:
