@@ -86,6 +86,14 @@ def read_slab(segmentationNode, volumeNode, segmentId: str, axis: int, lo: int, 
     return _to_numpy(out, extent) > 0
 
 
+def _same_grid(a, b, tol: float = 1e-6) -> bool:
+    """True when two oriented images share the image-to-world matrix (same voxel grid)."""
+    ma, mb = vtk.vtkMatrix4x4(), vtk.vtkMatrix4x4()
+    a.GetImageToWorldMatrix(ma)
+    b.GetImageToWorldMatrix(mb)
+    return all(abs(ma.GetElement(r, c) - mb.GetElement(r, c)) <= tol for r in range(4) for c in range(4))
+
+
 def _rep_extent_on_grid(rep, segmentationNode, volumeNode) -> list[int] | None:
     """Extent (volume IJK, clipped to the volume) covering the segment's stored labelmap."""
     if _empty(rep):
@@ -127,18 +135,22 @@ def write_slab(segmentationNode, volumeNode, segmentId: str, axis: int, lo: int,
             union[2 * a] = min(union[2 * a], cur[2 * a])
             union[2 * a + 1] = max(union[2 * a + 1], cur[2 * a + 1])
     ref = _reference(segmentationNode, volumeNode, union)
-    ref.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
-    arr = numpy_support.vtk_to_numpy(ref.GetPointData().GetScalars()).reshape(
-        union[5] - union[4] + 1, union[3] - union[2] + 1, union[1] - union[0] + 1)
-    arr[:] = 0
-    if cur is not None:
-        out = slicer.vtkOrientedImageData()
-        slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(rep, ref, out, False)
-        arr[:] = _to_numpy(out, union) > 0
+    shape_u = (union[5] - union[4] + 1, union[3] - union[2] + 1, union[1] - union[0] + 1)
+    if cur is not None and list(rep.GetExtent()) == union and _same_grid(rep, ref):
+        target = rep  # the segment's own copy already covers the union on this grid: edit it in place
+    elif cur is not None:
+        target = slicer.vtkOrientedImageData()
+        slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(rep, ref, target, False)
+    else:
+        target = ref
+        target.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
+        numpy_support.vtk_to_numpy(target.GetPointData().GetScalars())[:] = 0
+    arr = numpy_support.vtk_to_numpy(target.GetPointData().GetScalars()).reshape(shape_u)
     o = (extent[4] - union[4], extent[2] - union[2], extent[0] - union[0])
     shape = mask.shape
-    arr[o[0]:o[0] + shape[0], o[1]:o[1] + shape[1], o[2]:o[2] + shape[2]] = mask.astype(np.uint8)
-    ref.GetPointData().GetScalars().Modified()
+    arr[o[0]:o[0] + shape[0], o[1]:o[1] + shape[1], o[2]:o[2] + shape[2]] = mask.astype(arr.dtype)
+    target.GetPointData().GetScalars().Modified()
+    ref = target
     logic = slicer.vtkSlicerSegmentationsModuleLogic
     if not logic.SetBinaryLabelmapToSegment(ref, segmentationNode, segmentId, logic.MODE_REPLACE):
         name = segmentationNode.GetSegmentation().GetSegment(segmentId).GetName()
