@@ -253,15 +253,29 @@ class SlicePredictor:
         ``progress(done, total)`` after each; raises :class:`Cancelled` when ``cancelled()``."""
         indices = [int(s) for s in indices]
         out: dict[int, np.ndarray] = {}
-        for start in range(0, len(indices), max(1, batch_size)):
-            if cancelled is not None and cancelled():
-                raise Cancelled("cancelled")
-            chunk = indices[start:start + batch_size]
-            labels = self.resizer.labels_from_logits(self.logits(chunk))
-            for s, lab in zip(chunk, labels):
-                out[s] = self._to_volume_slice(lab)
-            if progress is not None:
-                progress(min(start + batch_size, len(indices)), len(indices))
+        starts = list(range(0, len(indices), max(1, batch_size)))
+        if not starts:
+            return out
+        # onnxruntime runs chunk i in a worker thread (it releases the GIL) while this thread
+        # prepares chunk i+1 and maps chunk i-1 back: the pipeline of tskd segment, same labels.
+        from concurrent.futures import ThreadPoolExecutor
+
+        def chunk(i):
+            return indices[starts[i]:starts[i] + batch_size]
+
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            pending = pool.submit(self.package.predict_logits, self._inputs(chunk(0)))
+            for i in range(len(starts)):
+                logits = pending.result()
+                if cancelled is not None and cancelled():
+                    raise Cancelled("cancelled")
+                if i + 1 < len(starts):
+                    pending = pool.submit(self.package.predict_logits, self._inputs(chunk(i + 1)))
+                labels = self.resizer.labels_from_logits(logits)
+                for s, lab in zip(chunk(i), labels):
+                    out[s] = self._to_volume_slice(lab)
+                if progress is not None:
+                    progress(min(starts[i] + batch_size, len(indices)), len(indices))
         return out
 
     def uncertainty(self, indices: Sequence[int], batch_size: int = 8) -> dict[int, float]:
