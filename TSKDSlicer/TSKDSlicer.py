@@ -1169,10 +1169,11 @@ class TSKDSlicerLogic(ScriptedLoadableModuleLogic):
         if segmentationNode is not None:
             seg = segmentationNode.GetSegmentation()
             ids = [seg.GetNthSegmentID(n) for n in range(seg.GetNumberOfSegments())]
-            labelled = self.interactive.labelledSlices(segmentationNode, volumeNode, ids, pred.axis)
-            labelled += self.interactive.tracker(segmentationNode, volumeNode).training_slices()
-            labelled = sorted(set(labelled) - set(self.interactive.tracker(segmentationNode, volumeNode).predicted_slices)
-                              | set(self.interactive.tracker(segmentationNode, volumeNode).training_slices()))
+            tracker = self.interactive.tracker(segmentationNode, volumeNode)
+            self.interactive.correctedSlices(segmentationNode, volumeNode, modelDir)
+            holding = set(self.interactive.labelledSlices(segmentationNode, volumeNode, ids, pred.axis))
+            # an uncorrected prediction is not a label: those slices may be suggested
+            labelled = sorted((holding - set(tracker.predicted_slices)) | set(tracker.training_slices()))
         picks = self.interactive.suggest(volumeNode, modelDir, count, labelled)
         if moveView and picks and slicer.app is not None:
             self.showSlice(volumeNode, pred.axis, picks[0][0], viewName)
@@ -1199,7 +1200,8 @@ class TSKDSlicerLogic(ScriptedLoadableModuleLogic):
                     device: str = "auto", wait: bool = True, logCallback=None, cancelled=None) -> dict:
         """"Quick update": fine-tune the current student alone on its transfer set plus the
         corrected and user-labelled slices of this volume (the teacher's cached outputs are
-        reused; nothing is re-fine-tuned), in a backend process (``tskd update``).
+        reused; nothing is re-fine-tuned), in a backend process (``tskd update``). Every class of
+        the model needs its segment (a training slice is complete: all classes on it).
 
         ``slices``: default :meth:`trainingSlices`. The new student is added to the model library
         as a new version (``<name> vN``; the previous one stays and can be selected again).
@@ -1210,13 +1212,19 @@ class TSKDSlicerLogic(ScriptedLoadableModuleLogic):
         from TSKDSlicerLib import interactive
 
         mapping, _created = self.interactive.targetSegments(segmentationNode, modelDir, segmentIds, create=False)
+        pkg = self.interactive.package(modelDir)
+        missing = [name for k, name in enumerate(pkg.class_map.names, start=1) if k not in mapping.values()]
+        if missing:  # a training slice is complete: a class without its segment would become background
+            raise interactive.InteractiveError(_(
+                "Quick update needs a segment for every class of the model; {seg!r} has none for {missing}. "
+                "Add (or rename) these segments, or use the whole pipeline.").format(
+                    seg=segmentationNode.GetName(), missing=missing))
         if slices is None:
             slices = self.trainingSlices(volumeNode, segmentationNode, modelDir, list(mapping))
         slices = sorted(set(int(s) for s in slices))
         if not slices:
             raise interactive.InteractiveError(_("No corrected or labelled slice yet: correct a predicted slice "
                                                  "(or draw one) before a quick update."))
-        pkg = self.interactive.package(modelDir)
         ordered = sorted(mapping, key=lambda sid: mapping[sid])  # class order of the model
         tmp = tempfile.mkdtemp(prefix="tskd-update-")
         try:
@@ -1224,8 +1232,8 @@ class TSKDSlicerLogic(ScriptedLoadableModuleLogic):
             # label values 1..K in class order; the class map names them like the model
             classMap = os.path.join(tmp, "classes.json")
             with open(classMap, "w", encoding="utf-8") as f:
-                json.dump({"classes": [{"value": mapping[sid], "name": pkg.class_map.names[mapping[sid] - 1]}
-                                       for sid in ordered]}, f)
+                json.dump({"classes": [{"value": n, "name": pkg.class_map.names[mapping[sid] - 1]}
+                                       for n, sid in enumerate(ordered, start=1)]}, f)
             outDir = os.path.join(tmp, "model")
             report = os.path.join(tmp, "update.json")
             axisName = pkg.slice_axis
