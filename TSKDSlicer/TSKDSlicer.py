@@ -1197,7 +1197,7 @@ class TSKDSlicerLogic(ScriptedLoadableModuleLogic):
         return None
 
     def quickUpdate(self, volumeNode, segmentationNode, modelDir: str, segmentIds=None, slices=None,
-                    device: str = "auto", wait: bool = True, logCallback=None, cancelled=None) -> dict:
+                    device: str = "auto", logCallback=None, cancelled=None) -> dict:
         """"Quick update": fine-tune the current student alone on its transfer set plus the
         corrected and user-labelled slices of this volume (the teacher's cached outputs are
         reused; nothing is re-fine-tuned), in a backend process (``tskd update``). Every class of
@@ -1225,20 +1225,17 @@ class TSKDSlicerLogic(ScriptedLoadableModuleLogic):
         if not slices:
             raise interactive.InteractiveError(_("No corrected or labelled slice yet: correct a predicted slice "
                                                  "(or draw one) before a quick update."))
-        ordered = sorted(mapping, key=lambda sid: mapping[sid])  # class order of the model
+        from TSKDSlicerLib import inprocess
+
         tmp = tempfile.mkdtemp(prefix="tskd-update-")
         try:
-            exported = mrml_io.export_training_inputs(volumeNode, segmentationNode, ordered, tmp)
-            # label values 1..K in class order; the class map names them like the model
-            classMap = os.path.join(tmp, "classes.json")
-            with open(classMap, "w", encoding="utf-8") as f:
-                json.dump({"classes": [{"value": n, "name": pkg.class_map.names[mapping[sid] - 1]}
-                                       for n, sid in enumerate(ordered, start=1)]}, f)
+            inputs = inprocess.quick_update_inputs(volumeNode, segmentationNode, mapping, pkg.class_map.names,
+                                                   slices, tmp)
             outDir = os.path.join(tmp, "model")
             report = os.path.join(tmp, "update.json")
             axisName = pkg.slice_axis
-            args = ["update", modelDir, "--image", exported["image"], "--labels", exported["labels"],
-                    "--class-map", classMap, "--slices", labels.compress_ranges(slices), "--axis", axisName,
+            args = ["update", modelDir, "--image", inputs["image"], "--labels", inputs["labels"],
+                    "--class-map", inputs["class_map"], "--slices", inputs["slices"], "--axis", axisName,
                     "--out", outDir, "--report", report, "--device", device, "--progress-json"]
             runDir = self._runOf(modelDir)
             if runDir:

@@ -460,6 +460,29 @@ class InteractiveSegmenter:
         return [(s, scores[s]) for s in picks]
 
 
+def quick_update_inputs(volumeNode, segmentationNode, mapping: dict, classNames: Sequence[str],
+                        slices: Sequence[int], outDir: str) -> dict:
+    """Write what ``tskd update`` reads for a quick update from the scene, into ``outDir``.
+
+    ``mapping``: ``{segmentId: class index 1..K}`` (every class of the model; see
+    :meth:`InteractiveSegmenter.targetSegments`); ``classNames``: the model's K class names;
+    ``slices``: the corrected/labelled slices (model slice axis). Files: the volume (its own grid),
+    the labels (values 1..K in class order) and a class map naming them like the model. Returns
+    ``{"image", "labels", "class_map", "slices"}`` (``slices`` as ``"12,17-18"``) for the
+    command line ``tskd update MODEL --image ... --labels ... --class-map ... --slices ...``."""
+    import json
+    import os
+
+    ordered = sorted(mapping, key=lambda sid: mapping[sid])
+    exported = mrml_io.export_training_inputs(volumeNode, segmentationNode, ordered, outDir)
+    classMap = os.path.join(outDir, "classes.json")
+    with open(classMap, "w", encoding="utf-8") as f:
+        json.dump({"classes": [{"value": n, "name": classNames[mapping[sid] - 1]}
+                               for n, sid in enumerate(ordered, start=1)]}, f)
+    return {"image": exported["image"], "labels": exported["labels"], "class_map": classMap,
+            "slices": labels.compress_ranges(slices)}
+
+
 def _all_ids(segmentationNode) -> list[str]:
     seg = segmentationNode.GetSegmentation()
     return [seg.GetNthSegmentID(n) for n in range(seg.GetNumberOfSegments())]
@@ -492,5 +515,5 @@ def visible_segment_ids(segmentationNode) -> list[str] | None:
     return [out.GetValue(n) for n in range(out.GetNumberOfValues())]
 
 
-__all__ = ["InteractiveSegmenter", "read_slab", "write_slab", "masking_from_editor_node", "visible_segment_ids",
+__all__ = ["InteractiveSegmenter", "read_slab", "write_slab", "quick_update_inputs", "masking_from_editor_node", "visible_segment_ids",
            "Cancelled", "InteractiveError"]

@@ -110,3 +110,47 @@ def test_quick_update_errors_name_the_fix(run_dir, tmp_path):
     r = _update(run_dir / "model", tmp_path / "x", slices=[99])  # the scan has 30 slices
     assert r.returncode == 2 and "tskd: error:" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert not (tmp_path / "x").exists()
+
+
+def test_quick_update_from_a_slicer_scene(run_dir, tmp_path):
+    """What the Segment Editor's "Quick update" does, on a real MRML scene (slicer-core): the
+    corrected slices are exported from the segmentation (every class of the model) and `tskd
+    update` learns from them."""
+    slicer = pytest.importorskip("slicer")
+    if not hasattr(slicer, "vtkMRMLScene"):
+        pytest.skip("slicer-core is not installed")
+    import SimpleITK as sitk
+
+    sys.path.insert(0, str(ROOT / "TSKDSlicer"))
+    from TSKDSlicerLib import inprocess, mrml_io
+
+    mrml_io.register_converter_rules()
+    scene = slicer.vtkMRMLScene()
+    vol = mrml_io.load_volume(scene, str(CT), "ct")
+    seg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "labels")
+    seg.SetReferenceImageGeometryParameterFromVolumeNode(vol)
+    ref = sitk.GetArrayFromImage(sitk.ReadImage(str(SEG)))  # same grid as the CT
+    logic = slicer.vtkSlicerSegmentationsModuleLogic
+    mapping = {}
+    for k, (name, value) in enumerate((("liver", 5), ("spleen", 1)), start=1):
+        sid = seg.GetSegmentation().AddEmptySegment("", name, [1, 0, 0])
+        drawn = (ref == value).astype("uint8")
+        drawn[[i for i in range(ref.shape[0]) if i not in CORRECTED]] = 0  # the corrected slices only
+        assert logic.SetBinaryLabelmapToSegment(mrml_io._oriented_image_from_array(drawn, vol), seg, sid,
+                                                logic.MODE_REPLACE)
+        mapping[sid] = k
+    names = load_model_package(run_dir / "model", verify=False).class_map.names
+    mapping = {sid: names.index(seg.GetSegmentation().GetSegment(sid).GetName()) + 1 for sid in mapping}
+    inputs = inprocess.quick_update_inputs(vol, seg, mapping, names, CORRECTED, str(tmp_path / "in"))
+    assert inputs["slices"] == "12,16"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    report = tmp_path / "r.json"
+    r = subprocess.run([sys.executable, "-m", "TSKDLib", "update", str(run_dir / "model"), "--image", inputs["image"],
+                        "--labels", inputs["labels"], "--class-map", inputs["class_map"], "--slices", inputs["slices"],
+                        "--out", str(tmp_path / "v2"), "--report", str(report), "--steps", "60",
+                        "--finetune-steps", "20", "--threads", "1", "--device", "cpu", "--progress-json"],
+                       capture_output=True, text=True, cwd=ROOT, env=env, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    result = json.loads(report.read_text())
+    assert result["mean_after"] > result["mean_before"], result
+    assert '"event": "done"' in r.stdout
