@@ -12,7 +12,7 @@ Protocol per CHAOS MR T2 scan (reference labels: liver, kidneys, spleen):
 3. "label next" ranks the remaining slices by the student's mean per-pixel entropy (the rule of
    ``TSKDSlicerLib.interactive.rank_slices``: most uncertain first, at least 2 slices apart from
    each other and from labelled slices) and takes 5; the baseline takes 5 slices evenly spaced over
-   the labelled extent (``evenly_spaced``);
+   the labelled extent (``evenly_spaced``; ``--baseline-extent scan``: over the whole scan);
 4. the student is fine-tuned from step 2 on 3+5 labelled slices (same budget for both), and the
    mean Dice over the 4 organs is measured on the slices labelled in *neither* set (the reference).
 
@@ -58,7 +58,8 @@ def _with(slices, keep):
     return s
 
 
-def run_scan(data: Path, scan: str, size: int, steps: int, ft_steps: int, seed: int) -> dict:
+def run_scan(data: Path, scan: str, size: int, steps: int, ft_steps: int, seed: int,
+             baseline: str = "labelled") -> dict:
     import torch
 
     from TSKDLib.case import load_case, prepare_slices
@@ -85,7 +86,7 @@ def run_scan(data: Path, scan: str, size: int, steps: int, ft_steps: int, seed: 
     ent = _entropy(base, full.images, full.valid.float())
     scores = {i: float(ent[i]) for i in range(n)}
     suggested = rank_slices(scores, start, count=5, min_gap=2)
-    extent = (min(start), max(start))
+    extent = (min(start), max(start)) if baseline == "labelled" else (0, n - 1)
     even = evenly_spaced(n, start, 5, extent)
     out = {"scan": scan, "slices": n, "start": start, "suggested": suggested, "even": even}
     held = [i for i in range(n) if i not in set(start) | set(suggested) | set(even)]
@@ -114,13 +115,16 @@ def main() -> None:
     p.add_argument("--finetune-steps", type=int, default=150)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--baseline-extent", choices=["labelled", "scan"], default="labelled",
+                   help="evenly spaced over the labelled extent (first to last labelled slice) or the whole scan")
     args = p.parse_args()
     import torch
 
     torch.set_num_threads(args.threads)
     rows = []
     for scan in args.scans:
-        r = run_scan(Path(args.data), scan, args.size, args.steps, args.finetune_steps, args.seed)
+        r = run_scan(Path(args.data), scan, args.size, args.steps, args.finetune_steps, args.seed,
+                     args.baseline_extent)
         rows.append(r)
         print(f"scan {scan}: {r['slices']} slices, start {r['start']}; label next {r['suggested']} -> mean Dice "
               f"{r['suggested_dice']:.3f}; evenly spaced {r['even']} -> {r['even_dice']:.3f} "
