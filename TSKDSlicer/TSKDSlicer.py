@@ -4,8 +4,10 @@ Label a few slices, train a small student network from a LoRA-fine-tuned foundat
 (teacher) and a diffusion-synthesised transfer set, then segment new scans with the student.
 
 This file holds the Slicer classes only (module, parameter node, widget, logic, test). The work is
-done by plain classes in ``TSKDSlicerLib`` (tested without Slicer) and by the ``TSKDLib`` backend,
-which runs as a separate process (``python -m TSKDLib train ... --progress-json``).
+done by plain classes in ``TSKDSlicerLib`` (tested without Slicer) and by the ``TSKDLib`` backend:
+training and quick updates run as a separate process (``python -m TSKDLib train ... --progress-json``),
+interactive segmentation runs in Slicer's own process (``TSKDSlicerLib.inprocess``, onnxruntime),
+also as the Segment Editor effect "TSKD" (``SegmentEditorTSKD/SegmentEditorEffect.py``).
 
 Python console API (see the README, "3D Slicer module")::
 
