@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 torch = pytest.importorskip("torch")
+pytestmark = pytest.mark.slow  # end-to-end `tskd update` processes (tiny budgets)
 
 from TSKDLib.case import load_case, prepare_case_slices, prepare_slices  # noqa: E402
 from TSKDLib.classmap import ClassMap  # noqa: E402
