@@ -100,7 +100,8 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         row.addWidget(self.rangeButton)
         self.scriptedEffect.addLabeledOptionsWidget(_("Range:"), row)
 
-        self.followCheckBox = qt.QCheckBox(_("Follow: segment each slice I scroll to (Red/Yellow/Green)"))
+        self.followCheckBox = qt.QCheckBox(_("Follow: segment each slice I scroll to (Red/Yellow/Green views "
+                                             "showing the model's slice plane)"))
         self.scriptedEffect.addOptionsWidget(self.followCheckBox)
 
         self.nextButton = qt.QPushButton(_("Label next"))
@@ -347,7 +348,13 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         if volume is None or not model:
             return
         try:
+            from TSKDSlicerLib import mrml_io
+
             orientation = self.logic.interactive.package(model).slice_axis
+            axis = self.logic.sliceAxis(volume, orientation)
+            sliceNode = slicer.app.layoutManager().sliceWidget(viewName).mrmlSliceNode()
+            if not mrml_io.view_shows_axis(volume, sliceNode.GetSliceToRAS(), axis):
+                return  # this view shows another plane than the model's slices
             _axis, index = self.logic.currentSliceIndex(volume, viewName, orientation)
         except Exception:  # noqa: BLE001 - the view shows no slice of this volume
             return

@@ -582,6 +582,26 @@ def slice_center_ras(volumeNode, axis: int, index: int) -> list[float]:
     return ras
 
 
+def view_shows_axis(volumeNode, sliceToRAS, axis: int, tolerance_deg: float = 10.0) -> bool:
+    """True when a slice view (its 4x4 ``SliceToRAS``, world RAS) shows slices along numpy
+    ``axis`` of ``volumeNode``: the view normal (third column) is within ``tolerance_deg`` of
+    that voxel axis in world coordinates (through a linear parent transform). "Follow" uses it:
+    a model slicing axially cannot follow a sagittal view."""
+    m = np.asarray([[sliceToRAS.GetElement(r, c) for c in range(4)] for r in range(4)]) \
+        if hasattr(sliceToRAS, "GetElement") else np.asarray(sliceToRAS, dtype=float)
+    normal = m[:3, 2]
+    ijk = ijk_to_ras(volumeNode)
+    direction = ijk[:3, 2 - axis]
+    transform = volumeNode.GetParentTransformNode()
+    if transform is not None:
+        toWorld = vtk.vtkMatrix4x4()
+        if transform.IsTransformToWorldLinear():
+            transform.GetMatrixTransformToWorld(toWorld)
+            direction = np.array([[toWorld.GetElement(r, c) for c in range(3)] for r in range(3)]) @ direction
+    cos = abs(float(normal @ direction)) / (np.linalg.norm(normal) * np.linalg.norm(direction))
+    return cos >= np.cos(np.radians(tolerance_deg))
+
+
 def choose_slice_view(available: Sequence[str], preferred: str = "Red") -> str:
     """The slice view to read the current slice from: ``preferred`` if the layout has it, else the
     first one. Raises ``ValueError`` when the layout shows no slice view."""

@@ -447,6 +447,26 @@ def test_label_next_view_position_round_trips_under_a_transform(scene):
         mrml_io.slice_center_ras(vol, 0, 30)
 
 
+def test_follow_only_views_of_the_models_plane(scene):
+    vol = _oblique_volume(scene)
+    m = mrml_io.ijk_to_ras(vol)
+    t = vtk.vtkMatrix4x4()
+    vol.GetParentTransformNode().GetMatrixTransformToWorld(t)
+    world = np.array([[t.GetElement(r, c) for c in range(4)] for r in range(4)]) @ m
+    k_dir = world[:3, 2] / np.linalg.norm(world[:3, 2])
+    i_dir = world[:3, 0] / np.linalg.norm(world[:3, 0])
+    def view(normal):  # a slice view whose normal is `normal`
+        v = np.eye(4)
+        v[:3, 2] = normal
+        return v
+    assert mrml_io.view_shows_axis(vol, view(k_dir), 0)  # the oblique acquisition plane: follows
+    assert mrml_io.view_shows_axis(vol, view(-k_dir), 0)
+    assert not mrml_io.view_shows_axis(vol, view(i_dir), 0)  # a perpendicular view: ignored
+    tilted = np.cos(np.radians(30)) * k_dir + np.sin(np.radians(30)) * i_dir
+    assert not mrml_io.view_shows_axis(vol, view(tilted), 0)  # 30 degrees off the model's plane
+    assert mrml_io.view_shows_axis(vol, view(tilted), 0, tolerance_deg=31)
+
+
 def test_backend_found_from_module_dir():
     before = list(sys.path)
     try:
