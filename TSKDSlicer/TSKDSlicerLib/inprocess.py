@@ -351,6 +351,12 @@ class InteractiveSegmenter:
                         predicted[sid][tuple(idx)] = current[sid][tuple(idx)]
                 new = apply_masking(predicted, current, masking, visibleIds,
                                     _take(volume_array, axis, lo, hi))
+                for n in keep:  # nothing changes on a protected slice, in any segment
+                    idx = [slice(None)] * 3
+                    idx[axis] = n
+                    for sid, mask in new.items():
+                        if sid in current:
+                            mask[tuple(idx)] = current[sid][tuple(idx)]
                 for sid, mask in new.items():
                     if sid in current and np.array_equal(mask, current[sid]):
                         continue
