@@ -105,15 +105,18 @@ def _rep_extent_on_grid(rep, segmentationNode, volumeNode) -> list[int] | None:
     vtk.vtkMatrix4x4.Invert(grid, inv)
     e = rep.GetExtent()
     pts = []
-    for x in (e[0] - 0.5, e[1] + 0.5):
-        for y in (e[2] - 0.5, e[3] + 0.5):
-            for z in (e[4] - 0.5, e[5] + 0.5):
+    for x in (e[0], e[1]):  # corner voxel centres
+        for y in (e[2], e[3]):
+            for z in (e[4], e[5]):
                 w = toWorld.MultiplyPoint([x, y, z, 1.0])
                 pts.append(inv.MultiplyPoint(w)[:3])
     pts = np.array(pts)
     i, j, k = volumeNode.GetImageData().GetDimensions()
-    lo = np.maximum(np.floor(pts.min(0)).astype(int), 0)
-    hi = np.minimum(np.ceil(pts.max(0)).astype(int), [i - 1, j - 1, k - 1])
+    lo_f, hi_f = pts.min(0), pts.max(0)
+    exact = np.allclose(lo_f, np.round(lo_f), atol=1e-3) and np.allclose(hi_f, np.round(hi_f), atol=1e-3)
+    margin = 0 if exact else 1  # same grid: exact indices; another grid: one voxel of margin
+    lo = np.maximum(np.floor(lo_f + 1e-3).astype(int) - margin, 0)
+    hi = np.minimum(np.ceil(hi_f - 1e-3).astype(int) + margin, [i - 1, j - 1, k - 1])
     if np.any(lo > hi):
         return None
     return [int(lo[0]), int(hi[0]), int(lo[1]), int(hi[1]), int(lo[2]), int(hi[2])]
