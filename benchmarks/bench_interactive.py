@@ -10,7 +10,7 @@
   of the following clicks on other slices (warm session).
 * ``volume``: the bundled 512x512x20 CT stacked five times into a 512x512x100 volume, every slice
   into a segmentation node in chunks of 16 (progress callback as the effect's dialog uses).
-* ``update``: ``tskd update`` of a run of the bundled CT (``bash scripts/demo.sh`` makes one) after
+* ``update``: ``tskd update`` of a run of the bundled CT (``bash scripts/demo.sh`` makes one in ``runs/demo/run``) after
   "correcting" 2 slices (their reference labels): wall time and Dice on those slices before/after.
 
 ``--model``: a model package (default: an untrained U-Net student at S = 256, the ``fast``
