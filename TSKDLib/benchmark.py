@@ -375,7 +375,7 @@ def add_benchmark_arguments(p) -> None:
                    help="sparse-slices: score within the training scans only (skip the other scans)")
     p.add_argument("--work-dir", default=None,
                    help="keep each experiment's teacher and teacher outputs here and reuse them on rerun")
-    from .cli import add_axis_argument
+    from .cli_args import add_axis_argument
     add_axis_argument(p)  # 3D volumes: slice axis (default acquisition)
 
 

@@ -27,6 +27,7 @@ from .classmap import ClassMap
 from .errors import InputError, LabelError
 from .io import find_2d_pairs, read_image, read_label_file
 from .preprocess import Normalization, SliceResizer
+from .slices import labelled_mask
 
 log = logging.getLogger(__name__)
 
@@ -156,8 +157,9 @@ class Case:
 
 
 def _labelled_from_values(label_values_frame: np.ndarray) -> np.ndarray:
-    """``(N, H, W)`` label values -> ``(N,)`` bool: slices holding any non-zero value."""
-    return np.any(label_values_frame != 0, axis=(1, 2))
+    """``(N, H, W)`` label values -> ``(N,)`` bool: slices holding any non-zero value (the one
+    rule, :func:`TSKDLib.slices.labelled_mask`)."""
+    return labelled_mask(label_values_frame, axis=0)
 
 
 def load_case(image: str | Path, labels: str | Path | None = None,

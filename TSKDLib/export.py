@@ -47,9 +47,9 @@ def sha256_file(path: str | Path) -> str:
 
 def tool_versions() -> dict:
     """Versions of TSKD and of the libraries that produced the package."""
-    import TSKDLib
+    from .version import __version__
 
-    out = {"tskd": TSKDLib.__version__, "python": platform.python_version(), "torch": torch.__version__}
+    out = {"tskd": __version__, "python": platform.python_version(), "torch": torch.__version__}
     for mod in ("monai", "onnx", "onnxruntime", "timm", "SimpleITK"):
         try:
             m = __import__(mod)

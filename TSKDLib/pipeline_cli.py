@@ -19,12 +19,12 @@ def _reporter(args):
 
 
 def _labelled_slices(values: list[str] | None, n_images: int):
-    from .cli import _parse_slices
+    from .cli_args import parse_slices_arg
     if not values:
         return None
     if len(values) == 1 and n_images > 1:
         values = values * n_images
-    return [None if v.strip().lower() in ("", "auto", "none") else _parse_slices(v) for v in values]
+    return [None if v.strip().lower() in ("", "auto", "none") else parse_slices_arg(v) for v in values]
 
 
 def cmd_train(args) -> int:
@@ -127,7 +127,7 @@ def add_pipeline_commands(sub) -> None:
     syn.add_argument("--synthesis", action="store_true",
                      help="run the diffusion synthesis stage (default: only on a CUDA GPU)")
     syn.add_argument("--no-synthesis", action="store_true", help="skip the diffusion synthesis stage")
-    from .cli import add_axis_argument
+    from .cli_args import add_axis_argument
     add_axis_argument(t, default=None, help="slice axis: acquisition (default: each scan's own slices, the voxel "
                       "axis the file stacks, even when oblique), or axial, coronal, sagittal for near-isotropic "
                       "volumes; recorded in the model package")
