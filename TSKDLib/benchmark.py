@@ -72,25 +72,18 @@ def choose_labelled_2d(train: list, budget: int, seed: int) -> tuple[list, list]
     return labelled, [c for c in train if id(c) not in ids]
 
 
-def _set_labelled(case, flags: np.ndarray):
-    import copy
-    c = copy.copy(case)
-    c.labelled = flags
-    return c
-
-
 def _slices_2d(labelled: list, unlabelled: list, size: int):
-    from .case import prepare_slices
+    from .case import prepare_slices, with_labelled
 
-    cases = [_set_labelled(c, np.ones(1, bool)) for c in labelled] + \
-            [_set_labelled(c, np.zeros(1, bool)) for c in unlabelled]
+    cases = [with_labelled(c, np.ones(1, bool)) for c in labelled] + \
+            [with_labelled(c, np.zeros(1, bool)) for c in unlabelled]
     return prepare_slices(cases, size)
 
 
 def _slices_3d(train: list, budget: int, seed: int, size: int):
     """Label ``budget`` slices per training volume: evenly spaced over the slices that hold a
     target class, with a seeded offset; the other slices are unlabelled."""
-    from .case import prepare_slices
+    from .case import prepare_slices, with_labelled
 
     rng = np.random.default_rng(seed)
     cases = []
@@ -104,27 +97,14 @@ def _slices_3d(train: list, budget: int, seed: int, size: int):
         pick = holding[np.minimum((offset + step * np.arange(budget)).astype(int), len(holding) - 1)]
         flags = np.zeros(c.num_slices, bool)
         flags[pick] = True
-        cases.append(_set_labelled(c, flags))
+        cases.append(with_labelled(c, flags))
     return prepare_slices(cases, size)
-
-
-def predict_case(predict_proba, case, size: int) -> np.ndarray:
-    """Label slices ``(N, H, W)`` at native resolution from a ``(b,1,S,S) -> (b,K+1,S,S)`` model."""
-    import torch
-
-    from .case import prepare_case_slices
-
-    images, _, resizer, _ = prepare_case_slices(case, size)
-    out = []
-    with torch.inference_mode():
-        for i in range(0, len(images), 8):
-            probs = predict_proba(images[i:i + 8]).float()
-            out.append(resizer.from_model(probs, "bilinear").argmax(1).to(torch.uint8))
-    return torch.cat(out).numpy()
 
 
 def evaluate(predict_proba, data: BenchmarkData, size: int) -> list[dict]:
     """Per test case and class: Dice and HD95 (mm when the case has spacing)."""
+    from .case import predict_case
+
     rows = []
     k = data.test[0].class_map.num_classes
     for case in data.test:

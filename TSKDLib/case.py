@@ -353,6 +353,29 @@ def prepare_case_slices(case: Case, size: int = 256, normalization: Normalizatio
     return imgs, labels, resizer, norm_dict
 
 
+def with_labelled(case: Case, flags: np.ndarray) -> Case:
+    """A shallow copy of ``case`` whose labelled slices are ``flags``, ``(N,)`` bool over the
+    case's slices in slice-frame order (benchmarks choose which slices count as labelled)."""
+    import copy
+
+    c = copy.copy(case)
+    c.labelled = flags
+    return c
+
+
+def predict_case(predict_proba, case: Case, size: int) -> np.ndarray:
+    """Label slices ``(N, H, W)`` uint8 at native resolution (slice-frame order) from a model
+    ``(b, 1, S, S) -> (b, K+1, S, S)`` class probabilities at model size ``S = size``
+    (argmax after :meth:`SliceResizer.from_model`, bilinear; batches of 8)."""
+    images, _, resizer, _ = prepare_case_slices(case, size)
+    out = []
+    with torch.inference_mode():
+        for i in range(0, len(images), 8):
+            probs = predict_proba(images[i:i + 8]).float()
+            out.append(resizer.from_model(probs, "bilinear").argmax(1).to(torch.uint8))
+    return torch.cat(out).numpy()
+
+
 def prepare_slices(cases: Sequence[Case], size: int = 256,
                    normalization: Normalization | str | None = None,
                    only_labelled: bool = False) -> SliceSet:

@@ -121,7 +121,7 @@ class SparseConfig:
 
 
 def _with_sparse_labels(case, per_class: int):
-    from .benchmark import _set_labelled
+    from .case import with_labelled
 
     lab = case.label_slices()
     picks = sparse_slice_indices(lab, case.class_map.num_classes, per_class)
@@ -130,7 +130,7 @@ def _with_sparse_labels(case, per_class: int):
                          "Check the class map and the label file.")
     flags = np.zeros(case.num_slices, bool)
     flags[picks] = True
-    return _set_labelled(case, flags), picks
+    return with_labelled(case, flags), picks
 
 
 def _spacing(case) -> tuple[float, float, float]:
@@ -145,7 +145,8 @@ def _proba_to_labels(probs, resizer) -> np.ndarray:
 
 
 def _predict(proba: Callable, case, size: int) -> np.ndarray:
-    from .benchmark import predict_case
+    from .case import predict_case
+
     return predict_case(proba, case, size)
 
 
