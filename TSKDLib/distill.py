@@ -61,6 +61,7 @@ from . import distributed
 from .errors import CheckpointError, ConfigError, InputError
 from .io import atomic_write
 from .progress import NullProgress, ProgressReporter
+from .runtime import resolve_device
 from .student import StudentConfig, StudentNet, build_student, save_student
 
 log = logging.getLogger(__name__)
@@ -668,12 +669,6 @@ def _lr_at(step: int, cfg: DistillConfig, phase_end: int | None = None, planned:
     return cfg.finetune_lr * 0.5 * (1 + math.cos(math.pi * k / max(cfg.finetune_steps, 1)))
 
 
-def _resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def _sample(step: int, cfg: DistillConfig, transfer: TransferSet, g: torch.Generator, use_kd: bool,
             phase_end: int | None = None) -> np.ndarray:
     lab_idx = torch.nonzero(transfer.labelled).flatten()
@@ -858,7 +853,7 @@ def distill(transfer: TransferSet, config: DistillConfig | None = None, cache: T
         torch.set_num_threads(int(cfg.num_threads))
     distributed.init(cfg.device)  # no-op without torchrun or when already initialised
     n_ranks, rank, main = distributed.world_size(), distributed.rank(), distributed.is_main()
-    device = distributed.device_for(_resolve_device(cfg.device))
+    device = distributed.device_for(resolve_device(cfg.device))
     progress = progress or NullProgress()
     if not main:
         progress = NullProgress()  # only rank 0 reports

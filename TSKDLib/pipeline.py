@@ -158,16 +158,12 @@ def setup_device(device: str, threads: int | None, progress: ProgressReporter) -
     (:func:`TSKDLib.runtime.tune_allocator`); says when a GPU would help."""
     import torch
 
-    from .runtime import tune_allocator
+    from .runtime import resolve_device, tune_allocator
 
     tune_allocator()
     if threads:
         torch.set_num_threads(int(threads))
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device {device!r} requested but CUDA is not available.",
-                          fix="use --device cpu (or auto), or install a CUDA build of PyTorch.")
+    device = str(resolve_device(device))
     if device == "cpu":
         progress.log(f"running on the CPU with {torch.get_num_threads()} threads; a CUDA GPU would make "
                      "teacher fine-tuning, synthesis and distillation 10-50x faster.")

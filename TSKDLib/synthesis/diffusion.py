@@ -30,20 +30,11 @@ import torch.nn.functional as F
 from ..errors import CheckpointError, ConfigError
 from .config import SynthesisConfig
 from ..io import guard_write, replace_dir
+from ..runtime import resolve_device
 
 log = logging.getLogger(__name__)
 
 META_FILE = "tskd_diffusion.json"
-
-
-def resolve_device(device: str) -> torch.device:
-    """``"auto"`` -> CUDA when available, else CPU."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"synthesis device {device!r} requested but CUDA is not available.",
-                          fix="Use device='cpu' or 'auto'.")
-    return torch.device(device)
 
 
 class torch_threads:

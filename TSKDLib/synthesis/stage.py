@@ -28,9 +28,10 @@ import torch.nn.functional as F
 from ..case import SliceSet
 from ..errors import ConfigError
 from ..progress import NullProgress, ProgressReporter
+from ..runtime import resolve_device
 from .config import SynthesisConfig
 from .diffusion import (DiffusionModel, labels_to_resolution, make_condition, random_affine,
-                        resolve_device, torch_threads, train_diffusion, warp_labels)
+                        torch_threads, train_diffusion, warp_labels)
 from .report import dice_per_slice, intensity_histogram_distance, save_grid
 from .transfer import SyntheticTransferSet, TeacherProba, label_images
 

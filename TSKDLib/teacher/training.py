@@ -23,6 +23,7 @@ from torch import nn
 from TSKDLib import distributed
 from TSKDLib.errors import CheckpointError, ConfigError, LabelError
 from TSKDLib.progress import NullProgress, ProgressReporter
+from TSKDLib.runtime import resolve_device
 from TSKDLib.teacher.lora import DEFAULT_TARGETS, FAST_TARGETS, LoraSettings
 from TSKDLib.teacher.model import TaskSpecificTeacher, autocast_for, class_logits, labelmap
 
@@ -150,15 +151,6 @@ class TeacherConfig:
         if unknown:
             raise ConfigError(f"unknown teacher setting(s) {sorted(unknown)}.")
         return cls(**data)
-
-
-def resolve_device(device: str) -> torch.device:
-    """``"auto"`` -> CUDA if available else CPU."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if str(device).startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError("device 'cuda' was requested but no CUDA GPU is available.", fix="use device auto or cpu.")
-    return torch.device(device)
 
 
 # -- loss and metric ---------------------------------------------------------------------------------
