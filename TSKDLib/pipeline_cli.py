@@ -89,7 +89,7 @@ def cmd_export(args) -> int:
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
-    return run_demo(out=args.out, preset=args.preset, overwrite=args.overwrite, device=args.device,
+    return run_demo(args.data, out=args.out, preset=args.preset, overwrite=args.overwrite, device=args.device,
                     progress=_reporter(args))
 
 
@@ -162,6 +162,8 @@ def add_pipeline_commands(sub) -> None:
     d = sub.add_parser("demo", parents=[common], help="train on 4 labelled slices of the bundled CT, segment it, "
                                                      "print Dice on the other slices")
     d.add_argument("--out", default="runs/demo", help="run directory (default runs/demo)")
+    d.add_argument("--data", default="Testing/Data/totalseg",
+                   help="the demo data folder (default Testing/Data/totalseg: run from a TSKD checkout's root)")
     d.add_argument("--preset", default="fast", choices=["fast", "balanced", "quality"])
     d.set_defaults(func=cmd_demo)
 
