@@ -450,6 +450,19 @@ def atomic_dir(directory: str | Path, create: bool = True):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def write_csv(path: str | Path, rows: list[dict]) -> Path:
+    """Write ``rows`` (dicts with the same keys, the first row's order giving the columns) as a
+    CSV table with a header line, atomically (:func:`atomic_write`, replacing any previous file)."""
+    import csv
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
+            w.writeheader()
+            w.writerows(rows)
+    return atomic_write(Path(path), write, overwrite=True)
+
+
 def write_labelmap(labels: sitk.Image, path: str | Path, class_map: ClassMap,
                    overwrite: bool = False) -> Path:
     """Write a labelmap of *class indices* ``0..K`` in file label values.

@@ -131,3 +131,20 @@ def nanstd(values) -> float:
     """Standard deviation of the values that are neither None nor NaN (0 for one, NaN for none)."""
     vals = [v for v in values if v is not None and not math.isnan(v)]
     return float(np.std(vals)) if len(vals) > 1 else (0.0 if vals else math.nan)
+
+
+def summarise_seeds(groups: dict) -> dict:
+    """Mean and spread over seeds of per-seed mean scores (the benchmarks' tables).
+
+    ``groups``: ``{key: {seed: [rows with "dice" and "hd95"]}}``. Per seed, the rows' Dice and HD95
+    are averaged with :func:`nanmean` (a class absent from prediction and reference does not
+    count); then, over seeds: ``{key: {"dice_mean", "dice_std", "hd95_mean", "hd95_std", "n"
+    (rows), "seeds"}}`` (:func:`nanmean`, :func:`nanstd`).
+    """
+    out = {}
+    for key, by_seed in groups.items():
+        dice = [nanmean([r["dice"] for r in rs]) for rs in by_seed.values()]
+        hd = [nanmean([r["hd95"] for r in rs]) for rs in by_seed.values()]
+        out[key] = {"dice_mean": nanmean(dice), "dice_std": nanstd(dice), "hd95_mean": nanmean(hd),
+                    "hd95_std": nanstd(hd), "n": sum(len(rs) for rs in by_seed.values()), "seeds": len(by_seed)}
+    return out

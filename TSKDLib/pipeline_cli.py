@@ -94,7 +94,7 @@ def cmd_demo(args) -> int:
 
 
 def cmd_benchmark(args) -> int:
-    from .benchmark import run_benchmark_cli
+    from .benchmark_cli import run_benchmark_cli
 
     return run_benchmark_cli(args)
 
@@ -169,6 +169,6 @@ def add_pipeline_commands(sub) -> None:
 
     b = sub.add_parser("benchmark", parents=[common], help="compare scratch, task-agnostic KD, TS-KD without "
                                                           "and with synthesis, and the teacher")
-    from .benchmark import add_benchmark_arguments
+    from .benchmark_cli import add_benchmark_arguments
     add_benchmark_arguments(b)
     b.set_defaults(func=cmd_benchmark)
