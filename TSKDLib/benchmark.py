@@ -31,6 +31,7 @@ import numpy as np
 from .errors import ConfigError
 from .metrics import dice_hd95, summarise_seeds
 from .progress import NullProgress, ProgressReporter
+from .slices import labelled_mask
 
 ALL_METHODS = ("scratch", "task_agnostic", "tskd_nosyn", "tskd", "teacher")
 
@@ -87,7 +88,7 @@ def _slices_3d(train: list, budget: int, seed: int, size: int):
     cases = []
     for c in train:
         lab = c.label_slices()
-        holding = np.flatnonzero(lab.reshape(lab.shape[0], -1).max(1) > 0)
+        holding = np.flatnonzero(labelled_mask(lab))  # slices holding a target class
         if len(holding) < budget:
             raise ConfigError(f"volume {c.name} has only {len(holding)} slices with the target classes.")
         step = len(holding) / budget
