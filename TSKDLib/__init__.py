@@ -5,7 +5,7 @@ al., "Task-specific knowledge distillation from the vision foundation model for 
 image segmentation", arXiv 2503.06976.
 """
 
-__version__ = "0.1.0"
+from .version import __version__  # noqa: F401
 
 from .errors import (CheckpointError, ConfigError, GeometryError, InputError, LabelError,  # noqa: F401
                      ModelPackageError, RunExistsError, TSKDError, CorruptFileError, DicomSeriesError,

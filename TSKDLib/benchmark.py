@@ -19,20 +19,19 @@ class), ``results.md`` (mean and std over seeds of Dice and HD95), ``dice_vs_bud
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
-from .errors import ConfigError, InputError
-from .metrics import dice_hd95, nanmean, nanstd
+from .errors import ConfigError
+from .metrics import dice_hd95, summarise_seeds
 from .progress import NullProgress, ProgressReporter
+from .slices import labelled_mask
 
 ALL_METHODS = ("scratch", "task_agnostic", "tskd_nosyn", "tskd", "teacher")
 
@@ -72,31 +71,24 @@ def choose_labelled_2d(train: list, budget: int, seed: int) -> tuple[list, list]
     return labelled, [c for c in train if id(c) not in ids]
 
 
-def _set_labelled(case, flags: np.ndarray):
-    import copy
-    c = copy.copy(case)
-    c.labelled = flags
-    return c
-
-
 def _slices_2d(labelled: list, unlabelled: list, size: int):
-    from .case import prepare_slices
+    from .case import prepare_slices, with_labelled
 
-    cases = [_set_labelled(c, np.ones(1, bool)) for c in labelled] + \
-            [_set_labelled(c, np.zeros(1, bool)) for c in unlabelled]
+    cases = [with_labelled(c, np.ones(1, bool)) for c in labelled] + \
+            [with_labelled(c, np.zeros(1, bool)) for c in unlabelled]
     return prepare_slices(cases, size)
 
 
 def _slices_3d(train: list, budget: int, seed: int, size: int):
     """Label ``budget`` slices per training volume: evenly spaced over the slices that hold a
     target class, with a seeded offset; the other slices are unlabelled."""
-    from .case import prepare_slices
+    from .case import prepare_slices, with_labelled
 
     rng = np.random.default_rng(seed)
     cases = []
     for c in train:
         lab = c.label_slices()
-        holding = np.flatnonzero(lab.reshape(lab.shape[0], -1).max(1) > 0)
+        holding = np.flatnonzero(labelled_mask(lab))  # slices holding a target class
         if len(holding) < budget:
             raise ConfigError(f"volume {c.name} has only {len(holding)} slices with the target classes.")
         step = len(holding) / budget
@@ -104,27 +96,14 @@ def _slices_3d(train: list, budget: int, seed: int, size: int):
         pick = holding[np.minimum((offset + step * np.arange(budget)).astype(int), len(holding) - 1)]
         flags = np.zeros(c.num_slices, bool)
         flags[pick] = True
-        cases.append(_set_labelled(c, flags))
+        cases.append(with_labelled(c, flags))
     return prepare_slices(cases, size)
-
-
-def predict_case(predict_proba, case, size: int) -> np.ndarray:
-    """Label slices ``(N, H, W)`` at native resolution from a ``(b,1,S,S) -> (b,K+1,S,S)`` model."""
-    import torch
-
-    from .case import prepare_case_slices
-
-    images, _, resizer, _ = prepare_case_slices(case, size)
-    out = []
-    with torch.inference_mode():
-        for i in range(0, len(images), 8):
-            probs = predict_proba(images[i:i + 8]).float()
-            out.append(resizer.from_model(probs, "bilinear").argmax(1).to(torch.uint8))
-    return torch.cat(out).numpy()
 
 
 def evaluate(predict_proba, data: BenchmarkData, size: int) -> list[dict]:
     """Per test case and class: Dice and HD95 (mm when the case has spacing)."""
+    from .case import predict_case
+
     rows = []
     k = data.test[0].class_map.num_classes
     for case in data.test:
@@ -161,128 +140,174 @@ def run_benchmark(data: BenchmarkData, config: BenchmarkConfig, out: str | Path,
     import torch
 
     from .config import PipelineConfig
-    from .runtime import tune_allocator
-    from .distill import TeacherCache, TransferSet, build_teacher_cache, distill, method_config
-    from .teacher import TaskAgnosticTeacher, build_teacher, finetune_teacher, load_foundation_model
 
-    unknown = set(config.methods) - set(ALL_METHODS)
-    if unknown:
-        raise ConfigError(f"unknown method(s) {sorted(unknown)}; choose from {list(ALL_METHODS)}.")
-    progress = progress or NullProgress()
-    tune_allocator()
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    progress, out = start_run(config.methods, ALL_METHODS, progress, out)
     pc = PipelineConfig(preset=config.preset, teacher=config.teacher, synthesis=config.synthesis,
                         distillation=config.distillation, device=config.device)
     pc.data.images = ["-"]
     stage = pc.stage_configs()
     rows: list[dict] = []
-    timings: dict[str, list[float]] = {}
-
-    def timed(name, fn):
-        t0 = time.monotonic()
-        r = fn()
-        timings.setdefault(name, []).append(time.monotonic() - t0)
-        return r
-
-    agnostic = None
+    timer = _Timer()
+    shared: dict = {}  # the task-agnostic teacher, loaded once
     runs = [(b, s) for b in config.budgets for s in config.seeds]
     progress.stage_start("benchmark", len(runs) * len(config.methods))
     for budget, seed in runs:
         torch.manual_seed(seed)
-        if data.kind == "2d":
-            lab, unl = choose_labelled_2d(data.train, budget, seed)
-            unl = unl[: config.max_unlabelled]
-            slices = _slices_2d(lab, unl, config.size)
-        else:
-            slices = _slices_3d(data.train, budget, seed, config.size)
-        transfer = TransferSet.build(slices)
-        tcfg = stage["teacher"]
-        tcfg.seed = seed
-        need_teacher = {"teacher", "tskd", "tskd_nosyn"} & set(config.methods)
-        teacher = None
-        if need_teacher:
-            from .dataset import SliceDataset
-            t = build_teacher(slices.class_map.names, tcfg)
-            teacher, _ = timed("teacher_finetune", lambda: finetune_teacher(
-                t, SliceDataset(slices.labelled_subset(), augment=True, seed=seed), tcfg))
-            teacher.eval()
-        dcfg = stage["distillation"]
-        dcfg.seed = seed
-
-        def record(method, proba):
+        for method, proba in _trained_methods(data, config, stage, budget, seed, timer, shared):
             for r in evaluate(proba, data, config.size):
                 rows.append({"dataset": data.name, "method": method, "budget": budget, "seed": seed, **r})
             progress.update(message=f"{method} budget {budget} seed {seed}")
-
-        def student_proba(model):
-            model.eval()
-            return lambda x: torch.softmax(model(x), 1)
-
-        if "teacher" in config.methods:
-            record("teacher", lambda x: teacher.predict_proba(x))
-        if "scratch" in config.methods:
-            res = timed("distill_scratch", lambda: distill(transfer, method_config("scratch", dcfg),
-                                                            student=stage["student"]))
-            record("scratch", student_proba(res.model))
-        real_cache = None
-        if {"tskd_nosyn", "tskd"} & set(config.methods):
-            # teacher outputs on the real transfer slices, computed once and shared
-            real_cache = timed("teacher_cache", lambda: build_teacher_cache(teacher, transfer.images))
-        if "task_agnostic" in config.methods:
-            if real_cache is not None and not teacher.adapts_encoder:
-                # decoder-side LoRA leaves the encoder as pre-trained: same embeddings
-                cache = TeacherCache(None, real_cache.embedding)
-            else:
-                if agnostic is None:
-                    agnostic = TaskAgnosticTeacher(load_foundation_model(tcfg.backend, tcfg.checkpoint))
-                cache = timed("teacher_cache", lambda: build_teacher_cache(
-                    lambda x: agnostic.embed(x), transfer.images, with_probs=False))
-            res = timed("distill_task_agnostic", lambda: distill(
-                transfer, method_config("task_agnostic", dcfg), cache, student=stage["student"]))
-            record("task_agnostic", student_proba(res.model))
-        if "tskd_nosyn" in config.methods:
-            res = timed("distill_tskd_nosyn", lambda: distill(
-                transfer, method_config("tskd", dcfg), real_cache, student=stage["student"]))
-            record("tskd_nosyn", student_proba(res.model))
-        if "tskd" in config.methods:
-            import tempfile
-
-            from .synthesis import run_synthesis
-            scfg = stage["synthesis"]
-            scfg.seed = seed
-            with tempfile.TemporaryDirectory(prefix="tskd-bench-syn-") as tmp:
-                syn = timed("synthesis", lambda: run_synthesis(slices, teacher.predict_proba, tmp, scfg))
-                full = TransferSet.build(slices, syn.images)
-                cache = real_cache
-                if len(full) > len(transfer):
-                    syn_cache = timed("teacher_cache", lambda: build_teacher_cache(teacher, full.images[len(transfer):]))
-                    cache = TeacherCache(np.concatenate([real_cache.probs, syn_cache.probs]),
-                                         np.concatenate([real_cache.embedding, syn_cache.embedding]))
-                res = timed("distill_tskd", lambda: distill(full, method_config("tskd", dcfg), cache,
-                                                            student=stage["student"]))
-            record("tskd", student_proba(res.model))
-        _write_outputs(out, rows, timings, config)
+        _write_outputs(out, rows, timer.runs, config)
     progress.stage_end({})
     summary = summarise(rows)
-    return {"rows": rows, "summary": summary, "timings": {k: float(np.mean(v)) for k, v in timings.items()}}
+    return {"rows": rows, "summary": summary, "timings": {k: float(np.mean(v)) for k, v in timer.runs.items()}}
+
+
+def start_run(methods, known, progress: ProgressReporter | None, out: str | Path) -> tuple:
+    """Common start of a benchmark run: check ``methods`` against ``known`` (:class:`ConfigError`
+    naming the unknown ones), tune the allocator, create ``out``. Returns ``(progress, out)``
+    with a :class:`NullProgress` for None and ``out`` as a ``Path``."""
+    from .runtime import tune_allocator
+
+    unknown = set(methods) - set(known)
+    if unknown:
+        raise ConfigError(f"unknown method(s) {sorted(unknown)}; choose from {list(known)}.")
+    tune_allocator()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    return progress or NullProgress(), out
+
+
+def student_proba(model):
+    """A student as a ``(b, 1, S, S) -> (b, K+1, S, S)`` probability function (eval mode)."""
+    import torch
+
+    model.eval()
+    return lambda x: torch.softmax(model(x), 1)
+
+
+def with_synthetic_outputs(teacher, cache, images):
+    """``cache`` (teacher outputs on the real transfer slices) followed by the teacher's outputs
+    on the synthetic ``images`` ``(M, 1, S, S)``: the cache of the real + synthetic transfer set."""
+    from .distill import TeacherCache, build_teacher_cache
+
+    syn_cache = build_teacher_cache(teacher, images)
+    return TeacherCache(np.concatenate([cache.probs, syn_cache.probs]),
+                        np.concatenate([cache.embedding, syn_cache.embedding]))
+
+
+class _Timer:
+    """Wall-clock seconds of each run of each named step: ``runs = {name: [seconds, ...]}``."""
+
+    def __init__(self):
+        self.runs: dict[str, list[float]] = {}
+
+    def __call__(self, name: str, fn):
+        """``fn()``, timed under ``name``; returns its result."""
+        t0 = time.monotonic()
+        r = fn()
+        self.runs.setdefault(name, []).append(time.monotonic() - t0)
+        return r
+
+
+def _trained_methods(data: BenchmarkData, config: BenchmarkConfig, stage: dict, budget: int, seed: int,
+                     timed: _Timer, shared: dict):
+    """Train each method of ``config.methods`` on one (budget, seed) draw, in a fixed order
+    (teacher, scratch, task_agnostic, tskd_nosyn, tskd); yields ``(method, predict_proba)`` as
+    each is ready (the caller scores it before the next one trains)."""
+    from .distill import TransferSet, build_teacher_cache, distill, method_config
+
+    if data.kind == "2d":
+        lab, unl = choose_labelled_2d(data.train, budget, seed)
+        slices = _slices_2d(lab, unl[: config.max_unlabelled], config.size)
+    else:
+        slices = _slices_3d(data.train, budget, seed, config.size)
+    transfer = TransferSet.build(slices)
+    tcfg = stage["teacher"]
+    tcfg.seed = seed
+    need_teacher = {"teacher", "tskd", "tskd_nosyn"} & set(config.methods)
+    teacher = _finetuned_teacher(slices, tcfg, seed, timed) if need_teacher else None
+    dcfg = stage["distillation"]
+    dcfg.seed = seed
+    if "teacher" in config.methods:
+        yield "teacher", lambda x: teacher.predict_proba(x)
+    if "scratch" in config.methods:
+        res = timed("distill_scratch", lambda: distill(transfer, method_config("scratch", dcfg), student=stage["student"]))
+        yield "scratch", student_proba(res.model)
+    real_cache = None
+    if {"tskd_nosyn", "tskd"} & set(config.methods):
+        # teacher outputs on the real transfer slices, computed once and shared
+        real_cache = timed("teacher_cache", lambda: build_teacher_cache(teacher, transfer.images))
+    if "task_agnostic" in config.methods:
+        cache = _task_agnostic_cache(teacher, real_cache, transfer, tcfg, timed, shared)
+        res = timed("distill_task_agnostic", lambda: distill(
+            transfer, method_config("task_agnostic", dcfg), cache, student=stage["student"]))
+        yield "task_agnostic", student_proba(res.model)
+    if "tskd_nosyn" in config.methods:
+        res = timed("distill_tskd_nosyn", lambda: distill(
+            transfer, method_config("tskd", dcfg), real_cache, student=stage["student"]))
+        yield "tskd_nosyn", student_proba(res.model)
+    if "tskd" in config.methods:
+        yield "tskd", student_proba(_tskd_with_synthesis(slices, transfer, teacher, real_cache, stage, seed, timed))
+
+
+def _finetuned_teacher(slices, tcfg, seed: int, timed: _Timer):
+    """The task-specific teacher fine-tuned on the labelled slices (eval mode)."""
+    from .dataset import SliceDataset
+    from .teacher import build_teacher, finetune_teacher
+
+    t = build_teacher(slices.class_map.names, tcfg)
+    teacher, _ = timed("teacher_finetune", lambda: finetune_teacher(
+        t, SliceDataset(slices.labelled_subset(), augment=True, seed=seed), tcfg))
+    teacher.eval()
+    return teacher
+
+
+def _task_agnostic_cache(teacher, real_cache, transfer, tcfg, timed: _Timer, shared: dict):
+    """Embeddings of the pre-trained foundation model on the transfer slices (no probabilities)."""
+    from .distill import TeacherCache, build_teacher_cache
+    from .teacher import TaskAgnosticTeacher, load_foundation_model
+
+    if real_cache is not None and not teacher.adapts_encoder:
+        # decoder-side LoRA leaves the encoder as pre-trained: same embeddings
+        return TeacherCache(None, real_cache.embedding)
+    if "agnostic" not in shared:
+        shared["agnostic"] = TaskAgnosticTeacher(load_foundation_model(tcfg.backend, tcfg.checkpoint))
+    agnostic = shared["agnostic"]
+    return timed("teacher_cache", lambda: build_teacher_cache(lambda x: agnostic.embed(x), transfer.images,
+                                                              with_probs=False))
+
+
+def _tskd_with_synthesis(slices, transfer, teacher, real_cache, stage: dict, seed: int, timed: _Timer):
+    """TS-KD's student: synthesis (in a temporary folder), then distillation on real + synthetic."""
+    import tempfile
+
+    from .distill import TransferSet, distill, method_config
+    from .synthesis import run_synthesis
+
+    scfg = stage["synthesis"]
+    scfg.seed = seed
+    with tempfile.TemporaryDirectory(prefix="tskd-bench-syn-") as tmp:
+        syn = timed("synthesis", lambda: run_synthesis(slices, teacher.predict_proba, tmp, scfg))
+        full = TransferSet.build(slices, syn.images)
+        cache = real_cache
+        if len(full) > len(transfer):
+            cache = timed("teacher_cache", lambda: with_synthetic_outputs(teacher, real_cache, full.images[len(transfer):]))
+        res = timed("distill_tskd", lambda: distill(full, method_config("tskd", stage["distillation"]), cache,
+                                                    student=stage["student"]))
+    return res.model
 
 
 def summarise(rows: list[dict]) -> dict:
-    """Mean and std over seeds of the per-seed mean Dice/HD95 (over test cases and classes).
+    """Mean and std over seeds of the per-seed mean Dice/HD95 (over test cases and classes):
+    ``{(dataset, method, budget): {...}}`` (:func:`TSKDLib.metrics.summarise_seeds`).
 
     Per seed, a class absent from both prediction and reference in a case does not count."""
     per: dict[tuple, dict[int, list]] = {}
     for r in rows:
         key = (r["dataset"], r["method"], r["budget"])
         per.setdefault(key, {}).setdefault(r["seed"], []).append(r)
-    out = {}
-    for key, by_seed in per.items():
-        dice = [nanmean([r["dice"] for r in rs]) for rs in by_seed.values()]
-        hd = [nanmean([r["hd95"] for r in rs]) for rs in by_seed.values()]
-        out[key] = {"dice_mean": nanmean(dice), "dice_std": nanstd(dice), "hd95_mean": nanmean(hd),
-                    "hd95_std": nanstd(hd), "seeds": len(by_seed)}
-    return out
+    return summarise_seeds(per)
 
 
 def _fmt(m, s, digits):
@@ -294,10 +319,9 @@ def _fmt(m, s, digits):
 def _write_outputs(out: Path, rows: list[dict], timings: dict, config: BenchmarkConfig) -> None:
     if not rows:
         return
-    with open(out / "results.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
-        w.writeheader()
-        w.writerows(rows)
+    from .io import write_csv
+
+    write_csv(out / "results.csv", rows)
     summary = summarise(rows)
     budgets = sorted({k[2] for k in summary})
     lines = ["| dataset | method | " + " | ".join(f"Dice @{b}" for b in budgets) + " | " +
@@ -335,128 +359,3 @@ def _write_outputs(out: Path, rows: list[dict], timings: dict, config: Benchmark
         plt.close(fig)
     except Exception as exc:  # plotting must not lose the figures already written
         warnings.warn(f"plot not written: {exc}")
-
-
-# ------------------------------------------------------------------------------------------------
-# Command line
-# ------------------------------------------------------------------------------------------------
-def add_benchmark_arguments(p) -> None:
-    p.add_argument("--images", help="2D dataset: folder of images (HC18: images/)")
-    p.add_argument("--masks", help="2D dataset: folder of masks (HC18: masks/)")
-    p.add_argument("--mask-suffix", default="_Annotation", help="mask file name = image stem + suffix")
-    p.add_argument("--mask-threshold", type=int, default=128, help="binarise 0/255 masks (none: -1)")
-    p.add_argument("--test-subjects", type=int, default=20, help="2D: number of held-out test subjects")
-    p.add_argument("--volumes", nargs="+", help="3D training volumes as IMAGE::LABELS")
-    p.add_argument("--test-volumes", nargs="+", help="3D held-out volumes as IMAGE::LABELS")
-    p.add_argument("--class-map", required=True, help="JSON {value: name}")
-    p.add_argument("--classes", nargs="+", help="classes to learn (default: all)")
-    p.add_argument("--budgets", nargs="+", type=int, default=[5, 10, 20],
-                   help="labelled images (2D) or labelled slices per volume (3D)")
-    p.add_argument("--seeds", nargs="+", type=int, default=[0])
-    p.add_argument("--methods", nargs="+", default=None, choices=sorted(set(ALL_METHODS) | {"fill_between"}),
-                   help="default: every method of the protocol (sparse-slices: fill_between teacher scratch "
-                        "tskd_nosyn)")
-    p.add_argument("--preset", default="fast", choices=["fast", "balanced", "quality"])
-    p.add_argument("--max-unlabelled", type=int, default=60, help="2D: unlabelled training images used")
-    p.add_argument("--name", default=None, help="dataset name in the tables")
-    p.add_argument("--config", help="JSON with 'teacher', 'synthesis', 'distillation', 'student' overrides")
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--protocol", default="random", choices=["random", "sparse-slices"],
-                   help="random: --budgets slices per volume / images (the paper's comparison); "
-                        "sparse-slices: per class the slices at 25/50/75%% of its extent, scored within "
-                        "the scan and on the other --volumes (TSKDLib.sparse_benchmark)")
-    p.add_argument("--slices-per-class", type=int, default=3, help="sparse-slices: labelled slices per class")
-    p.add_argument("--train-groups", nargs="+", default=None,
-                   help="sparse-slices: training groups as comma-separated indices into --volumes "
-                        "(e.g. 0,1,2); default: each volume alone")
-    p.add_argument("--skip-teacher-other", action="store_true",
-                   help="sparse-slices: do not run the teacher on the other scans (slow on a CPU)")
-    p.add_argument("--within-only", action="store_true",
-                   help="sparse-slices: score within the training scans only (skip the other scans)")
-    p.add_argument("--work-dir", default=None,
-                   help="keep each experiment's teacher and teacher outputs here and reuse them on rerun")
-    from .cli import add_axis_argument
-    add_axis_argument(p)  # 3D volumes: slice axis (default acquisition)
-
-
-def _pair(spec: str) -> tuple[str, str]:
-    if "::" not in spec:
-        raise ConfigError(f"volume {spec!r} must be IMAGE::LABELS.")
-    a, b = spec.split("::", 1)
-    return a, b
-
-
-def load_benchmark_data(args) -> BenchmarkData:
-    from .case import load_2d_cases, load_case
-    from .geometry import LabelGeometryWarning
-
-    if args.images:
-        cases = load_2d_cases(args.images, args.masks, args.class_map, mask_suffix=args.mask_suffix,
-                              mask_threshold=None if args.mask_threshold < 0 else args.mask_threshold)
-        cases = [c for c in cases if c.labels is not None]
-        train, test = split_2d(cases, args.test_subjects)
-        return BenchmarkData(train, test, "2d", args.name or Path(args.images).resolve().parent.name)
-    if not args.volumes or not args.test_volumes:
-        raise InputError("give --images/--masks (2D) or --volumes and --test-volumes (3D).")
-    return BenchmarkData(*_load_volumes(args, args.volumes, args.test_volumes), "3d", args.name or "volumes")
-
-
-def _load_volumes(args, train_specs, test_specs) -> tuple[list, list]:
-    from .case import load_case
-    from .geometry import LabelGeometryWarning
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", LabelGeometryWarning)
-        axis = getattr(args, "axis", None) or "acquisition"
-        train = [load_case(*_pair(v), args.class_map, classes=args.classes, axis=axis) for v in train_specs]
-        test = [load_case(*_pair(v), args.class_map, classes=args.classes, axis=axis) for v in test_specs]
-    return train, test
-
-
-def _run_sparse_cli(args, extra: dict) -> int:
-    from .sparse_benchmark import SPARSE_METHODS, SparseConfig, run_sparse_benchmark
-
-    if not args.volumes:
-        raise InputError("the sparse-slice protocol needs --volumes IMAGE::LABELS (complete reference labels).")
-    scans, _ = _load_volumes(args, args.volumes, [])
-    methods = args.methods
-    groups = [[int(i) for i in g.split(",")] for g in args.train_groups] if args.train_groups else None
-    for g in groups or []:
-        if any(i < 0 or i >= len(scans) for i in g):
-            raise ConfigError(f"--train-groups index out of range (0..{len(scans) - 1}).")
-    cfg = SparseConfig(seeds=args.seeds, per_class=args.slices_per_class, train_groups=groups, preset=args.preset,
-                       teacher=extra.get("teacher", {}), synthesis=extra.get("synthesis", {}),
-                       distillation=extra.get("distillation", {}), student=extra.get("student", {}),
-                       device=args.device, work_dir=args.work_dir, other_scans=not args.within_only,
-                       teacher_other=not args.skip_teacher_other)
-    if methods:
-        cfg.methods = methods
-    progress = ProgressReporter(json_lines=args.progress_json, quiet=args.quiet)
-    t0 = time.monotonic()
-    run_sparse_benchmark(scans, cfg, args.out, progress, name=args.name or "scans")
-    print((Path(args.out) / "results.md").read_text())
-    print(f"total {time.monotonic() - t0:.0f} s; outputs in {args.out}")
-    return 0
-
-
-def run_benchmark_cli(args) -> int:
-    extra = json.loads(Path(args.config).read_text()) if args.config else {}
-    if args.protocol == "sparse-slices":
-        return _run_sparse_cli(args, extra)
-    data = load_benchmark_data(args)
-    if args.methods and "fill_between" in args.methods:
-        raise ConfigError("fill_between is a method of --protocol sparse-slices only.")
-    cfg = BenchmarkConfig(budgets=args.budgets, seeds=args.seeds, methods=args.methods or list(ALL_METHODS),
-                          preset=args.preset,
-                          max_unlabelled=args.max_unlabelled, device=args.device,
-                          teacher=extra.get("teacher", {}), synthesis=extra.get("synthesis", {}),
-                          distillation=extra.get("distillation", {}))
-    progress = ProgressReporter(json_lines=args.progress_json, quiet=args.quiet)
-    progress.log(f"{data.name}: {len(data.train)} training and {len(data.test)} test cases "
-                 f"({len({c.subject for c in data.train})} / {len({c.subject for c in data.test})} subjects)")
-    t0 = time.monotonic()
-    result = run_benchmark(data, cfg, args.out, progress)
-    print((Path(args.out) / "results.md").read_text())
-    print("mean seconds per run:", json.dumps({k: round(v, 1) for k, v in result["timings"].items()}))
-    print(f"total {time.monotonic() - t0:.0f} s; outputs in {args.out}")
-    return 0

@@ -27,6 +27,7 @@ from .classmap import ClassMap
 from .errors import InputError, LabelError
 from .io import find_2d_pairs, read_image, read_label_file
 from .preprocess import Normalization, SliceResizer
+from .slices import labelled_mask
 
 log = logging.getLogger(__name__)
 
@@ -156,8 +157,9 @@ class Case:
 
 
 def _labelled_from_values(label_values_frame: np.ndarray) -> np.ndarray:
-    """``(N, H, W)`` label values -> ``(N,)`` bool: slices holding any non-zero value."""
-    return np.any(label_values_frame != 0, axis=(1, 2))
+    """``(N, H, W)`` label values -> ``(N,)`` bool: slices holding any non-zero value (the one
+    rule, :func:`TSKDLib.slices.labelled_mask`)."""
+    return labelled_mask(label_values_frame, axis=0)
 
 
 def load_case(image: str | Path, labels: str | Path | None = None,
@@ -349,6 +351,29 @@ def prepare_case_slices(case: Case, size: int = 256, normalization: Normalizatio
         labels[~torch.from_numpy(flags)] = -1
     norm_dict = {**norm.to_dict(), "lo": fitted.lo, "hi": fitted.hi}
     return imgs, labels, resizer, norm_dict
+
+
+def with_labelled(case: Case, flags: np.ndarray) -> Case:
+    """A shallow copy of ``case`` whose labelled slices are ``flags``, ``(N,)`` bool over the
+    case's slices in slice-frame order (benchmarks choose which slices count as labelled)."""
+    import copy
+
+    c = copy.copy(case)
+    c.labelled = flags
+    return c
+
+
+def predict_case(predict_proba, case: Case, size: int) -> np.ndarray:
+    """Label slices ``(N, H, W)`` uint8 at native resolution (slice-frame order) from a model
+    ``(b, 1, S, S) -> (b, K+1, S, S)`` class probabilities at model size ``S = size``
+    (argmax after :meth:`SliceResizer.from_model`, bilinear; batches of 8)."""
+    images, _, resizer, _ = prepare_case_slices(case, size)
+    out = []
+    with torch.inference_mode():
+        for i in range(0, len(images), 8):
+            probs = predict_proba(images[i:i + 8]).float()
+            out.append(resizer.from_model(probs, "bilinear").argmax(1).to(torch.uint8))
+    return torch.cat(out).numpy()
 
 
 def prepare_slices(cases: Sequence[Case], size: int = 256,

@@ -12,28 +12,12 @@ import json
 import sys
 from pathlib import Path
 
-from . import __version__
+from .cli_args import add_axis_argument, parse_slices_arg
 from .errors import TSKDError
+from .version import __version__
 
 EXIT_ERROR = 2
 EXIT_INTERRUPTED = 130
-
-
-def _parse_slices(spec: str | None) -> list[int] | None:
-    """``"3,7,10-12"`` -> ``[3, 7, 10, 11, 12]``."""
-    if spec is None:
-        return None
-    out: list[int] = []
-    for part in spec.split(","):
-        part = part.strip()
-        if not part:
-            continue
-        if "-" in part:
-            a, b = part.split("-", 1)
-            out.extend(range(int(a), int(b) + 1))
-        else:
-            out.append(int(part))
-    return out
 
 
 # ------------------------------------------------------------------------------------------------
@@ -50,7 +34,7 @@ def cmd_inspect(args) -> int:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         case = load_case(args.image, args.labels, args.class_map, classes=args.classes,
-                         labelled_slices=_parse_slices(args.labelled_slices), axis=args.axis)
+                         labelled_slices=parse_slices_arg(args.labelled_slices), axis=args.axis)
     report = {
         "image": str(args.image), "modality": case.modality,
         "geometry": describe_geometry(case.image), "orientation": orientation_code(case.image),
@@ -80,16 +64,6 @@ def cmd_inspect(args) -> int:
             elif k != "warnings" or v:
                 print(f"{k}: {v}")
     return 0
-
-
-AXIS_HELP = ("slice axis: acquisition (default) = the scan's own slices, the voxel axis the file stacks "
-             "(largest spacing; through an oblique direction matrix, exact, no resampling); axial, coronal, "
-             "sagittal = perpendicular to the patient axis closest to S, P, L (for near-isotropic volumes)")
-
-
-def add_axis_argument(parser, default: str | None = "acquisition", help: str = AXIS_HELP) -> None:
-    """The same ``--axis`` choice for inspect, train, segment and benchmark."""
-    parser.add_argument("--axis", default=default, choices=["acquisition", "axial", "coronal", "sagittal"], help=help)
 
 
 # ------------------------------------------------------------------------------------------------

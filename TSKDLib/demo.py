@@ -6,6 +6,10 @@ error before training), segments the whole scan with the exported student, and p
 and HD95 on the 16 slices that were *not* labelled, against the reference labels, plus stage
 timings; writes an overlay PNG of a few slices. The reference labels are TotalSegmentator model
 outputs (see Testing/Data/README.md): the figures measure agreement, not expert accuracy.
+
+The data are found through an explicit folder (``tskd demo --data DIR``, default
+:data:`DEFAULT_DATA_DIR` relative to the current directory, i.e. a checkout's root, where
+``scripts/demo.sh`` runs it); the library never guesses where a checkout is.
 """
 
 from __future__ import annotations
@@ -25,24 +29,34 @@ DEMO_CLASSES = ["liver", "spleen"]
 DEMO_LABELLED = [2, 7, 12, 17]
 
 
-def demo_data_dir() -> Path:
-    """``Testing/Data/totalseg`` of the source tree this package runs from."""
-    d = Path(__file__).resolve().parents[1] / "Testing" / "Data" / "totalseg"
-    if not (d / "ct_dicom").is_dir():
-        raise InputError("bundled demo data not found.", d,
-                         "Run the demo from a clone of the TSKD repository (scripts/demo.sh).")
+#: The demo data's folder in a TSKD checkout, relative to its root: ``tskd demo --data``'s default.
+DEFAULT_DATA_DIR = Path("Testing") / "Data" / "totalseg"
+#: What the demo reads from that folder: the CT (DICOM series), its reference labels, the class map.
+DEMO_FILES = ("ct_dicom", "example_seg_dicom.nii.gz", "label_map_total_ct.json")
+
+
+def check_demo_data(data_dir: str | Path) -> Path:
+    """The demo data folder ``data_dir`` as a ``Path``, once it holds every file of
+    :data:`DEMO_FILES`. Raises :class:`InputError` naming the folder and the missing files."""
+    d = Path(data_dir)
+    missing = [f for f in DEMO_FILES if not (d / f).exists()]
+    if missing:
+        raise InputError(f"demo data not found (missing {', '.join(missing)}).", d,
+                         f"Pass --data with the {DEFAULT_DATA_DIR.as_posix()} folder of a TSKD checkout, "
+                         "or run scripts/demo.sh there.")
     return d
 
 
-def run_demo(out: str | Path = "runs/demo", preset: str = "fast", overwrite: bool = False,
+def run_demo(data_dir: str | Path, out: str | Path = "runs/demo", preset: str = "fast", overwrite: bool = False,
              device: str = "auto", progress: ProgressReporter | None = None) -> int:
-    """Train, segment and evaluate on the bundled CT; prints a report. Returns an exit code."""
+    """Train, segment and evaluate on the bundled CT in ``data_dir`` (:func:`check_demo_data`);
+    prints a report. Returns an exit code."""
     from .case import load_case
     from .geometry import LabelGeometryWarning
     from .metrics import dice_hd95
     from .pipeline import RunDir, segment, train
 
-    data = demo_data_dir()
+    data = check_demo_data(data_dir)
     out = Path(out)
     run_dir = out / "run"
     progress = progress or ProgressReporter()

@@ -60,7 +60,9 @@ from torch import nn
 from . import distributed
 from .errors import CheckpointError, ConfigError, InputError
 from .io import atomic_write
+from .metrics import dice_scores
 from .progress import NullProgress, ProgressReporter
+from .runtime import resolve_device
 from .student import StudentConfig, StudentNet, build_student, save_student
 
 log = logging.getLogger(__name__)
@@ -668,12 +670,6 @@ def _lr_at(step: int, cfg: DistillConfig, phase_end: int | None = None, planned:
     return cfg.finetune_lr * 0.5 * (1 + math.cos(math.pi * k / max(cfg.finetune_steps, 1)))
 
 
-def _resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def _sample(step: int, cfg: DistillConfig, transfer: TransferSet, g: torch.Generator, use_kd: bool,
             phase_end: int | None = None) -> np.ndarray:
     lab_idx = torch.nonzero(transfer.labelled).flatten()
@@ -858,7 +854,7 @@ def distill(transfer: TransferSet, config: DistillConfig | None = None, cache: T
         torch.set_num_threads(int(cfg.num_threads))
     distributed.init(cfg.device)  # no-op without torchrun or when already initialised
     n_ranks, rank, main = distributed.world_size(), distributed.rank(), distributed.is_main()
-    device = distributed.device_for(_resolve_device(cfg.device))
+    device = distributed.device_for(resolve_device(cfg.device))
     progress = progress or NullProgress()
     if not main:
         progress = NullProgress()  # only rank 0 reports
@@ -1079,35 +1075,6 @@ def predict_labels(model: nn.Module, images: torch.Tensor, batch_size: int = 8,
         out.append(model(images[i:i + batch_size].float().to(device)).argmax(1).cpu())
     model.train(was)
     return torch.cat(out)
-
-
-def dice_scores(pred: torch.Tensor, target: torch.Tensor, num_classes: int, per_slice: bool = False) -> dict:
-    """Dice per foreground class with MONAI :class:`~monai.metrics.DiceMetric`.
-
-    Parameters
-    ----------
-    pred, target:
-        ``(N, H, W)`` int labelmaps in ``0..K``.
-    per_slice:
-        False: one Dice over all N slices pooled (a volume's Dice when the slices are one scan).
-        True: Dice of each slice, averaged over slices where the class is present in the target
-        (2D datasets such as HC18).
-
-    Returns ``{"per_class": [K floats, NaN where undefined], "mean": nanmean}``.
-    """
-    from monai.metrics import DiceMetric
-
-    k1 = num_classes + 1
-    p = F.one_hot(pred.long().clamp(0, num_classes), k1).movedim(-1, 1).float()
-    t = F.one_hot(target.long().clamp(0, num_classes), k1).movedim(-1, 1).float()
-    if not per_slice:  # pool the slices into one (1, K+1, N, H, W) volume
-        p, t = p.movedim(0, 1)[None], t.movedim(0, 1)[None]
-    metric = DiceMetric(include_background=False, reduction="none", ignore_empty=True)
-    d = metric(p, t)  # (B, K), NaN where the target is empty
-    per_class = torch.nanmean(d, 0) if d.shape[0] > 1 else d[0]
-    vals = [float(v) for v in per_class]
-    finite = [v for v in vals if not math.isnan(v)]
-    return {"per_class": vals, "mean": float(np.mean(finite)) if finite else float("nan")}
 
 
 def evaluate_dice(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, per_slice: bool = False,

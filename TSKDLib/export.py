@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import platform
-import shutil
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -29,7 +27,7 @@ import torch
 
 from .classmap import ClassMap
 from .errors import ModelPackageError, RunExistsError
-from .io import guard_write, replace_dir
+from .io import atomic_dir
 
 FORMAT = "tskd-model"
 FORMAT_VERSION = 1
@@ -47,9 +45,9 @@ def sha256_file(path: str | Path) -> str:
 
 def tool_versions() -> dict:
     """Versions of TSKD and of the libraries that produced the package."""
-    import TSKDLib
+    from .version import __version__
 
-    out = {"tskd": TSKDLib.__version__, "python": platform.python_version(), "torch": torch.__version__}
+    out = {"tskd": __version__, "python": platform.python_version(), "torch": torch.__version__}
     for mod in ("monai", "onnx", "onnxruntime", "timm", "SimpleITK"):
         try:
             m = __import__(mod)
@@ -161,45 +159,49 @@ def export_model_package(model: torch.nn.Module, out_dir: str | Path, class_map:
         student = describe_student(model) if hasattr(model, "config") else {}
     # A full disk, a permission or a read-only file system is one line (WriteError); the previous
     # package stays in place (the new one is built beside it and swapped in by replace_dir).
-    tmp = out_dir.with_name(f"{out_dir.name}.tmp-{os.getpid()}")
-    try:
-        with guard_write(out_dir):  # checked before the partial package is removed
-            out_dir.parent.mkdir(parents=True, exist_ok=True)
-            if tmp.exists():
-                shutil.rmtree(tmp)
-            tmp.mkdir()
-            export_onnx(model, tmp / "model.onnx", size)
-            if torchscript:
-                export_torchscript(model, tmp / "model.ts", size)
-            if check:
-                import onnxruntime as ort
-
-                sess = ort.InferenceSession(str(tmp / "model.onnx"), providers=["CPUExecutionProvider"])
-                got = sess.run(["logits"], {"image": probe.numpy()})[0]
-                diff = float(np.abs(got - ref.numpy()).max())
-                if not diff < 1e-4:
-                    raise ModelPackageError(f"ONNX export disagrees with PyTorch (max |logit diff| = {diff:.3g}).",
-                                            out_dir, "Report this as a bug with the student architecture.")
-            card = {
-                "format": FORMAT, "format_version": FORMAT_VERSION,
-                "name": name or out_dir.name,
-                "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-                "classes": class_map.to_json_dict()["classes"],
-                "ignored_values": [int(v) for v in class_map.ignored_values],
-                "input_size": size, "slice_axis": slice_axis, "acquisition": _jsonable(acquisition or {}),
-                "normalization": _jsonable(normalization),
-                "inputs": {"image": ["N", 1, size, size]}, "outputs": {"logits": ["N", class_map.num_classes + 1, size, size]},
-                "student": _jsonable(student), "training": _jsonable(training or {}),
-                "validation": _jsonable(validation or {}), "teacher": _jsonable(teacher or {}),
-                "versions": tool_versions(),
-            }
-            card["files"] = {f.name: sha256_file(f) for f in sorted(tmp.iterdir()) if f.is_file()}
-            (tmp / "model_card.json").write_text(json.dumps(card, indent=1))
-            replace_dir(tmp, out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    with atomic_dir(out_dir) as tmp:
+        export_onnx(model, tmp / "model.onnx", size)
+        if torchscript:
+            export_torchscript(model, tmp / "model.ts", size)
+        if check:
+            _check_onnx(tmp / "model.onnx", probe, ref, out_dir)
+        card = _model_card(name or out_dir.name, class_map, size, slice_axis, acquisition, normalization,
+                           student, training, validation, teacher)
+        card["files"] = {f.name: sha256_file(f) for f in sorted(tmp.iterdir()) if f.is_file()}
+        (tmp / "model_card.json").write_text(json.dumps(card, indent=1))
     return out_dir
+
+
+def _check_onnx(onnx_path: Path, probe: torch.Tensor, ref: torch.Tensor, out_dir: Path) -> None:
+    """Run the exported ONNX model with onnxruntime on ``probe`` ``(2, 1, S, S)`` and compare with
+    PyTorch's logits ``ref``; raises :class:`ModelPackageError` when the max abs difference is
+    1e-4 or more."""
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    got = sess.run(["logits"], {"image": probe.numpy()})[0]
+    diff = float(np.abs(got - ref.numpy()).max())
+    if not diff < 1e-4:
+        raise ModelPackageError(f"ONNX export disagrees with PyTorch (max |logit diff| = {diff:.3g}).",
+                                out_dir, "Report this as a bug with the student architecture.")
+
+
+def _model_card(name: str, class_map: ClassMap, size: int, slice_axis: str, acquisition, normalization,
+                student, training, validation, teacher) -> dict:
+    """``model_card.json`` without its ``files`` checksums (see :func:`export_model_package`)."""
+    return {
+        "format": FORMAT, "format_version": FORMAT_VERSION,
+        "name": name,
+        "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "classes": class_map.to_json_dict()["classes"],
+        "ignored_values": [int(v) for v in class_map.ignored_values],
+        "input_size": size, "slice_axis": slice_axis, "acquisition": _jsonable(acquisition or {}),
+        "normalization": _jsonable(normalization),
+        "inputs": {"image": ["N", 1, size, size]}, "outputs": {"logits": ["N", class_map.num_classes + 1, size, size]},
+        "student": _jsonable(student), "training": _jsonable(training or {}),
+        "validation": _jsonable(validation or {}), "teacher": _jsonable(teacher or {}),
+        "versions": tool_versions(),
+    }
 
 
 def _jsonable(obj):

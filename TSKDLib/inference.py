@@ -103,6 +103,50 @@ def default_providers() -> list[str]:
     return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in avail] or ["CPUExecutionProvider"]
 
 
+_PACKAGE_FIX = "Export the model again (tskd train / tskd export), or point at a complete model package."
+
+
+def _read_card(p: Path) -> dict:
+    """The model card of package folder ``p``, checked: a folder, a JSON object of TSKD's format
+    and a supported version, with every required key. Raises :class:`ModelPackageError`."""
+    fix = _PACKAGE_FIX
+    if not p.is_dir():
+        raise ModelPackageError("model package folder not found.", p, fix)
+    card_path = p / "model_card.json"
+    if not card_path.is_file():
+        raise ModelPackageError("model package has no model_card.json.", p, fix)
+    try:
+        card = json.loads(card_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelPackageError(f"model_card.json is not valid JSON ({exc}).", card_path, fix) from None
+    if not isinstance(card, dict) or card.get("format") != FORMAT:
+        raise ModelPackageError(f"not a TSKD model card (format {card.get('format') if isinstance(card, dict) else None!r}).",
+                                card_path, fix)
+    if card.get("format_version") not in SUPPORTED_FORMAT_VERSIONS:
+        raise ModelPackageError(f"model package format version {card.get('format_version')!r} is not supported "
+                                f"(this TSKD reads {list(SUPPORTED_FORMAT_VERSIONS)}).", card_path,
+                                "Update TSKD, or export the model with this version.")
+    missing = [k for k in _REQUIRED_CARD_KEYS if k not in card]
+    if missing:
+        raise ModelPackageError(f"model card lacks {missing}.", card_path, fix)
+    return card
+
+
+def _verify_checksums(p: Path, card: dict) -> None:
+    """Every file the card lists (model.onnx at least) exists in ``p`` with its SHA-256.
+    Raises :class:`ModelPackageError` naming the missing or corrupt file."""
+    fix = _PACKAGE_FIX
+    files = card.get("files") or {}
+    if "model.onnx" not in files:
+        raise ModelPackageError("model card lists no checksum for model.onnx.", p / "model_card.json", fix)
+    for name, digest in files.items():
+        f = p / name
+        if not f.is_file():
+            raise ModelPackageError(f"file {name} listed in the model card is missing.", p, fix)
+        if _sha256(f) != digest:
+            raise ModelPackageError(f"file {name} is corrupt (SHA-256 differs from the model card).", f, fix)
+
+
 def load_model_package(path: str | Path, providers: list[str] | None = None, threads: int | None = None,
                        verify: bool = True) -> ModelPackage:
     """Open and check a model package.
@@ -126,39 +170,14 @@ def load_model_package(path: str | Path, providers: list[str] | None = None, thr
         do not match the card.
     """
     p = Path(path)
-    fix = "Export the model again (tskd train / tskd export), or point at a complete model package."
-    if not p.is_dir():
-        raise ModelPackageError("model package folder not found.", p, fix)
+    fix = _PACKAGE_FIX
     card_path = p / "model_card.json"
-    if not card_path.is_file():
-        raise ModelPackageError("model package has no model_card.json.", p, fix)
-    try:
-        card = json.loads(card_path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelPackageError(f"model_card.json is not valid JSON ({exc}).", card_path, fix) from None
-    if not isinstance(card, dict) or card.get("format") != FORMAT:
-        raise ModelPackageError(f"not a TSKD model card (format {card.get('format') if isinstance(card, dict) else None!r}).",
-                                card_path, fix)
-    if card.get("format_version") not in SUPPORTED_FORMAT_VERSIONS:
-        raise ModelPackageError(f"model package format version {card.get('format_version')!r} is not supported "
-                                f"(this TSKD reads {list(SUPPORTED_FORMAT_VERSIONS)}).", card_path,
-                                "Update TSKD, or export the model with this version.")
-    missing = [k for k in _REQUIRED_CARD_KEYS if k not in card]
-    if missing:
-        raise ModelPackageError(f"model card lacks {missing}.", card_path, fix)
+    card = _read_card(p)
     onnx_path = p / "model.onnx"
     if not onnx_path.is_file():
         raise ModelPackageError("model package has no model.onnx.", p, fix)
     if verify:
-        files = card.get("files") or {}
-        if "model.onnx" not in files:
-            raise ModelPackageError("model card lists no checksum for model.onnx.", card_path, fix)
-        for name, digest in files.items():
-            f = p / name
-            if not f.is_file():
-                raise ModelPackageError(f"file {name} listed in the model card is missing.", p, fix)
-            if _sha256(f) != digest:
-                raise ModelPackageError(f"file {name} is corrupt (SHA-256 differs from the model card).", f, fix)
+        _verify_checksums(p, card)
     try:
         class_map = ClassMap.from_json_dict({"classes": card["classes"],
                                              "ignored_values": card.get("ignored_values", [])})
@@ -429,6 +448,22 @@ def check_acquisition_plane(pkg: ModelPackage, img: sitk.Image, source=None) -> 
                          "(or with an explicit --axis axial/coronal/sagittal for near-isotropic scans).")
 
 
+def _scalar_volume(image) -> sitk.Image:
+    """A float32 scalar volume from a SimpleITK image (2D -> one-slice volume) or a path read by
+    :func:`TSKDLib.io.read_image`. Raises :class:`InputError` for a multi-component image."""
+    if isinstance(image, sitk.Image):
+        from .io import as_volume
+
+        img = as_volume(image)
+        if img.GetNumberOfComponentsPerPixel() != 1:
+            raise InputError("image has several components per voxel; a scalar image is needed.")
+        return sitk.Cast(img, sitk.sitkFloat32) if img.GetPixelID() != sitk.sitkFloat32 else img
+    from .io import read_image
+
+    img, _ = read_image(image)
+    return img
+
+
 def segment_image(model, image, batch_size: int = 8, cleanup: Cleanup | None = None,
                   progress=None, timings: dict | None = None) -> sitk.Image:
     """Segment a whole scan with a model package.
@@ -464,17 +499,7 @@ def segment_image(model, image, batch_size: int = 8, cleanup: Cleanup | None = N
     pkg = _as_package(model)
     tm = timings if timings is not None else {}
     t0 = time.perf_counter()
-    if isinstance(image, sitk.Image):
-        from .io import as_volume
-
-        img = as_volume(image)
-        if img.GetNumberOfComponentsPerPixel() != 1:
-            raise InputError("image has several components per voxel; a scalar image is needed.")
-        img = sitk.Cast(img, sitk.sitkFloat32) if img.GetPixelID() != sitk.sitkFloat32 else img
-    else:
-        from .io import read_image
-
-        img, _ = read_image(image)
+    img = _scalar_volume(image)
     check_acquisition_plane(pkg, img, None if isinstance(image, sitk.Image) else image)
     frame = geometry.slice_frame(img, pkg.slice_axis)
     fsx, fsy, fsz = [float(img.GetSpacing()[a]) for a in frame.perm]  # (W, H, N) spacing

@@ -379,7 +379,9 @@ def guard_write(path: str | Path):
 
 
 def atomic_write(path: Path, write_fn, overwrite: bool = False) -> Path:
-    """Write a file atomically: ``write_fn(tmp_path)`` then rename onto ``path``.
+    """Write a file atomically: ``write_fn(tmp_path)`` then rename onto ``path``. The one way
+    TSKD writes a file (folders: :func:`atomic_dir`); the temporary file is beside ``path``
+    (same file system) and keeps its suffix (``.nii.gz``, ``.png``) for writers that read it.
 
     A failed write (full disk, permission denied, read-only file system) raises
     :class:`WriteError` in one line and leaves ``path`` as it was (the temporary file is removed).
@@ -421,6 +423,44 @@ def replace_dir(tmp: str | Path, directory: str | Path) -> Path:
         else:
             os.replace(tmp, directory)
     return directory
+
+
+@contextmanager
+def atomic_dir(directory: str | Path, create: bool = True):
+    """Build a folder beside ``directory`` and swap it in atomically: the one way TSKD writes
+    a folder (model package, teacher files, diffusion model, synthetic set).
+
+    ``with atomic_dir(out) as tmp:`` yields ``<out>.tmp-<pid>`` (created when ``create``, else
+    left for the caller to create, e.g. by ``shutil.copytree``); when the block ends normally it
+    replaces ``directory`` (:func:`replace_dir`), so a reader sees the old or the new folder,
+    never a half-written one. On any error the temporary folder is removed and ``directory`` is
+    unchanged; a full disk, a permission or a read-only file system raises :class:`WriteError`.
+    """
+    directory = Path(directory)
+    tmp = directory.with_name(f"{directory.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        with guard_write(directory):  # checked before the partial folder is removed
+            directory.parent.mkdir(parents=True, exist_ok=True)
+            if create:
+                tmp.mkdir()
+            yield tmp
+            replace_dir(tmp, directory)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_csv(path: str | Path, rows: list[dict]) -> Path:
+    """Write ``rows`` (dicts with the same keys, the first row's order giving the columns) as a
+    CSV table with a header line, atomically (:func:`atomic_write`, replacing any previous file)."""
+    import csv
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
+            w.writeheader()
+            w.writerows(rows)
+    return atomic_write(Path(path), write, overwrite=True)
 
 
 def write_labelmap(labels: sitk.Image, path: str | Path, class_map: ClassMap,

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import signal
 import time
@@ -28,7 +27,7 @@ from typing import Sequence
 
 from .config import DataConfig, PipelineConfig
 from .errors import ConfigError, InputError, RunExistsError
-from .io import atomic_write, guard_write, replace_dir
+from .io import atomic_dir, atomic_write
 from .progress import NullProgress, ProgressReporter
 from .runlock import LOCK_ITEMS, RunLock
 
@@ -158,16 +157,12 @@ def setup_device(device: str, threads: int | None, progress: ProgressReporter) -
     (:func:`TSKDLib.runtime.tune_allocator`); says when a GPU would help."""
     import torch
 
-    from .runtime import tune_allocator
+    from .runtime import resolve_device, tune_allocator
 
     tune_allocator()
     if threads:
         torch.set_num_threads(int(threads))
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device {device!r} requested but CUDA is not available.",
-                          fix="use --device cpu (or auto), or install a CUDA build of PyTorch.")
+    device = str(resolve_device(device))
     if device == "cpu":
         progress.log(f"running on the CPU with {torch.get_num_threads()} threads; a CUDA GPU would make "
                      "teacher fine-tuning, synthesis and distillation 10-50x faster.")
@@ -720,13 +715,6 @@ def copy_model_package(src: str | Path, dest: str | Path, overwrite: bool = Fals
     load_model_package(src)
     if dest.exists() and not overwrite:
         raise RunExistsError("destination exists.", dest, "Choose a new folder or pass --overwrite.")
-    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
-    try:
-        with guard_write(dest):  # full disk / permission / read-only: one line, dest unchanged
-            if tmp.exists():
-                shutil.rmtree(tmp)
-            shutil.copytree(src, tmp)
-            return replace_dir(tmp, dest)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    with atomic_dir(dest, create=False) as tmp:  # full disk / permission / read-only: dest unchanged
+        shutil.copytree(src, tmp)
+    return dest

@@ -19,12 +19,12 @@ def _reporter(args):
 
 
 def _labelled_slices(values: list[str] | None, n_images: int):
-    from .cli import _parse_slices
+    from .cli_args import parse_slices_arg
     if not values:
         return None
     if len(values) == 1 and n_images > 1:
         values = values * n_images
-    return [None if v.strip().lower() in ("", "auto", "none") else _parse_slices(v) for v in values]
+    return [None if v.strip().lower() in ("", "auto", "none") else parse_slices_arg(v) for v in values]
 
 
 def cmd_train(args) -> int:
@@ -89,12 +89,12 @@ def cmd_export(args) -> int:
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
-    return run_demo(out=args.out, preset=args.preset, overwrite=args.overwrite, device=args.device,
+    return run_demo(args.data, out=args.out, preset=args.preset, overwrite=args.overwrite, device=args.device,
                     progress=_reporter(args))
 
 
 def cmd_benchmark(args) -> int:
-    from .benchmark import run_benchmark_cli
+    from .benchmark_cli import run_benchmark_cli
 
     return run_benchmark_cli(args)
 
@@ -127,7 +127,7 @@ def add_pipeline_commands(sub) -> None:
     syn.add_argument("--synthesis", action="store_true",
                      help="run the diffusion synthesis stage (default: only on a CUDA GPU)")
     syn.add_argument("--no-synthesis", action="store_true", help="skip the diffusion synthesis stage")
-    from .cli import add_axis_argument
+    from .cli_args import add_axis_argument
     add_axis_argument(t, default=None, help="slice axis: acquisition (default: each scan's own slices, the voxel "
                       "axis the file stacks, even when oblique), or axial, coronal, sagittal for near-isotropic "
                       "volumes; recorded in the model package")
@@ -162,11 +162,13 @@ def add_pipeline_commands(sub) -> None:
     d = sub.add_parser("demo", parents=[common], help="train on 4 labelled slices of the bundled CT, segment it, "
                                                      "print Dice on the other slices")
     d.add_argument("--out", default="runs/demo", help="run directory (default runs/demo)")
+    d.add_argument("--data", default="Testing/Data/totalseg",
+                   help="the demo data folder (default Testing/Data/totalseg: run from a TSKD checkout's root)")
     d.add_argument("--preset", default="fast", choices=["fast", "balanced", "quality"])
     d.set_defaults(func=cmd_demo)
 
     b = sub.add_parser("benchmark", parents=[common], help="compare scratch, task-agnostic KD, TS-KD without "
                                                           "and with synthesis, and the teacher")
-    from .benchmark import add_benchmark_arguments
+    from .benchmark_cli import add_benchmark_arguments
     add_benchmark_arguments(b)
     b.set_defaults(func=cmd_benchmark)

@@ -1,4 +1,7 @@
-"""Process-level settings for training on the CPU.
+"""Process-level settings: the compute device and the allocator for training on the CPU.
+
+:func:`resolve_device` is the one rule that turns a ``device`` setting into a device, for every
+stage (teacher, synthesis, distillation, the pipeline).
 
 glibc's ``malloc`` serves every allocation above ``M_MMAP_THRESHOLD`` (at most 32 MiB by
 default) with a fresh ``mmap`` and returns it with ``munmap`` when freed. PyTorch's CPU allocator
@@ -29,6 +32,26 @@ MMAP_THRESHOLD_BYTES = 1 << 30
 TRIM_THRESHOLD_BYTES = 256 << 20
 
 _applied: bool | None = None
+
+
+def resolve_device(device):
+    """A ``device`` setting -> ``torch.device``.
+
+    ``"auto"`` -> ``cuda`` when a CUDA GPU is available, else ``cpu``; anything else (``"cpu"``,
+    ``"cuda"``, ``"cuda:1"``, a ``torch.device``) is taken as given. Raises
+    :class:`~TSKDLib.errors.ConfigError` when a CUDA device is requested and none is available.
+    PyTorch is imported on first call only.
+    """
+    import torch
+
+    from .errors import ConfigError
+
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device {str(device)!r} was requested but CUDA is not available.",
+                          fix="use device cpu or auto (--device), or install a CUDA build of PyTorch.")
+    return torch.device(device)
 
 
 def tune_allocator() -> bool:

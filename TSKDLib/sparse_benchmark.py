@@ -28,7 +28,6 @@ and the bundled TotalSegmentator MR/CT.
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import time
@@ -39,8 +38,8 @@ from typing import Callable, Sequence
 import numpy as np
 
 from .errors import ConfigError, LabelError
-from .metrics import dice_hd95, nanmean, nanstd
-from .progress import NullProgress, ProgressReporter
+from .metrics import dice_hd95, summarise_seeds
+from .progress import ProgressReporter
 
 SPARSE_METHODS = ("fill_between", "teacher", "scratch", "task_agnostic", "tskd_nosyn", "tskd")
 REGIONS = ("within", "between", "outside", "other")
@@ -121,7 +120,7 @@ class SparseConfig:
 
 
 def _with_sparse_labels(case, per_class: int):
-    from .benchmark import _set_labelled
+    from .case import with_labelled
 
     lab = case.label_slices()
     picks = sparse_slice_indices(lab, case.class_map.num_classes, per_class)
@@ -130,7 +129,7 @@ def _with_sparse_labels(case, per_class: int):
                          "Check the class map and the label file.")
     flags = np.zeros(case.num_slices, bool)
     flags[picks] = True
-    return _set_labelled(case, flags), picks
+    return with_labelled(case, flags), picks
 
 
 def _spacing(case) -> tuple[float, float, float]:
@@ -145,7 +144,8 @@ def _proba_to_labels(probs, resizer) -> np.ndarray:
 
 
 def _predict(proba: Callable, case, size: int) -> np.ndarray:
-    from .benchmark import predict_case
+    from .case import predict_case
+
     return predict_case(proba, case, size)
 
 
@@ -230,12 +230,6 @@ class _Experiment:
         return proba
 
 
-def _student_proba(model):
-    import torch
-    model.eval()
-    return lambda x: torch.softmax(model(x), 1)
-
-
 def run_sparse_benchmark(scans: list, cfg: SparseConfig, out: str | Path,
                          progress: ProgressReporter | None = None, name: str = "scans") -> dict:
     """Run the sparse-slice protocol; write ``results.csv``, ``results.md``, ``dice_per_organ.png``.
@@ -252,96 +246,110 @@ def run_sparse_benchmark(scans: list, cfg: SparseConfig, out: str | Path,
     """
     import torch
 
-    from .distill import TransferSet, distill, method_config
-    from .interpolation import fill_between_slices
-    from .runtime import tune_allocator
+    from .benchmark import start_run
 
-    unknown = set(cfg.methods) - set(SPARSE_METHODS)
-    if unknown:
-        raise ConfigError(f"unknown method(s) {sorted(unknown)}; choose from {list(SPARSE_METHODS)}.")
-    progress = progress or NullProgress()
-    tune_allocator()
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    progress, out = start_run(cfg.methods, SPARSE_METHODS, progress, out)
     sparse = [_with_sparse_labels(c, cfg.per_class) for c in scans]
     groups = cfg.train_groups or [[i] for i in range(len(scans))]
     rows: list[dict] = []
-    k = scans[0].class_map.num_classes
-    names = scans[0].class_map.names
     timings: dict[str, list[float]] = {}
     progress.stage_start("sparse-slice benchmark", len(groups) * len(cfg.seeds))
-
-    def add(method, group_name, seed, case, region, scores):
-        for cls, s in scores.items():
-            rows.append({"dataset": name, "method": method, "train": group_name, "seed": seed,
-                         "case": case.name, "region": region, "class": names[cls - 1], **s})
-
     done = 0
     for group in groups:
-        train_cases = [sparse[i][0] for i in group]
-        picks = {sparse[i][0].name: sparse[i][1] for i in group}
-        group_name = "+".join(c.name for c in train_cases)
         tests = [sparse[i][0] for i in range(len(scans)) if i not in group] if cfg.other_scans else []
         for seed in cfg.seeds:
             torch.manual_seed(seed)
-            work = Path(cfg.work_dir) / f"{group_name}_seed{seed}" if cfg.work_dir else None
+            scorer = _Scorer(name, [sparse[i] for i in group], tests, seed, cfg, rows, scans[0].class_map)
+            work = Path(cfg.work_dir) / f"{scorer.group_name}_seed{seed}" if cfg.work_dir else None
             if work is not None:
                 work.mkdir(parents=True, exist_ok=True)
-            ex = _Experiment(train_cases, seed, cfg, work, progress)
-
-            def within(method, predict_case_fn):
-                for ci, case in enumerate(train_cases):
-                    pred = predict_case_fn(ci, case)
-                    masks = region_masks(case.num_slices, picks[case.name])
-                    for region, scores in score_regions(pred, case.label_slices(), k, _spacing(case), masks).items():
-                        add(method, group_name, seed, case, region, scores)
-
-            def other(method, proba):
-                for case in tests:
-                    add(method, group_name, seed, case, "other",
-                        dice_hd95(_predict(proba, case, cfg.size), case.label_slices(), k, _spacing(case)))
-
-            if "fill_between" in cfg.methods:
-                within("fill_between", lambda ci, case: fill_between_slices(case.label_slices(), picks[case.name]))
-            if "teacher" in cfg.methods:
-                within("teacher", lambda ci, case: _predict(ex.teacher_proba_for_case(ci), case, cfg.size))
-                if cfg.teacher_other:
-                    other("teacher", lambda x: ex.teacher.predict_proba(x))
-            dcfg = ex.stage["distillation"]
-            for method in ("scratch", "task_agnostic", "tskd_nosyn", "tskd"):
-                if method not in cfg.methods:
-                    continue
-                if method == "task_agnostic":
-                    raise ConfigError("task_agnostic is not yet part of the sparse-slice protocol; "
-                                      "use tskd benchmark --protocol random for it.")
-                transfer = TransferSet.build(ex.slices)
-                cache = None if method == "scratch" else ex.cache
-                if method == "tskd":
-                    transfer, cache = _with_synthesis(ex, transfer, cache)
-                t0 = time.monotonic()
-                res = distill(transfer, method_config("tskd" if method.startswith("tskd") else method, dcfg),
-                              cache, student=ex.stage["student"])
-                timings.setdefault(f"distill_{method}", []).append(time.monotonic() - t0)
-                proba = _student_proba(res.model)
-                within(method, lambda ci, case: _predict(proba, case, cfg.size))
-                other(method, proba)
-                summary = {k: res.metrics.get(k) for k in ("steps", "distill_steps", "planned_steps", "seconds",
-                                                            "stopped_by", "final_check")}
-                (out / f"distill_{group_name}_seed{seed}_{method}.json").write_text(
-                    json.dumps(summary, indent=1, default=str))
+            ex = _Experiment(scorer.train_cases, seed, cfg, work, progress)
+            _run_methods(ex, scorer, cfg, out, timings)
             for key, v in ex.timings.items():
                 timings.setdefault(key, []).append(v)
             done += 1
-            progress.update(done, message=f"{group_name} seed {seed}")
+            progress.update(done, message=f"{scorer.group_name} seed {seed}")
             _write(out, rows, timings, name)
     progress.stage_end({})
     return {"rows": rows, "summary": summarise_sparse(rows)}
 
 
+class _Scorer:
+    """Scores one (training scans, seed) experiment into ``rows``: by region on the training
+    scans (:func:`score_regions`), whole-scan on the other scans (region ``other``)."""
+
+    def __init__(self, dataset: str, train: list[tuple], tests: list, seed: int, cfg: SparseConfig, rows: list,
+                 class_map):
+        self.train_cases = [c for c, _ in train]
+        self.picks = {c.name: p for c, p in train}
+        self.group_name = "+".join(c.name for c in self.train_cases)
+        self.dataset, self.tests, self.seed, self.cfg, self.rows = dataset, tests, seed, cfg, rows
+        self.k, self.names = class_map.num_classes, class_map.names
+
+    def add(self, method: str, case, region: str, scores: dict) -> None:
+        for cls, s in scores.items():
+            self.rows.append({"dataset": self.dataset, "method": method, "train": self.group_name,
+                              "seed": self.seed, "case": case.name, "region": region,
+                              "class": self.names[cls - 1], **s})
+
+    def within(self, method: str, predict_case_fn: Callable) -> None:
+        """``predict_case_fn(ci, case) -> (N, H, W)`` labels of training case ``ci``."""
+        for ci, case in enumerate(self.train_cases):
+            pred = predict_case_fn(ci, case)
+            masks = region_masks(case.num_slices, self.picks[case.name])
+            for region, scores in score_regions(pred, case.label_slices(), self.k, _spacing(case), masks).items():
+                self.add(method, case, region, scores)
+
+    def other(self, method: str, proba: Callable) -> None:
+        """``proba``: a slice-batch probability function, run on each other scan."""
+        for case in self.tests:
+            self.add(method, case, "other",
+                     dice_hd95(_predict(proba, case, self.cfg.size), case.label_slices(), self.k, _spacing(case)))
+
+
+def _run_methods(ex: _Experiment, scorer: _Scorer, cfg: SparseConfig, out: Path, timings: dict) -> None:
+    """Fill between slices, the teacher and each student method of ``cfg.methods`` on one
+    experiment; scores them and writes each distillation's summary JSON to ``out``."""
+    from .benchmark import student_proba
+    from .distill import TransferSet, distill, method_config
+    from .interpolation import fill_between_slices
+
+    if "fill_between" in cfg.methods:
+        scorer.within("fill_between", lambda ci, case: fill_between_slices(case.label_slices(),
+                                                                             scorer.picks[case.name]))
+    if "teacher" in cfg.methods:
+        scorer.within("teacher", lambda ci, case: _predict(ex.teacher_proba_for_case(ci), case, cfg.size))
+        if cfg.teacher_other:
+            scorer.other("teacher", lambda x: ex.teacher.predict_proba(x))
+    dcfg = ex.stage["distillation"]
+    for method in ("scratch", "task_agnostic", "tskd_nosyn", "tskd"):
+        if method not in cfg.methods:
+            continue
+        if method == "task_agnostic":
+            raise ConfigError("task_agnostic is not yet part of the sparse-slice protocol; "
+                              "use tskd benchmark --protocol random for it.")
+        transfer = TransferSet.build(ex.slices)
+        cache = None if method == "scratch" else ex.cache
+        if method == "tskd":
+            transfer, cache = _with_synthesis(ex, transfer, cache)
+        t0 = time.monotonic()
+        res = distill(transfer, method_config("tskd" if method.startswith("tskd") else method, dcfg),
+                      cache, student=ex.stage["student"])
+        timings.setdefault(f"distill_{method}", []).append(time.monotonic() - t0)
+        proba = student_proba(res.model)
+        scorer.within(method, lambda ci, case: _predict(proba, case, cfg.size))
+        scorer.other(method, proba)
+        summary = {k: res.metrics.get(k) for k in ("steps", "distill_steps", "planned_steps", "seconds",
+                                                    "stopped_by", "final_check")}
+        (out / f"distill_{scorer.group_name}_seed{ex.seed}_{method}.json").write_text(
+            json.dumps(summary, indent=1, default=str))
+
+
 def _with_synthesis(ex: _Experiment, transfer, cache):
     import tempfile
 
-    from .distill import TeacherCache, TransferSet, build_teacher_cache
+    from .benchmark import with_synthetic_outputs
+    from .distill import TransferSet
     from .synthesis import run_synthesis
     scfg = replace(ex.stage["synthesis"], seed=ex.seed)
     d = ex.work / "synthesis" if ex.work else Path(tempfile.mkdtemp(prefix="tskd-sparse-syn-"))
@@ -349,13 +357,12 @@ def _with_synthesis(ex: _Experiment, transfer, cache):
     full = TransferSet.build(ex.slices, syn.images)
     if len(full) == len(transfer):
         return transfer, cache
-    syn_cache = build_teacher_cache(ex.teacher, full.images[len(transfer):])
-    return full, TeacherCache(np.concatenate([cache.probs, syn_cache.probs]),
-                              np.concatenate([cache.embedding, syn_cache.embedding]))
+    return full, with_synthetic_outputs(ex.teacher, cache, full.images[len(transfer):])
 
 
 def summarise_sparse(rows: list[dict]) -> dict:
-    """``{(method, region, class or 'mean'): {"dice_mean", "dice_std", "hd95_mean", "n"}}``.
+    """``{(method, region, class or 'mean'): {"dice_mean", "dice_std", "hd95_mean", "n", ...}}``
+    (:func:`TSKDLib.metrics.summarise_seeds`).
 
     Per seed, the Dice is averaged over experiments and cases (a class absent from prediction and
     reference does not count); mean and std are then taken over seeds."""
@@ -363,22 +370,15 @@ def summarise_sparse(rows: list[dict]) -> dict:
     for r in rows:
         for cls in (r["class"], "mean"):
             acc.setdefault((r["method"], r["region"], cls), {}).setdefault(r["seed"], []).append(r)
-    out = {}
-    for key, by_seed in acc.items():
-        d = [nanmean([r["dice"] for r in rs]) for rs in by_seed.values()]
-        h = [nanmean([r["hd95"] for r in rs]) for rs in by_seed.values()]
-        out[key] = {"dice_mean": nanmean(d), "dice_std": nanstd(d), "hd95_mean": nanmean(h),
-                    "n": sum(len(rs) for rs in by_seed.values()), "seeds": len(by_seed)}
-    return out
+    return summarise_seeds(acc)
 
 
 def _write(out: Path, rows: list[dict], timings: dict, name: str) -> None:
     if not rows:
         return
-    with open(out / "results.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
-        w.writeheader()
-        w.writerows(rows)
+    from .io import write_csv
+
+    write_csv(out / "results.csv", rows)
     s = summarise_sparse(rows)
     classes = list(dict.fromkeys(r["class"] for r in rows))
     methods = [m for m in SPARSE_METHODS if any(k[0] == m for k in s)]

@@ -18,7 +18,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,21 +28,12 @@ import torch.nn.functional as F
 
 from ..errors import CheckpointError, ConfigError
 from .config import SynthesisConfig
-from ..io import guard_write, replace_dir
+from ..io import atomic_dir, atomic_write
+from ..runtime import resolve_device
 
 log = logging.getLogger(__name__)
 
 META_FILE = "tskd_diffusion.json"
-
-
-def resolve_device(device: str) -> torch.device:
-    """``"auto"`` -> CUDA when available, else CPU."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"synthesis device {device!r} requested but CUDA is not available.",
-                          fix="Use device='cpu' or 'auto'.")
-    return torch.device(device)
 
 
 class torch_threads:
@@ -199,20 +189,14 @@ class DiffusionModel:
         """Write a ``diffusers`` model folder (``save_pretrained``) plus ``tskd_diffusion.json``,
         atomically (built beside it, then renamed). Returns the directory."""
         directory = Path(directory)
-        tmp = directory.with_name(f"{directory.name}.tmp-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        try:
-            with guard_write(directory):  # full disk / permission: one line, previous folder kept
-                self.unet.save_pretrained(tmp, safe_serialization=True)
-                _diffusers().DDPMScheduler(**self.schedule).save_pretrained(tmp / "scheduler")
-                (tmp / META_FILE).write_text(json.dumps({"format": "tskd-diffusion", "format_version": 1,
-                                                         "num_classes": self.num_classes,
-                                                         "conditioning": self.conditioning,
-                                                         "resolution": self.resolution,
-                                                         "schedule": self.schedule}, indent=1))
-                replace_dir(tmp, directory)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        with atomic_dir(directory, create=False) as tmp:  # full disk / permission: previous folder kept
+            self.unet.save_pretrained(tmp, safe_serialization=True)
+            _diffusers().DDPMScheduler(**self.schedule).save_pretrained(tmp / "scheduler")
+            (tmp / META_FILE).write_text(json.dumps({"format": "tskd-diffusion", "format_version": 1,
+                                                     "num_classes": self.num_classes,
+                                                     "conditioning": self.conditioning,
+                                                     "resolution": self.resolution,
+                                                     "schedule": self.schedule}, indent=1))
         return directory
 
     @classmethod
@@ -318,9 +302,7 @@ class TrainResult:
 
 
 def _save_checkpoint(path: Path, state: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: torch.save(state, tmp), overwrite=True)
 
 
 def train_diffusion(images: torch.Tensor, labels: torch.Tensor | None, num_classes: int,

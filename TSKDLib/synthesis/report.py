@@ -8,6 +8,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from ..metrics import dice
+
 
 def intensity_histogram_distance(real: torch.Tensor, synthetic: torch.Tensor, bins: int = 64) -> dict[str, float]:
     """Distance between the intensity distributions of two image sets.
@@ -33,21 +35,14 @@ def intensity_histogram_distance(real: torch.Tensor, synthetic: torch.Tensor, bi
 
 
 def dice_per_slice(pred: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
-    """Foreground-class-averaged Dice of ``(B, H, W)`` label maps, ``(B,)``; classes absent from
-    both count as 1 and are averaged only when some class is present, else 1."""
+    """Foreground-class-averaged Dice of ``(B, H, W)`` label maps, ``(B,)`` float32: the mean of
+    :func:`TSKDLib.metrics.dice` (``ignore_empty=False``) over classes ``1..K`` (K: the largest
+    value in either) present in either map; 1 for a slice where no class is present."""
     if pred.numel() == 0:
         return torch.zeros(0)
     k = int(max(int(pred.max()), int(ref.max())))
-    out = []
-    for p, r in zip(pred, ref):
-        vals = []
-        for c in range(1, k + 1):
-            pc, rc = p == c, r == c
-            s = int(pc.sum() + rc.sum())
-            if s:
-                vals.append(2.0 * float((pc & rc).sum()) / s)
-        out.append(float(np.mean(vals)) if vals else 1.0)
-    return torch.tensor(out)
+    d = dice(pred, ref, k, ignore_empty=False, dtype=torch.float64)
+    return torch.nan_to_num(torch.nanmean(d, 1), nan=1.0).float()
 
 
 def save_grid(path: str | Path, real: torch.Tensor, real_probs: torch.Tensor | None,

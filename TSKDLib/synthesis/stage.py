@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from pathlib import Path
 
@@ -27,10 +26,12 @@ import torch.nn.functional as F
 
 from ..case import SliceSet
 from ..errors import ConfigError
+from ..io import atomic_write
 from ..progress import NullProgress, ProgressReporter
+from ..runtime import resolve_device
 from .config import SynthesisConfig
 from .diffusion import (DiffusionModel, labels_to_resolution, make_condition, random_affine,
-                        resolve_device, torch_threads, train_diffusion, warp_labels)
+                        torch_threads, train_diffusion, warp_labels)
 from .report import dice_per_slice, intensity_histogram_distance, save_grid
 from .transfer import SyntheticTransferSet, TeacherProba, label_images
 
@@ -220,9 +221,7 @@ def _run(slices, teacher_proba, out_dir, config, progress) -> SyntheticTransferS
         prev = json.loads(info_path.read_text()) if info_path.exists() else {}
         info = {"final_loss": float(sum(tail) / len(tail)), "losses": res.losses,
                 "seconds": float(prev.get("seconds", 0.0)) + res.seconds, "resumed_from": res.resumed_from}
-        tmp = info_path.with_name(f".train.json.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(info))
-        os.replace(tmp, info_path)
+        atomic_write(info_path, lambda tmp: tmp.write_text(json.dumps(info)), overwrite=True)
 
     # -- 2. generate + label, incrementally ---------------------------------------------------------
     sample_dir = out_dir / f"samples-{skey}"
@@ -254,9 +253,7 @@ def _run(slices, teacher_proba, out_dir, config, progress) -> SyntheticTransferS
                 "condition": [None if s is None else list(pool_src[s]) for s in srcs],
                 "condition_dice": cdice}
         path = sample_dir / f"part-{idx[0]:06d}-{len(idx):04d}.pt"
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        torch.save(part, tmp)
-        os.replace(tmp, path)  # finished slices are never regenerated
+        atomic_write(path, lambda tmp: torch.save(part, tmp), overwrite=True)  # finished slices are never regenerated
         for j, i in enumerate(idx):
             items[i] = {k: (v[j] if isinstance(v, (torch.Tensor, list)) else v) for k, v in part.items()
                         if k != "indices"}

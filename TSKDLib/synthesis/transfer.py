@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -23,7 +21,7 @@ import torch.nn.functional as F
 from ..case import SliceSet
 from ..classmap import ClassMap
 from ..errors import ConfigError, ModelPackageError
-from ..io import guard_write, replace_dir
+from ..io import atomic_dir
 
 FORMAT = "tskd-synthetic-transfer"
 FORMAT_VERSION = 1
@@ -252,21 +250,14 @@ class SyntheticTransferSet:
         """Write ``images.npy``, ``probabilities.npy``, ``confidence.npy``, ``manifest.json``
         atomically (built in ``<dir>.tmp-<pid>``, then renamed over any previous set)."""
         directory = Path(directory)
-        tmp = directory.with_name(f"{directory.name}.tmp-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
         manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, **self.manifest,
                     "count": len(self), "size": self.size, "num_classes": self.num_classes}
-        try:
-            with guard_write(directory):  # full disk / permission: one line, previous set kept
-                tmp.mkdir(parents=True)
-                np.save(tmp / "images.npy", np.ascontiguousarray(torch.as_tensor(self.images).float().numpy()))
-                np.save(tmp / "probabilities.npy",
-                        np.ascontiguousarray(torch.as_tensor(self.probabilities).half().numpy()))
-                np.save(tmp / "confidence.npy", np.ascontiguousarray(torch.as_tensor(self.confidence).float().numpy()))
-                (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
-                replace_dir(tmp, directory)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        with atomic_dir(directory) as tmp:  # full disk / permission: one line, previous set kept
+            np.save(tmp / "images.npy", np.ascontiguousarray(torch.as_tensor(self.images).float().numpy()))
+            np.save(tmp / "probabilities.npy",
+                    np.ascontiguousarray(torch.as_tensor(self.probabilities).half().numpy()))
+            np.save(tmp / "confidence.npy", np.ascontiguousarray(torch.as_tensor(self.confidence).float().numpy()))
+            (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
         return directory
 
     @classmethod

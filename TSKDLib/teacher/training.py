@@ -22,7 +22,9 @@ from torch import nn
 
 from TSKDLib import distributed
 from TSKDLib.errors import CheckpointError, ConfigError, LabelError
+from TSKDLib.metrics import dice
 from TSKDLib.progress import NullProgress, ProgressReporter
+from TSKDLib.runtime import resolve_device
 from TSKDLib.teacher.lora import DEFAULT_TARGETS, FAST_TARGETS, LoraSettings
 from TSKDLib.teacher.model import TaskSpecificTeacher, autocast_for, class_logits, labelmap
 
@@ -152,15 +154,6 @@ class TeacherConfig:
         return cls(**data)
 
 
-def resolve_device(device: str) -> torch.device:
-    """``"auto"`` -> CUDA if available else CPU."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if str(device).startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError("device 'cuda' was requested but no CUDA GPU is available.", fix="use device auto or cpu.")
-    return torch.device(device)
-
-
 # -- loss and metric ---------------------------------------------------------------------------------
 class MaskedDiceCELoss(nn.Module):
     """Dice + cross-entropy on K+1 class probabilities, over labelled valid pixels only.
@@ -196,7 +189,7 @@ class MaskedDiceCELoss(nn.Module):
 
 
 def dice_per_class(pred: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Per-slice, per-class Dice with MONAI ``compute_dice``.
+    """Per-slice, per-class Dice (:func:`TSKDLib.metrics.dice`, ``ignore_empty``).
 
     Parameters
     ----------
@@ -209,13 +202,7 @@ def dice_per_class(pred: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor
     -------
     ``(N, K)`` float Dice; NaN where the class is absent from the reference slice.
     """
-    from monai.metrics import compute_dice
-
-    pred = torch.where(valid, pred, 0)
-    ref = torch.where(valid & (labels > 0), labels, 0)
-    oh_p = F.one_hot(pred, num_classes + 1).permute(0, 3, 1, 2)
-    oh_r = F.one_hot(ref, num_classes + 1).permute(0, 3, 1, 2)
-    return compute_dice(oh_p, oh_r, include_background=False, ignore_empty=True)
+    return dice(torch.where(valid, pred, 0), torch.where(valid & (labels > 0), labels, 0), num_classes)
 
 
 def _nanmean(x: torch.Tensor, dim=None):

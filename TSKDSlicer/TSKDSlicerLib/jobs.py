@@ -27,6 +27,8 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from . import backend_pythonpath  # noqa: F401 - part of this module's API
+
 try:  # installed with the module's requirements (Slicer does not ship it); fallback without it
     import psutil
 except ImportError:  # pragma: no cover
@@ -80,20 +82,6 @@ def run_responsive(job: "BackendJob", pump=None, cancelled=None, interval: float
 # ---------------------------------------------------------------------------------------------
 # Command lines
 # ---------------------------------------------------------------------------------------------
-
-def backend_pythonpath(module_dir: str | None = None) -> list[str]:
-    """Folders to put on ``PYTHONPATH`` so ``TSKDLib`` and ``TSKDSlicerLib`` import in a subprocess.
-
-    Packaged extension: ``TSKDLib`` is installed next to ``TSKDSlicer.py`` (the module dir).
-    Source tree: ``TSKDLib`` is at the repository root, one level above the module dir.
-    """
-    module_dir = module_dir or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    paths = [module_dir]
-    parent = os.path.dirname(module_dir)
-    if not os.path.isdir(os.path.join(module_dir, "TSKDLib")) and os.path.isdir(os.path.join(parent, "TSKDLib")):
-        paths.append(parent)
-    return paths
-
 
 #: Variables through which Slicer's launcher points Python at Slicer's own interpreter files. A
 #: Python of another version or installation (a venv, conda) that inherits them loads Slicer's

@@ -2,8 +2,9 @@
 
 A label array here is a ``(K, J, I)`` integer array on the volume grid (``slicer.util
 .arrayFromVolume`` order), 0 = background. A slice along numpy axis ``a`` is ``np.take(array, s,
-axis=a)``. By default a slice is labelled when it holds any label; the user can also mark slices
-that are *all background* as labelled (they then teach the model where the structure is absent).
+axis=a)``. By default a slice is labelled when it holds any label (the backend's rule,
+:func:`TSKDLib.slices.labelled_slices`, imported here); the user can also mark slices that are
+*all background* as labelled (they then teach the model where the structure is absent).
 """
 
 from __future__ import annotations
@@ -12,6 +13,12 @@ import itertools
 from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
+
+# The torch-free rules shared with the backend (importing TSKDSlicerLib puts TSKDLib on sys.path)
+from TSKDLib.slices import format_slices as compress_ranges  # noqa: F401 - this module's API
+from TSKDLib.slices import labelled_slices
+from TSKDLib.slices import parse_slices as parse_ranges  # noqa: F401 - this module's API
+from TSKDLib.slices import slice_runs as _runs
 
 ANATOMICAL_AXES = {"sagittal": 0, "coronal": 1, "axial": 2}  # RAS component of the slice normal
 ORIENTATIONS = ("acquisition", "axial", "coronal", "sagittal")  # the backend's --axis choices
@@ -66,14 +73,6 @@ def slice_axis_for(direction_ijk_to_ras, orientation: str = "acquisition", size=
     return 2 - column
 
 
-def labelled_slices(labels: np.ndarray, axis: int = 0, values: Iterable[int] | None = None) -> list[int]:
-    """Indices of slices along ``axis`` that contain any label (or any of ``values``)."""
-    labels = np.asarray(labels)
-    mask = labels != 0 if values is None else np.isin(labels, list(values))
-    other = tuple(a for a in range(labels.ndim) if a != axis)
-    return [int(s) for s in np.flatnonzero(mask.any(axis=other))]
-
-
 def slice_counts(labels: np.ndarray, values: Mapping[int, str], axis: int = 0) -> dict[str, int]:
     """Number of slices along ``axis`` in which each class appears: ``{name: count}``."""
     return {name: len(labelled_slices(labels, axis, [value])) for value, name in values.items()}
@@ -90,40 +89,6 @@ def effective_labelled_slices(labels: np.ndarray, axis: int = 0,
             raise ValueError(f"slice {s} is outside the volume (0..{n - 1})")
         extra.add(s)
     return sorted(set(labelled_slices(labels, axis)) | extra)
-
-
-def compress_ranges(indices: Sequence[int]) -> str:
-    """``[1, 2, 3, 7, 9, 10]`` -> ``"1-3,7,9-10"`` (sorted, unique)."""
-    values = sorted(set(int(i) for i in indices))
-    parts, start, prev = [], None, None
-    for v in values:
-        if start is None:
-            start = prev = v
-        elif v == prev + 1:
-            prev = v
-        else:
-            parts.append(f"{start}" if start == prev else f"{start}-{prev}")
-            start = prev = v
-    if start is not None:
-        parts.append(f"{start}" if start == prev else f"{start}-{prev}")
-    return ",".join(parts)
-
-
-def parse_ranges(text: str) -> list[int]:
-    """Inverse of :func:`compress_ranges`; also accepts spaces. Raises ``ValueError`` if malformed."""
-    out: set[int] = set()
-    for part in text.replace(" ", "").split(","):
-        if not part:
-            continue
-        if "-" in part[1:]:
-            a, b = part.split("-", 1) if not part.startswith("-") else (part, "")
-            a, b = int(a), int(b)
-            if b < a:
-                raise ValueError(f"bad range {part!r}")
-            out.update(range(a, b + 1))
-        else:
-            out.add(int(part))
-    return sorted(out)
 
 
 def labelled_slices_spec(indices: Sequence[int]) -> str:
@@ -143,16 +108,6 @@ def labelled_slices_spec(indices: Sequence[int]) -> str:
 #: Longest run of consecutive labelled slices accepted without asking: the method needs a few
 #: slices; long runs come from 3D tools (threshold, grow from seeds, islands...) or interpolation.
 MAX_CONSECUTIVE_LABELLED = 6
-
-
-def _runs(indices: Sequence[int]) -> list[tuple[int, int]]:
-    runs = []
-    for v in sorted(set(int(i) for i in indices)):
-        if runs and v == runs[-1][1] + 1:
-            runs[-1] = (runs[-1][0], v)
-        else:
-            runs.append((v, v))
-    return runs
 
 
 def label_plane_problems(labels: np.ndarray, axis: int, axis_names: Mapping[int, str] | None = None,

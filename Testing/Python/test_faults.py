@@ -480,3 +480,15 @@ def test_slicer_resume_of_a_running_run_shows_the_refusal(tmp_path):
     assert job.state.error_type == "RunLockedError"
     assert f"run directory is in use by process {os.getpid()}" in job.state.error
     assert job.state.summary().startswith("Failed: ")
+
+
+# ------------------------------------------------------------------------------------------------
+# the demo's data are found through an explicit folder (tskd demo --data), never by guessing
+# ------------------------------------------------------------------------------------------------
+def test_demo_without_its_data_is_one_line_naming_the_folder(tmp_path, capsys):
+    code, _, err = _tskd(["demo", "--data", tmp_path / "nowhere", "--out", tmp_path / "out"], capsys)
+    assert code == 2
+    line = _one_error_line(err)
+    assert "nowhere" in line and "demo data not found" in line and "--data" in line
+    from TSKDLib.demo import DEFAULT_DATA_DIR, check_demo_data
+    assert check_demo_data(Path(ROOT) / DEFAULT_DATA_DIR).is_dir()  # the checkout's default holds them

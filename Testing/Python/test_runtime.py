@@ -27,3 +27,21 @@ def _run(env_value: str | None) -> str:
 def test_allocator_tuning_applies_once_and_can_be_switched_off():
     assert _run(None) == "[true, true]"
     assert _run("0") == "[false, false]"
+
+
+def test_one_device_rule_for_every_stage(monkeypatch):
+    """``auto`` follows CUDA's availability; a CUDA request without CUDA is a ConfigError
+    naming the device, in the teacher, the synthesis, the distillation and the pipeline alike."""
+    import torch
+
+    from TSKDLib import runtime
+    from TSKDLib.errors import ConfigError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert runtime.resolve_device("auto") == torch.device("cpu")
+    assert runtime.resolve_device(torch.device("cpu")) == torch.device("cpu")
+    with pytest.raises(ConfigError, match="'cuda:1'"):
+        runtime.resolve_device("cuda:1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert runtime.resolve_device("auto") == torch.device("cuda")
+    assert runtime.resolve_device("cuda:1") == torch.device("cuda", 1)

@@ -53,10 +53,22 @@ def test_ranges_roundtrip_and_spec():
 
 
 def test_spec_is_what_the_backend_parses():
-    cli = pytest.importorskip("TSKDLib.cli")
-    if not hasattr(cli, "_parse_slices"):
-        pytest.skip("backend slice parser moved")
-    assert cli._parse_slices(labels.labelled_slices_spec([0, 4, 5, 6, 11])) == [0, 4, 5, 6, 11]
+    from TSKDLib.cli_args import parse_slices_arg
+    from TSKDLib.errors import InputError
+
+    assert parse_slices_arg(labels.labelled_slices_spec([0, 4, 5, 6, 11])) == [0, 4, 5, 6, 11]
+    assert parse_slices_arg(" 7, 3-4,3") == [3, 4, 7]
+    assert parse_slices_arg(None) is None
+    for bad in ("5-2", "-1", "a", "1-b"):
+        with pytest.raises(InputError, match="--labelled-slices"):
+            parse_slices_arg(bad)
+
+
+def test_labelled_slice_rule_is_the_backends():
+    from TSKDLib import slices
+
+    assert labels.labelled_slices is slices.labelled_slices
+    assert labels.parse_ranges is slices.parse_slices and labels.compress_ranges is slices.format_slices
 
 
 # -- models ---------------------------------------------------------------------------------------

@@ -1,0 +1,77 @@
+"""Labelled slices and slice-range text: the rules shared by the backend and the Slicer module.
+
+This module imports only the standard library and NumPy, so the Slicer module's own process
+(which never imports PyTorch) uses it too (``TSKDSlicerLib.labels``). The two rules here are the
+contract across the process boundary:
+
+- **A labelled slice is one holding any label** (any non-zero value, or any of the given values):
+  :func:`labelled_mask` / :func:`labelled_slices`. The Slicer module writes the labelled slices
+  it found; ``tskd train`` finds the same ones in the label file when none are listed.
+- **Slice ranges** are written ``"4,11-12,20"`` (:func:`format_slices`) and read back by
+  :func:`parse_slices` (``tskd inspect/train --labelled-slices``, the module's "background slices"
+  field). Indices are 0-based voxel indices along the slice axis.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+
+
+def labelled_mask(labels: np.ndarray, axis: int = 0, values: Iterable[int] | None = None) -> np.ndarray:
+    """Which slices along ``axis`` hold a label.
+
+    ``labels``: integer label array of any dimension (e.g. ``(N, H, W)`` with ``axis=0``), 0 =
+    background. ``values``: when given, only these label values count (e.g. one class).
+    Returns a ``(labels.shape[axis],)`` bool array: True where the slice holds any non-zero value
+    (or any of ``values``).
+    """
+    labels = np.asarray(labels)
+    mask = labels != 0 if values is None else np.isin(labels, list(values))
+    return mask.any(axis=tuple(a for a in range(labels.ndim) if a != axis))
+
+
+def labelled_slices(labels: np.ndarray, axis: int = 0, values: Iterable[int] | None = None) -> list[int]:
+    """Indices (ascending) of the slices along ``axis`` that hold any label (or any of
+    ``values``): the indices where :func:`labelled_mask` is True."""
+    return [int(s) for s in np.flatnonzero(labelled_mask(labels, axis, values))]
+
+
+def format_slices(indices: Sequence[int]) -> str:
+    """``[1, 2, 3, 7, 9, 10]`` -> ``"1-3,7,9-10"`` (sorted, unique; ``""`` when empty)."""
+    parts = [f"{a}" if a == b else f"{a}-{b}" for a, b in slice_runs(indices)]
+    return ",".join(parts)
+
+
+def slice_runs(indices: Sequence[int]) -> list[tuple[int, int]]:
+    """Runs of consecutive indices, ``[1, 2, 3, 7]`` -> ``[(1, 3), (7, 7)]`` (sorted, unique)."""
+    runs: list[tuple[int, int]] = []
+    for v in sorted(set(int(i) for i in indices)):
+        if runs and v == runs[-1][1] + 1:
+            runs[-1] = (runs[-1][0], v)
+        else:
+            runs.append((v, v))
+    return runs
+
+
+def parse_slices(text: str) -> list[int]:
+    """``"3,7,10-12"`` -> ``[3, 7, 10, 11, 12]``: the inverse of :func:`format_slices`.
+
+    Spaces are ignored, empty items skipped; the result is sorted and unique. Raises
+    ``ValueError`` for a malformed item, a negative index or a range whose end is below its start.
+    """
+    out: set[int] = set()
+    for part in text.replace(" ", "").split(","):
+        if not part:
+            continue
+        if part.startswith("-"):
+            raise ValueError(f"slice indices are 0 or more, not {part!r}")
+        if "-" in part:
+            a, b = (int(x) for x in part.split("-", 1))
+            if b < a:
+                raise ValueError(f"bad slice range {part!r}: the end is below the start")
+            out.update(range(a, b + 1))
+        else:
+            out.add(int(part))
+    return sorted(out)
