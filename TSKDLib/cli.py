@@ -118,7 +118,7 @@ def cmd_update(args) -> int:
     from .pipeline_cli import _reporter
     from .update import DEFAULT_FINETUNE_STEPS, DEFAULT_STEPS, quick_update
 
-    slices = _parse_slices(args.slices) or []
+    slices = parse_slices_arg(args.slices, "--slices") or []
     progress = _reporter(args)
     result = quick_update(args.model, args.image, args.labels, slices, args.out, class_map=args.class_map,
                           run=args.run, axis=args.axis,
@@ -126,7 +126,9 @@ def cmd_update(args) -> int:
                           finetune_steps=DEFAULT_FINETUNE_STEPS if args.finetune_steps is None else args.finetune_steps,
                           device=args.device, threads=args.threads, progress=progress, overwrite=args.overwrite)
     if args.report:
-        Path(args.report).write_text(json.dumps(result, indent=1))
+        from .io import atomic_write
+        text = json.dumps(result, indent=1)
+        atomic_write(Path(args.report), lambda tmp: tmp.write_text(text), overwrite=True)
     if args.progress_json:
         progress.done({"dice_before": result["dice_before"], "dice_after": result["dice_after"]}, result["model_dir"])
     else:
