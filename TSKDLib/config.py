@@ -35,7 +35,7 @@ def tiny_config() -> dict:
     Use as ``PipelineConfig(**tiny_config(), data=...)`` or as a ``--config`` JSON file."""
     return {
         "preset": "fast",
-        "teacher": {"steps": 4, "batch_size": 2, "val_every": 2, "checkpoint_every": 2, "warmup": 1},
+        "teacher": {"steps": 4, "batch_size": 2, "val_every": 2, "checkpoint_every": 2, "warmup_steps": 1},
         "synthesis": {"train_steps": 4, "batch_size": 4, "num_images": 4, "sample_steps": 3,
                       "sample_batch_size": 4, "checkpoint_every": 2, "min_confidence": 0.0,
                       "block_out_channels": [8, 16, 16]},
