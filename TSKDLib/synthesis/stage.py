@@ -29,8 +29,9 @@ from ..case import SliceSet
 from ..errors import ConfigError
 from ..progress import NullProgress, ProgressReporter
 from .config import SynthesisConfig
+from ..engine import cpu_threads
 from .diffusion import (DiffusionModel, labels_to_resolution, make_condition, random_affine,
-                        resolve_device, torch_threads, train_diffusion, warp_labels)
+                        resolve_device, train_diffusion, warp_labels)
 from .report import dice_per_slice, intensity_histogram_distance, save_grid
 from .transfer import SyntheticTransferSet, TeacherProba, label_images
 
@@ -93,7 +94,7 @@ def generate(model: DiffusionModel, indices: list[int], config: SynthesisConfig,
     if maps:
         cmaps = torch.cat(maps)
         cond = make_condition(cmaps, model.num_classes)
-    with torch_threads(config.num_threads):
+    with cpu_threads(config.threads):
         x = model.sample(noise, cond, steps=config.sample_steps, sampler=config.sampler,
                          guidance_scale=config.guidance_scale, mixed_precision=config.mixed_precision)
     if size != R:
@@ -138,7 +139,7 @@ def run_synthesis(slices: SliceSet, teacher_proba: TeacherProba, out_dir: str | 
     config:
         :class:`SynthesisConfig` (default: the ``fast`` preset).
     progress:
-        Reporter; emits ``stage_start('synthesis', train_steps + num_images)``, one ``progress``
+        Reporter; emits ``stage_start('synthesis', steps + num_images)``, one ``progress``
         per training step (``loss``) and per generated batch, logs, and ``stage_end`` with the
         metrics below.
 
@@ -164,7 +165,7 @@ def run_synthesis(slices: SliceSet, teacher_proba: TeacherProba, out_dir: str | 
     progress = progress or NullProgress()
     if len(slices) == 0:
         raise ConfigError("no slice to synthesise from.")
-    with torch_threads(config.num_threads):
+    with cpu_threads(config.threads):
         return _run(slices, teacher_proba, out_dir, config, progress)
 
 
@@ -181,7 +182,7 @@ def _run(slices, teacher_proba, out_dir, config, progress) -> SyntheticTransferS
     filt = {"min_confidence": config.min_confidence, "max_entropy": config.max_entropy,
             "real_confidence_quantile": config.real_confidence_quantile}
 
-    progress.stage_start("synthesis", config.train_steps + config.num_images)
+    progress.stage_start("synthesis", config.steps + config.num_images)
     transfer_dir = out_dir / "transfer"
     if (transfer_dir / "manifest.json").exists():
         try:
@@ -205,10 +206,10 @@ def _run(slices, teacher_proba, out_dir, config, progress) -> SyntheticTransferS
         model = DiffusionModel.load(model_dir, dev)
         info = json.loads(info_path.read_text())
         progress.log(f"synthesis: diffusion model found in {model_dir}")
-        progress.update(step=config.train_steps, metrics={"loss": info["final_loss"]}, message="trained")
+        progress.update(step=config.steps, metrics={"loss": info["final_loss"]}, message="trained")
     else:
         progress.log(f"synthesis: training a {R}x{R} diffusion model ({config.conditioning} conditioning, "
-                     f"{config.train_steps} steps) on {len(slices)} slices, {dev}")
+                     f"{config.steps} steps) on {len(slices)} slices, {dev}")
 
         def on_step(step, loss):
             progress.update(step=step, metrics={"loss": loss}, message="training")
@@ -260,7 +261,7 @@ def _run(slices, teacher_proba, out_dir, config, progress) -> SyntheticTransferS
         for j, i in enumerate(idx):
             items[i] = {k: (v[j] if isinstance(v, (torch.Tensor, list)) else v) for k, v in part.items()
                         if k != "indices"}
-        progress.update(step=config.train_steps + config.num_images - len(missing) + b + len(idx),
+        progress.update(step=config.steps + config.num_images - len(missing) + b + len(idx),
                         metrics={"generated": config.num_images - len(missing) + b + len(idx),
                                  "mean_confidence": float(stats["confidence"].mean())},
                         message="sampling")
