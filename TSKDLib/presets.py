@@ -5,13 +5,15 @@ settings given explicitly (``--config`` file, the Python API) override single fi
 configs read their part through their ``preset(name)`` classmethods
 (:class:`TSKDLib.teacher.training.TeacherConfig`, :class:`TSKDLib.synthesis.SynthesisConfig`,
 :class:`TSKDLib.distill.DistillConfig`); a stage absent from a preset uses its config's defaults.
-Every stage speaks the same vocabulary (:data:`TSKDLib.engine.LEGACY_NAMES` lists older names).
+Every stage speaks the same vocabulary (:data:`LEGACY_NAMES` lists older names, still read).
 
 Evidence for the numbers: benchmarks/RESULTS.md (fast: the demo and CHAOS MR on a 2-core CPU).
 This module imports nothing, so any module can read it.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 PRESET_NAMES = ("fast", "balanced", "quality")
 
@@ -61,3 +63,69 @@ def stage_preset(name: str, stage: str) -> dict:
         from .errors import ConfigError
         raise ConfigError(f"unknown {stage} preset {name!r}.", fix=f"use one of {', '.join(PRESET_NAMES)}.")
     return dict(PRESETS[key].get(stage, {}))
+
+
+#: The one vocabulary of training settings, shared by the teacher, synthesis and distillation
+#: configs: ``steps``, ``batch_size``, ``lr``, ``warmup_steps``, ``weight_decay``, ``seed``,
+#: ``device``, ``threads``, ``checkpoint_every``. Names of older config files, still read:
+LEGACY_NAMES = {"warmup": "warmup_steps", "learning_rate": "lr", "train_steps": "steps",
+                "num_threads": "threads", "check_every": "val_every"}
+
+
+def upgrade_names(values: dict, stage: str) -> dict:
+    """A copy of ``values`` with the older setting names (:data:`LEGACY_NAMES`) renamed. Raises
+    :class:`~TSKDLib.errors.ConfigError` when a setting is given under both names."""
+    out = dict(values)
+    for old, new in LEGACY_NAMES.items():
+        if old in out:
+            if new in out:
+                from .errors import ConfigError
+                raise ConfigError(f"{stage} setting {new!r} is given twice (also as its older name {old!r}).",
+                                  fix=f"keep only {new!r}.")
+            out[new] = out.pop(old)
+    return out
+
+
+@dataclass
+class TrainingSettings:
+    """The settings every training stage has, under one name each (base of
+    :class:`~TSKDLib.teacher.training.TeacherConfig`, :class:`~TSKDLib.synthesis.SynthesisConfig`
+    and :class:`~TSKDLib.distill.DistillConfig`, which change some defaults).
+
+    Attributes
+    ----------
+    steps: optimiser steps (an upper bound where a stage stops early).
+    batch_size: samples per step (per process under torchrun).
+    lr: peak learning rate (after ``warmup_steps`` of linear warm-up).
+    warmup_steps: linear warm-up steps.
+    seed: seeds initialisation, batches, augmentation and noise.
+    device: ``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``.
+    threads: PyTorch CPU threads while the stage trains (None: leave torch's setting).
+    checkpoint_every: steps between atomic resume checkpoints.
+    """
+
+    steps: int = 600
+    batch_size: int = 8
+    lr: float = 1e-3
+    warmup_steps: int = 20
+    seed: int = 0
+    device: str = "auto"
+    threads: int | None = None
+    checkpoint_every: int = 50
+
+
+@dataclass
+class StoppingSettings(TrainingSettings):
+    """:class:`TrainingSettings` plus early stopping (:class:`TSKDLib.engine.Plateau`), for the
+    stages that validate while they train (teacher, distillation).
+
+    Attributes
+    ----------
+    val_every: steps between validations (the distillation's evidence checks).
+    patience: validations in a row without a gain of ``min_delta`` before training stops.
+    min_delta: the smallest gain of the validation score that counts as progress.
+    """
+
+    val_every: int = 50
+    patience: int = 3
+    min_delta: float = 0.0

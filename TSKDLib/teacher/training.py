@@ -21,7 +21,8 @@ from torch import nn
 
 from TSKDLib import distributed
 from TSKDLib.engine import (Plateau, ResumeFile, Trainer, checkpoint_hook, cpu_threads, settings_identity,
-                            upgrade_names, warmup_cosine)
+                            warmup_cosine)
+from TSKDLib.presets import StoppingSettings, upgrade_names
 from TSKDLib.errors import ConfigError, LabelError
 from TSKDLib.progress import NullProgress, ProgressReporter
 from TSKDLib.teacher.lora import DEFAULT_TARGETS, LoraSettings
@@ -31,7 +32,7 @@ RESUME_FILE = "teacher_resume.pt"
 
 
 @dataclass
-class TeacherConfig:
+class TeacherConfig(StoppingSettings):
     """Settings of teacher fine-tuning (defaults follow the paper's LoRA teacher).
 
     Attributes
@@ -89,19 +90,13 @@ class TeacherConfig:
     lora_targets: tuple[str, ...] = DEFAULT_TARGETS
     steps: int = 200
     batch_size: int = 4
-    lr: float = 1e-3
-    weight_decay: float = 0.01
     warmup_steps: int = 10
+    weight_decay: float = 0.01
     val_fraction: float = 0.2
     val_every: int = 20
     patience: int = 4
-    min_delta: float = 0.0
-    seed: int = 0
-    device: str = "auto"
-    threads: int | None = None
     cache_embeddings: bool | None = None
     cache_views: int = 1
-    checkpoint_every: int = 50
     dice_weight: float = 1.0
     ce_weight: float = 1.0
 
