@@ -49,27 +49,6 @@ from .errors import CheckpointError
 #: config fields that never change results, hence never block a resume (every stage)
 RUNTIME_FIELDS = ("device", "threads", "checkpoint_every", "log_every", "max_seconds")
 
-#: The one vocabulary of training settings, shared by the teacher, synthesis and distillation
-#: configs: ``steps``, ``batch_size``, ``lr``, ``warmup_steps``, ``weight_decay``, ``seed``,
-#: ``device``, ``threads``, ``checkpoint_every``. Names of older config files, still read:
-LEGACY_NAMES = {"warmup": "warmup_steps", "learning_rate": "lr", "train_steps": "steps",
-                "num_threads": "threads"}
-
-
-def upgrade_names(values: dict, stage: str) -> dict:
-    """A copy of ``values`` with the older setting names (:data:`LEGACY_NAMES`) renamed. Raises
-    :class:`~TSKDLib.errors.ConfigError` when a setting is given under both names."""
-    out = dict(values)
-    for old, new in LEGACY_NAMES.items():
-        if old in out:
-            if new in out:
-                from .errors import ConfigError
-                raise ConfigError(f"{stage} setting {new!r} is given twice (also as its older name {old!r}).",
-                                  fix=f"keep only {new!r}.")
-            out[new] = out.pop(old)
-    return out
-
-
 # ------------------------------------------------------------------------------------------------
 # Learning-rate schedules
 # ------------------------------------------------------------------------------------------------
