@@ -315,12 +315,15 @@ def train(images: Sequence[str | Path] | None = None, labels: Sequence[str | Pat
     cfg = _effective_config(config, preset, images=images, labels=labels, class_map=class_map, classes=classes,
                             labelled_slices=labelled_slices, device=device, threads=threads, synthesis=synthesis,
                             axis=axis)
-    progress = progress or NullProgress()
+    return _open_and_run(cfg, RunDir(out), overwrite, progress or NullProgress())
+
+
+def _open_and_run(cfg: PipelineConfig, run: RunDir, overwrite: bool, progress: ProgressReporter) -> TrainResult:
+    """Join torchrun's process group, lock and open the run directory (rank 0), run the job."""
     from . import distributed  # imports torch: not at module level, `tskd segment` runs without it
     owns_group = distributed.init(cfg.device)  # no-op without torchrun
     if not distributed.is_main():
         progress = NullProgress()  # only rank 0 reports
-    run = RunDir(out)
     # One writer per run directory (rank 0 under torchrun): a second train (or the Slicer module's
     # Resume) on the same folder refuses at once with RunLockedError naming the holder.
     lock = RunLock(run.path) if distributed.is_main() else None
