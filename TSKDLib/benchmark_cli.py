@@ -62,8 +62,7 @@ def _pair(spec: str) -> tuple[str, str]:
 
 
 def load_benchmark_data(args) -> BenchmarkData:
-    from .case import load_2d_cases, load_case
-    from .geometry import LabelGeometryWarning
+    from .case import load_2d_cases
 
     if args.images:
         cases = load_2d_cases(args.images, args.masks, args.class_map, mask_suffix=args.mask_suffix,
@@ -89,7 +88,7 @@ def _load_volumes(args, train_specs, test_specs) -> tuple[list, list]:
 
 
 def _run_sparse_cli(args, extra: dict) -> int:
-    from .sparse_benchmark import SPARSE_METHODS, SparseConfig, run_sparse_benchmark
+    from .sparse_benchmark import SparseConfig, run_sparse_benchmark
 
     if not args.volumes:
         raise InputError("the sparse-slice protocol needs --volumes IMAGE::LABELS (complete reference labels).")

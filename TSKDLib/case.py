@@ -13,7 +13,6 @@ columns). With the default axis ``acquisition`` the slices are the file's own ac
 from __future__ import annotations
 
 import logging
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence

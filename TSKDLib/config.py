@@ -22,10 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
-
-PRESETS = ("fast", "balanced", "quality")
-#: pipeline preset -> distillation preset (TSKDLib.distill.DistillConfig.PRESETS)
-DISTILL_PRESETS = {"fast": "fast", "balanced": "default", "quality": "full"}
+from .presets import PRESET_NAMES as PRESETS  # the table itself: TSKDLib.presets.PRESETS
 
 
 def tiny_config() -> dict:
@@ -35,8 +32,8 @@ def tiny_config() -> dict:
     Use as ``PipelineConfig(**tiny_config(), data=...)`` or as a ``--config`` JSON file."""
     return {
         "preset": "fast",
-        "teacher": {"steps": 4, "batch_size": 2, "val_every": 2, "checkpoint_every": 2, "warmup": 1},
-        "synthesis": {"train_steps": 4, "batch_size": 4, "num_images": 4, "sample_steps": 3,
+        "teacher": {"steps": 4, "batch_size": 2, "val_every": 2, "checkpoint_every": 2, "warmup_steps": 1},
+        "synthesis": {"steps": 4, "batch_size": 4, "num_images": 4, "sample_steps": 3,
                       "sample_batch_size": 4, "checkpoint_every": 2, "min_confidence": 0.0,
                       "block_out_channels": [8, 16, 16]},
         "distillation": {"steps": 6, "finetune_steps": 2, "batch_size": 2, "checkpoint_every": 2,
@@ -128,28 +125,26 @@ class PipelineConfig:
         return self
 
     # -- stage configs -----------------------------------------------------------------------
-    def stage_configs(self) -> dict[str, Any]:
-        """Build the stage config objects from the preset plus overrides."""
+    def stage_configs(self, device: str | None = None) -> dict[str, Any]:
+        """New stage config objects: the preset's row of :data:`TSKDLib.presets.PRESETS`, then
+        ``seed``/``device``/``threads``, then the explicit stage settings (older setting names
+        are read too). ``device`` replaces ``self.device`` (the pipeline passes the resolved one).
+        Never changes ``self``. Raises :class:`ConfigError` for an invalid setting."""
         from .teacher.training import TeacherConfig
         from .synthesis import SynthesisConfig
         from .distill import DistillConfig
         from .student import StudentConfig
+        from .presets import upgrade_names
 
-        tp = "fast" if self.preset == "fast" else "paper"
-        t = {"device": self.device, "seed": self.seed}
-        if self.preset == "quality":
-            t.update(steps=600, patience=6)
-        t.update(self.teacher)
-        out = {"teacher": TeacherConfig.preset(tp, **t)}
-        s = {"seed": self.seed, "device": self.device}
-        s.update(self.synthesis)
-        out["synthesis"] = SynthesisConfig.preset(self.preset, **s)
-        k = {"seed": self.seed, "device": self.device, "num_threads": self.threads}
-        k.update({key: v for key, v in self.distillation.items() if key != "init_student"})
-        out["distillation"] = DistillConfig.preset(DISTILL_PRESETS[self.preset], **k)
-        st = {"input_size": self.data.size, **self.student}
-        out["student"] = StudentConfig.from_dict(st)
-        return out
+        common = {"seed": self.seed, "device": device or self.device, "threads": self.threads}
+        distillation = {k: v for k, v in self.distillation.items() if k != "init_student"}
+
+        def settings(stage: str, given: dict) -> dict:
+            return {**common, **upgrade_names(given, stage)}
+        return {"teacher": TeacherConfig.preset(self.preset, **settings("teacher", self.teacher)),
+                "synthesis": SynthesisConfig.preset(self.preset, **settings("synthesis", self.synthesis)),
+                "distillation": DistillConfig.preset(self.preset, **settings("distillation", distillation)),
+                "student": StudentConfig.from_dict({"input_size": self.data.size, **self.student})}
 
     # -- serialisation --------------------------------------------------------------------------
     def to_dict(self) -> dict:

@@ -48,7 +48,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -58,6 +58,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import distributed
+from .engine import (Plateau, ResumeFile, Trainer, checkpoint_hook, cpu_threads, settings_identity,
+                     trainable_state, warmup_cosine)
+from .presets import StoppingSettings, upgrade_names
 from .errors import CheckpointError, ConfigError, InputError
 from .io import atomic_write
 from .metrics import dice_scores
@@ -76,7 +79,7 @@ TEACHER_EMBED_SIZE = 64
 # Configuration
 # ------------------------------------------------------------------------------------------------
 @dataclass
-class DistillConfig:
+class DistillConfig(StoppingSettings):
     """Distillation settings (defaults = the ``default`` preset).
 
     Attributes
@@ -103,9 +106,9 @@ class DistillConfig:
         what the user labelled (organs are one object through neighbouring slices); the rest
         becomes background in the pseudo-labels. Without labels of a class in a scan, its
         largest component is kept.
-    check_every, min_steps, patience, min_delta, fit_target, max_seconds: evidence-based stopping
-        of the distillation phase. Every ``check_every`` steps the student is scored on the
-        labelled slices (fit, per-class Dice) and against the teacher's pseudo-labels on the real
+    val_every, min_steps, patience, min_delta, fit_target, max_seconds: evidence-based stopping
+        of the distillation phase (``val_every`` was called ``check_every``). Every ``val_every``
+        steps the student is scored on the labelled slices (fit, per-class Dice) and against the teacher's pseudo-labels on the real
         unlabelled slices (agreement). After ``min_steps``, the phase stops once every class fits
         to ``fit_target`` and the mean of fit and agreement has not improved by ``min_delta`` for
         ``patience`` checks, or at ``steps`` / ``max_seconds`` (wall clock). The best-scoring
@@ -121,18 +124,16 @@ class DistillConfig:
     log_every: steps between progress updates.
     seed: seed of the student initialisation, batches and augmentation.
     device: ``"cpu"``, ``"cuda"`` or ``"auto"``.
-    num_threads: torch CPU threads (None: leave torch's setting). On a CPU shared with other
-        busy processes, 1 thread can be several times faster than 2 (no oversubscription).
+    threads: torch CPU threads while training (None: leave torch's setting; older configs call it
+        ``num_threads``). On a CPU shared with other busy processes, 1 thread can be several
+        times faster than 2 (no oversubscription).
     """
 
     method: str = "tskd"
-    steps: int = 600
     finetune_steps: int = 150
-    batch_size: int = 8
     lr: float = 3e-3
     finetune_lr: float = 1e-3
     weight_decay: float = 1e-4
-    warmup_steps: int = 20
     w_sup: float = 1.0
     w_out: float = 1.0
     w_feat: float = 0.0
@@ -142,37 +143,25 @@ class DistillConfig:
     labelled_fraction: float = 0.5
     pseudo_threshold: float = 0.9
     consistency_3d: bool = True
-    check_every: int = 50
     min_steps: int = 200
-    patience: int = 3
     min_delta: float = 0.005
     fit_target: float = 0.9
     max_seconds: float | None = None
     augment: bool = True
-    checkpoint_every: int = 50
     log_every: int = 5
-    seed: int = 0
-    device: str = "auto"
-    num_threads: int | None = None
-
-    #: presets sized for a 2-core CPU at S = 256 with the default student
-    PRESETS = {
-        # CPU: on CHAOS MR the student reached its teacher's pseudo-labels after 550-650 steps on
-        # scan 32 but only after ~900 on scan 34, where a 700-step schedule left it at fit 0.69
-        # (benchmarks/RESULTS.md, section 6): up to 1400 steps (~4 min on a quiet 2-core CPU),
-        # stopped when fit and agreement stop improving after 600, and planned shorter (with a
-        # gate warning if it then falls short) when a slow CPU would need more than 10 minutes
-        "fast": dict(steps=1400, finetune_steps=40, batch_size=4, min_steps=600, max_seconds=600.0),
-        "default": dict(steps=3000, finetune_steps=150),
-        "full": dict(steps=8000, finetune_steps=400, batch_size=8, patience=5),
-    }
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "DistillConfig":
-        """A named preset (``fast``, ``default``, ``full``) with field overrides."""
-        if name not in cls.PRESETS:
-            raise ConfigError(f"unknown distillation preset {name!r}; choose one of {sorted(cls.PRESETS)}.")
-        return cls(**{**cls.PRESETS[name], **overrides}).validated()
+        """The distillation settings of a preset (:data:`TSKDLib.presets.PRESETS`: ``fast``,
+        ``balanced`` (alias ``default``), ``quality`` (alias ``full``)) with field overrides
+        (older names such as ``num_threads`` are read too). Raises :class:`ConfigError`."""
+        from .presets import stage_preset
+
+        values = {**stage_preset(name, "distillation"), **upgrade_names(overrides, "distillation")}
+        unknown = set(values) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ConfigError(f"unknown distillation setting(s) {sorted(unknown)}.")
+        return cls(**values).validated()
 
     def validated(self) -> "DistillConfig":
         """Check values; raises :class:`ConfigError`."""
@@ -188,8 +177,8 @@ class DistillConfig:
             raise ConfigError(f"output_loss must be 'pseudo', 'kl' or 'bce', not {self.output_loss!r}.")
         if not 0.0 <= self.pseudo_threshold < 1.0:
             raise ConfigError("pseudo_threshold must be within [0, 1).")
-        if self.check_every < 1 or self.patience < 1:
-            raise ConfigError("check_every and patience must be >= 1.")
+        if self.val_every < 1 or self.patience < 1:
+            raise ConfigError("val_every and patience must be >= 1.")
         if self.feature_loss not in ("cosine", "mse"):
             raise ConfigError(f"feature_loss must be 'cosine' or 'mse', not {self.feature_loss!r}.")
         if not 0.0 <= self.labelled_fraction <= 1.0:
@@ -214,11 +203,9 @@ class DistillConfig:
         return d
 
     def fingerprint(self) -> dict:
-        """Fields that must match for a checkpoint to be resumed."""
-        d = self.to_dict()
-        for k in ("checkpoint_every", "log_every", "device", "num_threads", "max_seconds"):
-            d.pop(k)
-        return d
+        """Fields that must match for a checkpoint to be resumed (all but
+        :data:`TSKDLib.engine.RUNTIME_FIELDS`)."""
+        return settings_identity(self.to_dict())
 
 
 # ------------------------------------------------------------------------------------------------
@@ -658,16 +645,12 @@ class DistillResult:
 def _lr_at(step: int, cfg: DistillConfig, phase_end: int | None = None, planned: int | None = None) -> float:
     """Learning rate of ``step``: warm-up + cosine over the planned distillation steps
     (``cfg.steps``, or fewer when a time budget plans fewer; evidence may end the phase earlier, at
-    ``phase_end``), then cosine over ``finetune_steps``."""
+    ``phase_end``), then cosine over ``finetune_steps`` (:func:`TSKDLib.engine.warmup_cosine`)."""
     phase_end = cfg.steps if phase_end is None else phase_end
     planned = cfg.steps if planned is None else planned
     if step < phase_end:
-        if step < cfg.warmup_steps:
-            return cfg.lr * (step + 1) / cfg.warmup_steps
-        span = max(planned - cfg.warmup_steps, 1)
-        return cfg.lr * 0.5 * (1 + math.cos(math.pi * (step - cfg.warmup_steps) / span))
-    k = step - phase_end
-    return cfg.finetune_lr * 0.5 * (1 + math.cos(math.pi * k / max(cfg.finetune_steps, 1)))
+        return cfg.lr * warmup_cosine(step, cfg.warmup_steps, planned)
+    return cfg.finetune_lr * warmup_cosine(step - phase_end, 0, cfg.finetune_steps)
 
 
 def _sample(step: int, cfg: DistillConfig, transfer: TransferSet, g: torch.Generator, use_kd: bool,
@@ -692,7 +675,9 @@ _CALIBRATION_STEPS = 20
 
 @dataclass
 class _StopState:
-    """Evidence-based stopping of the distillation phase (see :class:`DistillConfig`)."""
+    """Evidence-based stopping of the distillation phase (see :class:`DistillConfig`): the
+    phase's planned and actual end, the best check so far (:class:`TSKDLib.engine.Plateau`, a
+    gain must exceed ``min_delta``) and its weights. Saved in the checkpoint."""
 
     phase_end: int
     planned: int = 0
@@ -709,19 +694,15 @@ class _StopState:
 
     def observe(self, rec: dict, model: nn.Module, cfg: DistillConfig, step: int, elapsed: float) -> bool:
         """Record a check; True when the phase should end now."""
-        score = rec["score"]
-        if score > self.best_score + cfg.min_delta:
-            self.best_score, self.best_step, self.bad_checks = score, step, 0
-            self.best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-        else:
-            self.bad_checks += 1
-            if score > self.best_score:  # a small gain still moves the kept weights
-                self.best_score, self.best_step = score, step
-                self.best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        plateau = Plateau(cfg.min_delta, strict=True, best=self.best_score, best_step=self.best_step,
+                          bad=self.bad_checks)
+        if plateau.observe(rec["score"], step):  # a small gain still moves the kept weights
+            self.best_state = trainable_state(model)
+        self.best_score, self.best_step, self.bad_checks = plateau.best, plateau.best_step, plateau.bad
         if cfg.max_seconds is not None and elapsed >= 1.2 * cfg.max_seconds:  # the plan was too hopeful
             self.reason = "time budget"
             return True
-        if step >= cfg.min_steps and rec["fit_min"] >= cfg.fit_target and self.bad_checks >= cfg.patience:
+        if step >= cfg.min_steps and rec["fit_min"] >= cfg.fit_target and plateau.stalled(cfg.patience):
             self.reason = "converged"
             return True
         return False
@@ -832,9 +813,23 @@ def distill(transfer: TransferSet, config: DistillConfig | None = None, cache: T
         Invalid config, or a cache that lacks what the method needs or does not match the
         transfer set.
     CheckpointError
-        A checkpoint in ``checkpoint_dir`` written with a different configuration.
+        A checkpoint in ``checkpoint_dir`` written with other settings or another transfer set
+        (the message names what changed), or an unreadable one.
+
+    The loop is :class:`TSKDLib.engine.Trainer` (AdamW; the learning rate of each step from
+    :func:`_lr_at`, which follows the plan as it changes); hooks: the time plan (after 20 timed
+    steps), the evidence check (:class:`_Monitor`, :class:`_StopState`), logging and the atomic
+    checkpoint (:class:`TSKDLib.engine.ResumeFile`).
     """
     cfg = (config or DistillConfig()).validated()
+    _check_inputs(cfg, transfer, cache)
+    with cpu_threads(cfg.threads):
+        run = _Distillation(transfer, cfg, cache, student, checkpoint_dir, progress)
+        return run.run(validation, open_stage)
+
+
+def _check_inputs(cfg: DistillConfig, transfer: TransferSet, cache: TeacherCache | None) -> None:
+    """Raise :class:`ConfigError` / :class:`InputError` when the cache or labels cannot serve ``cfg``."""
     w_sup, w_out, w_feat = cfg.effective_weights()
     if cfg.method != "scratch":
         if cache is None:
@@ -850,205 +845,231 @@ def distill(transfer: TransferSet, config: DistillConfig | None = None, cache: T
                               f"{transfer.num_classes + 1} (K+1).")
     if not bool(transfer.labelled.any()) and (w_sup > 0 and cfg.finetune_steps > 0 or cfg.method == "scratch"):
         raise InputError("no labelled slice in the transfer set.", fix="Label at least one slice.")
-    if cfg.num_threads:
-        torch.set_num_threads(int(cfg.num_threads))
-    distributed.init(cfg.device)  # no-op without torchrun or when already initialised
-    n_ranks, rank, main = distributed.world_size(), distributed.rank(), distributed.is_main()
-    device = distributed.device_for(resolve_device(cfg.device))
-    progress = progress or NullProgress()
-    if not main:
-        progress = NullProgress()  # only rank 0 reports
 
-    from monai.losses import DiceCELoss, MaskedDiceLoss
 
-    torch.manual_seed(cfg.seed)
-    if isinstance(student, StudentNet):
-        model = student
-    else:
-        model = build_student(student, num_classes=transfer.num_classes, input_size=transfer.size)
-    projector = FeatureProjector(model.bottleneck_channels,
-                                 cache.embedding.shape[1] if cache is not None and cache.embedding is not None
-                                 else TEACHER_EMBED_DIM)
-    model.to(device)
-    projector.to(device)
-    params = list(model.parameters()) + (list(projector.parameters()) if w_feat > 0 else [])
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sup_loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, include_background=False, batch=True)
+class _Distillation:
+    """State of one :func:`distill` call: student, losses, pseudo-labels, stop state, engine."""
 
-    pseudo = None
-    pseudo_info: dict = {}
-    if cfg.method == "tskd" and w_out > 0 and cfg.output_loss == "pseudo":
-        pseudo, pseudo_info = teacher_pseudo_labels(cache.probs, transfer, cfg.pseudo_threshold, cfg.consistency_3d)
-    pseudo_dice = MaskedDiceLoss(to_onehot_y=True, softmax=True, include_background=False, batch=True)
-    monitor = _Monitor(transfer, pseudo, device) if cfg.steps > 0 else None
+    def __init__(self, transfer: TransferSet, cfg: DistillConfig, cache, student, checkpoint_dir, progress):
+        distributed.init(cfg.device)  # no-op without torchrun or when already initialised
+        self.rank, self.main = distributed.rank(), distributed.is_main()
+        self.device = distributed.device_for(resolve_device(cfg.device))
+        self.progress = progress if (progress is not None and self.main) else NullProgress()
+        self.transfer, self.cfg, self.cache = transfer, cfg, cache
+        self.w_sup, self.w_out, self.w_feat = cfg.effective_weights()
+        from monai.losses import DiceCELoss, MaskedDiceLoss
 
-    ckdir = Path(checkpoint_dir) if checkpoint_dir is not None else None
-    start, history = 0, []
-    stop = _StopState(phase_end=cfg.steps, planned=cfg.steps)
-    if ckdir is not None:
-        if main:
-            ckdir.mkdir(parents=True, exist_ok=True)
-        ck = ckdir / "checkpoint.pt"
-        if ck.is_file():
-            try:
-                state = torch.load(ck, map_location="cpu", weights_only=False)
-            except Exception as exc:  # truncated file
-                raise CheckpointError(f"distillation checkpoint is unreadable ({exc}).", ck,
-                                      "Delete it to restart the stage.") from None
-            if state.get("fingerprint") != cfg.fingerprint() or state.get("n") != len(transfer):
-                raise CheckpointError("distillation checkpoint was written with another configuration or "
-                                      "transfer set.", ck, "Use a new run directory or delete the checkpoint.")
-            model.load_state_dict(state["model"])
-            projector.load_state_dict(state["projector"])
-            opt.load_state_dict(state["optimizer"])
-            start, history = int(state["step"]), list(state["history"])
-            stop = _StopState(**state.get("stop", {"phase_end": cfg.steps, "planned": cfg.steps}))
+        torch.manual_seed(cfg.seed)
+        self.model = student if isinstance(student, StudentNet) else \
+            build_student(student, num_classes=transfer.num_classes, input_size=transfer.size)
+        emb_dim = cache.embedding.shape[1] if cache is not None and cache.embedding is not None else TEACHER_EMBED_DIM
+        self.projector = FeatureProjector(self.model.bottleneck_channels, emb_dim)
+        self.model.to(self.device)
+        self.projector.to(self.device)
+        params = list(self.model.parameters()) + (list(self.projector.parameters()) if self.w_feat > 0 else [])
+        self.opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.sup_loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, include_background=False, batch=True)
+        self.pseudo, self.pseudo_info = None, {}
+        if cfg.method == "tskd" and self.w_out > 0 and cfg.output_loss == "pseudo":
+            self.pseudo, self.pseudo_info = teacher_pseudo_labels(cache.probs, transfer, cfg.pseudo_threshold,
+                                                                  cfg.consistency_3d)
+        self.pseudo_dice = MaskedDiceLoss(to_onehot_y=True, softmax=True, include_background=False, batch=True)
+        self.monitor = _Monitor(transfer, self.pseudo, self.device) if cfg.steps > 0 else None
+        self.ckdir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+        if self.ckdir is not None and self.main:
+            self.ckdir.mkdir(parents=True, exist_ok=True)
+        identity = {"settings": cfg.fingerprint(), "data": {"transfer_slices": len(transfer)}}
+        self.resume = ResumeFile(self.ckdir / "checkpoint.pt" if self.ckdir is not None else None,
+                                 "distillation", identity)
+
+    def _restore(self) -> int:
+        """Resume from the checkpoint if there is one; returns the step to start from."""
+        cfg = self.cfg
+        self.history: list[dict] = []
+        self.stop = _StopState(phase_end=cfg.steps, planned=cfg.steps)
+        state = self.resume.load()
+        start = 0
+        if state is not None:
+            self.model.load_state_dict(state["model"])
+            self.projector.load_state_dict(state["projector"])
+            self.opt.load_state_dict(state["optimizer"])
+            start, self.history = int(state["step"]), list(state["history"])
+            self.stop = _StopState(**state["stop"])
             log.info("resuming distillation at step %d", start)
+        self.resume.check_ranks_agree(start)
+        return start
 
-    if not distributed.all_equal(start):
-        raise CheckpointError("the ranks disagree on the distillation checkpoint's step.", ckdir,
-                              "Run every rank on the same run directory (a shared file system).")
-    # DDP wrapper of the trainable forward (the module itself on one process). With feature
-    # distillation some parameters get no gradient in some steps (the projector in fine-tuning
-    # steps; the output head in a feature-only step without labelled slice), hence
-    # find_unused_parameters; without it every parameter is used in every step.
-    net = distributed.wrap_ddp(_StudentStep(model, projector if w_feat > 0 else None), device,
-                               find_unused_parameters=w_feat > 0)
+    def _payload(self, step: int) -> dict:
+        return {"step": step, "model": self.model.state_dict(), "projector": self.projector.state_dict(),
+                "optimizer": self.opt.state_dict(), "history": self.history,
+                "stop": {**self.stop.to_dict(), "elapsed": self.stop.elapsed + time.monotonic() - self.t0}}
 
-    def save_checkpoint(step: int) -> None:
-        if ckdir is None or not main:
-            return
-        payload = {"step": step, "model": model.state_dict(), "projector": projector.state_dict(),
-                   "optimizer": opt.state_dict(), "history": history, "fingerprint": cfg.fingerprint(),
-                   "n": len(transfer), "stop": {**stop.to_dict(), "elapsed": stop.elapsed + time.monotonic() - t0}}
-        atomic_write(ckdir / "checkpoint.pt", lambda tmp: torch.save(payload, tmp), overwrite=True)
-
-    val = _validation_tensors(validation)
-    metrics: dict = {}
-    if open_stage:
-        progress.stage_start("distillation", cfg.total_steps,
-                             message=f"{cfg.method}: {transfer.summary()}")
-    t0 = time.monotonic()
-    model.train()
-    running: dict[str, float] = {}
-    step = start
-    while step < stop.phase_end + cfg.finetune_steps:
-        phase = "distill" if step < stop.phase_end else "finetune"
-        use_kd = phase == "distill" and (w_out > 0 or w_feat > 0)
-        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step + rank * _RANK_SEED_STRIDE)
+    # -- one step -------------------------------------------------------------------------------
+    def _batch(self, step: int):
+        """This rank's batch of ``step``: images, labels, valid, teacher probs/embedding, pseudo-labels."""
+        cfg, transfer, stop = self.cfg, self.transfer, self.stop
+        self.phase = "distill" if step < stop.phase_end else "finetune"
+        use_kd = self.phase == "distill" and (self.w_out > 0 or self.w_feat > 0)
+        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step + self.rank * _RANK_SEED_STRIDE)
         idx = _sample(step, cfg, transfer, g, use_kd, stop.phase_end)
-        images = transfer.images[idx]
-        labels = transfer.labels[idx]
-        valid = transfer.valid[idx]
+        images, labels, valid = transfer.images[idx], transfer.labels[idx], transfer.valid[idx]
         probs = emb = None
-        targets = pseudo[idx].long() if (use_kd and pseudo is not None) else None
-        if use_kd and (cfg.output_loss != "pseudo" and w_out > 0 or w_feat > 0):
-            probs, emb = cache.take(idx)
-            probs = probs if (w_out > 0 and cfg.output_loss != "pseudo") else None
-            emb = emb if w_feat > 0 else None
+        targets = self.pseudo[idx].long() if (use_kd and self.pseudo is not None) else None
+        if use_kd and (cfg.output_loss != "pseudo" and self.w_out > 0 or self.w_feat > 0):
+            probs, emb = self.cache.take(idx)
+            probs = probs if (self.w_out > 0 and cfg.output_loss != "pseudo") else None
+            emb = emb if self.w_feat > 0 else None
         if cfg.augment:
             out_aug = augment_batch(g, images, labels, valid, probs, emb, targets=targets)
             images, labels, valid, probs, emb = out_aug[:5]
             if targets is not None:
                 targets = out_aug[5]
-        images, labels, valid = images.to(device), labels.to(device), valid.to(device)
-        for lr_group in opt.param_groups:
-            lr_group["lr"] = _lr_at(step, cfg, stop.phase_end, stop.planned)
-        logits, projected = net(images, project=emb is not None)
+        return images.to(self.device), labels.to(self.device), valid.to(self.device), probs, emb, targets
+
+    def _train_step(self, step: int) -> torch.Tensor:
+        """The loss of ``step``: supervised Dice + CE on labelled samples, output and feature KD."""
+        cfg, device = self.cfg, self.device
+        images, labels, valid, probs, emb, targets = self._batch(step)
+        logits, projected = self.trainer.net(images, project=emb is not None)
         loss = logits.new_zeros(())
         parts = {}
         lab = (labels >= 0).flatten(1).any(1)  # labelled samples only reach the supervised loss
-        if w_sup > 0 and bool(lab.any()):
-            sup = sup_loss_fn(logits[lab], labels[lab][:, None])
-            loss = loss + w_sup * sup
+        if self.w_sup > 0 and bool(lab.any()):
+            sup = self.sup_loss_fn(logits[lab], labels[lab][:, None])
+            loss = loss + self.w_sup * sup
             parts["sup"] = float(sup.detach())
         if targets is not None and bool((~lab).any()):
             t = targets[~lab].to(device)
             known = (t >= 0)[:, None].float()
-            pl = pseudo_dice(logits[~lab], t.clamp(min=0)[:, None], mask=known) + \
+            pl = self.pseudo_dice(logits[~lab], t.clamp(min=0)[:, None], mask=known) + \
                 F.cross_entropy(logits[~lab], t, ignore_index=-1) if bool(known.any()) else None
             if pl is not None:
-                loss = loss + w_out * pl
+                loss = loss + self.w_out * pl
                 parts["kd_out"] = float(pl.detach())
         if probs is not None:
             out = output_kd_loss(logits, probs.to(device), valid, cfg.temperature, cfg.output_loss)
-            loss = loss + w_out * out
+            loss = loss + self.w_out * out
             parts["kd_out"] = float(out.detach())
         if emb is not None:
             fl = feature_kd_loss(projected, emb.to(device), cfg.feature_loss)
-            loss = loss + w_feat * fl
+            loss = loss + self.w_feat * fl
             parts["kd_feat"] = float(fl.detach())
-        opt.zero_grad(set_to_none=True)
-        if loss.requires_grad:
-            loss.backward()
-            opt.step()
-        if n_ranks > 1:  # report the global batch: mean of the ranks' losses (parts may differ per rank)
-            parts["loss"] = float(distributed.mean(loss.detach().float()))
-        else:
-            parts["loss"] = float(loss.detach())
-        for k, v in parts.items():
-            running[k] = running.get(k, 0.0) + v
-        running["_n"] = running.get("_n", 0) + 1
-        step += 1
-        done = step
-        rec = None
-        if (phase == "distill" and cfg.max_seconds is not None and stop.planned == cfg.steps
-                and done - start == _CALIBRATION_STEPS):
-            # plan the phase to fit the time budget, so that the learning rate anneals within it
-            per_step = (time.monotonic() - t0) / _CALIBRATION_STEPS * 1.1  # + checks and logging
-            left = max(cfg.max_seconds - stop.elapsed - (time.monotonic() - t0), 0.0)
-            plan = int(min(cfg.steps, max(cfg.min_steps, done + left / per_step)))
-            stop.planned = int(distributed.broadcast(plan))
-            stop.phase_end = min(stop.phase_end, stop.planned)
-            if stop.planned < cfg.steps:
-                progress.log(f"distillation: {stop.planned} of {cfg.steps} steps fit the {cfg.max_seconds:.0f} s "
-                             f"budget ({per_step:.2f} s per step); a GPU or --preset balanced trains longer.")
-        if phase == "distill" and monitor is not None and (done % cfg.check_every == 0 or done == stop.phase_end):
-            rec = monitor.check(model, done)
-            model.train()
-            elapsed = stop.elapsed + time.monotonic() - t0
-            if stop.observe(rec, model, cfg, done, elapsed):
-                stop.phase_end = done  # evidence says stop: fine-tune from the best weights next
-            stop.phase_end = int(distributed.broadcast(stop.phase_end))
-            if done == stop.phase_end and stop.best_state is not None:
-                model.load_state_dict(stop.best_state)
-        last_of_phase = done == stop.phase_end or done == stop.phase_end + cfg.finetune_steps
-        if done % cfg.log_every == 0 or last_of_phase or rec is not None:
-            n = running.pop("_n", 1)
-            entry = {"step": done, "phase": phase, "lr": _lr_at(step - 1, cfg, stop.phase_end, stop.planned),
-                     **{k: v / n for k, v in running.items()}}
-            if rec is not None:
-                entry.update({"fit": rec["fit_mean"], "agreement": rec["agreement_mean"]})
-            running = {}
-            if last_of_phase and val is not None:
-                entry["val_dice"] = evaluate_dice(model, *val, device=device)["mean"]
-                model.train()
-            history.append(entry)
-            progress.update(done, {k: v for k, v in entry.items() if k not in ("step",)})
-        if done % cfg.checkpoint_every == 0 or last_of_phase:
-            save_checkpoint(done)
-    model.eval()
-    model.cpu()
-    if stop.reason is None:
-        stop.reason = ("steps" if stop.phase_end >= cfg.steps else
-                       "time budget" if stop.phase_end >= stop.planned else "evidence")
-    metrics = {"steps": step, "distill_steps": stop.phase_end, "planned_steps": stop.planned,
-               "seconds": round(time.monotonic() - t0, 2), "stopped_by": stop.reason}
-    if pseudo_info:
-        metrics["pseudo_labels"] = pseudo_info
-    if history:
-        metrics["loss"] = history[-1].get("loss")
-    if val is not None:
-        metrics["val_dice"] = evaluate_dice(model, *val)
-    if monitor is not None and cfg.method != "scratch":
-        metrics["final_check"] = monitor.check(model, step)
-    if ckdir is not None and main:
-        save_student(model, ckdir / "student.pt")
-        text = json.dumps({"metrics": metrics, "history": history}, indent=1, default=str)
-        atomic_write(ckdir / "result.json", lambda tmp: tmp.write_text(text), overwrite=True)
-    if open_stage:
-        progress.stage_end({k: v for k, v in metrics.items() if k in ("steps", "distill_steps", "seconds", "stopped_by")})
-    return DistillResult(model, history, metrics, cfg, transfer.summary())
+        self.parts, self.loss = parts, loss
+        return loss
+
+    # -- hooks (after each step, in this order) ---------------------------------------------------
+    def _record(self, step: int) -> None:
+        """Accumulate the step's losses (the loss of the global batch: the mean over the ranks)."""
+        self.parts["loss"] = float(Trainer.global_mean(self.loss))
+        for k, v in self.parts.items():
+            self.running[k] = self.running.get(k, 0.0) + v
+        self.running["_n"] = self.running.get("_n", 0) + 1
+
+    def _plan(self, step: int) -> None:
+        """After 20 timed steps, plan the phase to fit ``max_seconds`` (so the LR anneals within it)."""
+        cfg, stop = self.cfg, self.stop
+        if not (self.phase == "distill" and cfg.max_seconds is not None and stop.planned == cfg.steps
+                and step - self.start == _CALIBRATION_STEPS):
+            return
+        per_step = (time.monotonic() - self.t0) / _CALIBRATION_STEPS * 1.1  # + checks and logging
+        left = max(cfg.max_seconds - stop.elapsed - (time.monotonic() - self.t0), 0.0)
+        plan = int(min(cfg.steps, max(cfg.min_steps, step + left / per_step)))
+        stop.planned = int(distributed.broadcast(plan))
+        stop.phase_end = min(stop.phase_end, stop.planned)
+        self.trainer.end = stop.phase_end + cfg.finetune_steps
+        if stop.planned < cfg.steps:
+            self.progress.log(f"distillation: {stop.planned} of {cfg.steps} steps fit the {cfg.max_seconds:.0f} s "
+                              f"budget ({per_step:.2f} s per step); a GPU or --preset balanced trains longer.")
+
+    def _check(self, step: int) -> None:
+        """Every ``val_every`` distillation steps: fit and agreement; evidence may end the phase."""
+        cfg, stop = self.cfg, self.stop
+        self.rec = None
+        if not (self.phase == "distill" and self.monitor is not None
+                and (step % cfg.val_every == 0 or step == stop.phase_end)):
+            return
+        self.rec = self.monitor.check(self.model, step)
+        self.model.train()
+        if stop.observe(self.rec, self.model, cfg, step, stop.elapsed + time.monotonic() - self.t0):
+            stop.phase_end = step  # evidence says stop: fine-tune from the best weights next
+        stop.phase_end = int(distributed.broadcast(stop.phase_end))
+        self.trainer.end = stop.phase_end + cfg.finetune_steps
+        if step == stop.phase_end and stop.best_state is not None:
+            self.model.load_state_dict(stop.best_state)
+
+    def _last_of_phase(self, step: int) -> bool:
+        return step in (self.stop.phase_end, self.stop.phase_end + self.cfg.finetune_steps)
+
+    def _log(self, step: int) -> None:
+        """Every ``log_every`` steps, at a check and at the end of each phase: a history entry."""
+        last = self._last_of_phase(step)
+        if not (step % self.cfg.log_every == 0 or last or self.rec is not None):
+            return
+        n = self.running.pop("_n", 1)
+        entry = {"step": step, "phase": self.phase, "lr": _lr_at(step - 1, self.cfg, self.stop.phase_end,
+                                                                   self.stop.planned),
+                 **{k: v / n for k, v in self.running.items()}}
+        if self.rec is not None:
+            entry.update({"fit": self.rec["fit_mean"], "agreement": self.rec["agreement_mean"]})
+        self.running = {}
+        if last and self.val is not None:
+            entry["val_dice"] = evaluate_dice(self.model, *self.val, device=self.device)["mean"]
+            self.model.train()
+        self.history.append(entry)
+        self.progress.update(step, {k: v for k, v in entry.items() if k not in ("step",)})
+
+    # -- the run --------------------------------------------------------------------------------
+    def run(self, validation, open_stage: bool) -> DistillResult:
+        cfg, stop = self.cfg, None
+        self.start = start = self._restore()
+        stop = self.stop
+        # DDP wrapper of the trainable forward. With feature distillation some parameters get no
+        # gradient in some steps (the projector in fine-tuning steps; the output head in a
+        # feature-only step without labelled slice), hence find_unused_parameters.
+        feat = self.w_feat > 0
+        self.trainer = Trainer(_StudentStep(self.model, self.projector if feat else None), self.opt, self.device,
+                               lambda step: _lr_at(step, cfg, stop.phase_end, stop.planned),
+                               stop.phase_end + cfg.finetune_steps, mixed_precision=False,
+                               ddp={"find_unused_parameters": feat})
+        self.val = _validation_tensors(validation)
+        if open_stage:
+            self.progress.stage_start("distillation", cfg.total_steps,
+                                      message=f"{cfg.method}: {self.transfer.summary()}")
+        self.t0 = time.monotonic()
+        self.model.train()
+        self.running: dict[str, float] = {}
+        self.rec = None
+        save = checkpoint_hook(self.resume, cfg.checkpoint_every, self._payload, self.trainer,
+                               also=self._last_of_phase)
+        step = self.trainer.fit(start, self._train_step, [self._record, self._plan, self._check, self._log, save])
+        return self._finish(step, open_stage)
+
+    def _finish(self, step: int, open_stage: bool) -> DistillResult:
+        """Final metrics, ``student.pt`` and ``result.json`` (rank 0), stage end."""
+        cfg, stop, model = self.cfg, self.stop, self.model
+        model.eval()
+        model.cpu()
+        if stop.reason is None:
+            stop.reason = ("steps" if stop.phase_end >= cfg.steps else
+                           "time budget" if stop.phase_end >= stop.planned else "evidence")
+        metrics = {"steps": step, "distill_steps": stop.phase_end, "planned_steps": stop.planned,
+                   "seconds": round(time.monotonic() - self.t0, 2), "stopped_by": stop.reason}
+        if self.pseudo_info:
+            metrics["pseudo_labels"] = self.pseudo_info
+        if self.history:
+            metrics["loss"] = self.history[-1].get("loss")
+        if self.val is not None:
+            metrics["val_dice"] = evaluate_dice(model, *self.val)
+        if self.monitor is not None and cfg.method != "scratch":
+            metrics["final_check"] = self.monitor.check(model, step)
+        if self.ckdir is not None and self.main:
+            save_student(model, self.ckdir / "student.pt")
+            text = json.dumps({"metrics": metrics, "history": self.history}, indent=1, default=str)
+            atomic_write(self.ckdir / "result.json", lambda tmp: tmp.write_text(text), overwrite=True)
+        if open_stage:
+            self.progress.stage_end({k: v for k, v in metrics.items()
+                                     if k in ("steps", "distill_steps", "seconds", "stopped_by")})
+        return DistillResult(model, self.history, metrics, cfg, self.transfer.summary())
 
 
 def _validation_tensors(validation):

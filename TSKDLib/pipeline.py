@@ -14,6 +14,7 @@ stopped (even after SIGKILL); a finished run is never overwritten without ``over
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import shutil
@@ -182,30 +183,78 @@ class TrainResult:
     metrics: dict = field(default_factory=dict)
 
 
-def load_cases(data: DataConfig):
-    """Read every image with its labels (see :func:`TSKDLib.case.load_case`)."""
+def load_cases(data: DataConfig, on_case=None) -> list:
+    """Read every image with its labels (:func:`TSKDLib.case.load_case`), in order;
+    ``on_case(i, path)`` (optional) after each.
+
+    Raises :class:`~TSKDLib.errors.LabelError` when no scan has a labelled slice (checked over
+    all scans together: one scan without labels among labelled ones is fine)."""
     from .case import load_case
 
     cases = []
     for i, image in enumerate(data.images):
         labels = data.labels[i] if data.labels else None
-        sl = data.labelled_slices[i] if data.labelled_slices else None
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            case = load_case(image, labels, data.class_map, classes=data.classes, labelled_slices=sl,
-                             axis=data.axis, mask_threshold=data.mask_threshold)
-        for w in caught:
-            log.warning("%s", w.message)
-        cases.append(case)
+        if labels is None:
+            cases.append(load_case(image, None, data.class_map, axis=data.axis))
+        else:
+            sl = data.labelled_slices[i] if data.labelled_slices else None
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                cases.append(load_case(image, labels, data.class_map, classes=data.classes, labelled_slices=sl,
+                                       axis=data.axis, mask_threshold=data.mask_threshold))
+            for w in caught:
+                log.warning("%s", w.message)
+        if on_case is not None:
+            on_case(i, image)
     if not any(c.labelled is not None and c.labelled.any() for c in cases):
         from .errors import LabelError
-        raise LabelError("no labelled slice in any scan.", data.labels[0] if data.labels else data.images[0],
+        raise LabelError(f"no labelled slice in any of the {len(cases)} scan(s).",
+                         data.labels[0] if data.labels else data.images[0],
                          "Label at least one slice (or list labelled slices with --labelled-slices).")
     return cases
 
 
+def _effective_config(config: PipelineConfig | str | Path | None, preset: str | None, **given) -> PipelineConfig:
+    """A new :class:`PipelineConfig`: ``config`` (object, JSON file or the defaults; never changed),
+    then every argument that was given (not None), paths made absolute, synthesis decided."""
+    if isinstance(config, (str, Path)):
+        cfg = PipelineConfig.from_file(config)
+    else:
+        cfg = copy.deepcopy(config) if config is not None else PipelineConfig()
+    if preset is not None:  # explicit wins over the config file's preset
+        cfg.preset = preset
+    d = cfg.data
+    if given["images"]:
+        d.images = [str(p) for p in given["images"]]
+    if given["labels"]:
+        d.labels = [str(p) for p in given["labels"]]
+    if given["class_map"] is not None:
+        d.class_map = str(given["class_map"])
+    if given["classes"]:
+        d.classes = list(given["classes"])
+    if given["labelled_slices"] is not None:
+        d.labelled_slices = [None if s is None else [int(k) for k in s] for s in given["labelled_slices"]]
+    if given["axis"]:
+        d.axis = str(given["axis"])
+    cfg.device = given["device"] or cfg.device
+    cfg.threads = given["threads"] or cfg.threads
+    if given["synthesis"] is not None:
+        cfg.synthesis_enabled = bool(given["synthesis"])
+    if cfg.synthesis_enabled is None:  # recorded in config.json as decided
+        from .config import synthesis_default
+        cfg.synthesis_enabled = synthesis_default(cfg.device)
+    d.images = [str(Path(p).resolve()) for p in d.images]
+    d.labels = [str(Path(p).resolve()) for p in d.labels]
+    if d.class_map:
+        d.class_map = str(Path(d.class_map).resolve())
+    for p in d.images + d.labels:
+        if not Path(p).exists():
+            raise InputError("file not found.", p, "Check the path.")
+    return cfg.validate()
+
+
 def train(images: Sequence[str | Path] | None = None, labels: Sequence[str | Path] | None = None, *,
-          out: str | Path, preset: str = "fast", class_map: str | Path | None = None,
+          out: str | Path, preset: str | None = None, class_map: str | Path | None = None,
           classes: Sequence[str] | None = None, labelled_slices: Sequence[Sequence[int] | None] | None = None,
           config: PipelineConfig | str | Path | None = None, overwrite: bool = False,
           device: str | None = None, threads: int | None = None,
@@ -220,7 +269,8 @@ def train(images: Sequence[str | Path] | None = None, labels: Sequence[str | Pat
     out:
         Run directory. An unfinished run there with the same configuration is resumed.
     preset:
-        ``fast`` | ``balanced`` | ``quality`` (see :mod:`TSKDLib.config`).
+        ``fast`` | ``balanced`` | ``quality`` (:data:`TSKDLib.presets.PRESETS`). Given, it wins
+        over the preset of ``config``; None: the config's preset (``fast`` without a config).
     class_map, classes, labelled_slices:
         See :func:`TSKDLib.case.load_case`; ``labelled_slices`` is one list per scan (the file's
         own slice indices along the slice axis).
@@ -229,7 +279,8 @@ def train(images: Sequence[str | Path] | None = None, labels: Sequence[str | Pat
         ``axial``, ``coronal`` or ``sagittal`` (:func:`TSKDLib.geometry.slice_frame`); recorded
         in the model package.
     config:
-        A :class:`PipelineConfig` or a JSON file; explicit arguments override it.
+        A :class:`PipelineConfig` or a JSON file; explicit arguments override it. It is never
+        changed: the run works on a copy.
     overwrite:
         Replace a finished run (or a run with another configuration) in ``out``.
     device, threads:
@@ -256,45 +307,18 @@ def train(images: Sequence[str | Path] | None = None, labels: Sequence[str | Pat
     load its outputs. Every rank joins teacher fine-tuning and distillation (DDP, one GPU each).
     Without torchrun nothing changes.
     """
-    if isinstance(config, (str, Path)):
-        config = PipelineConfig.from_file(config)
-    cfg = config or PipelineConfig()
-    cfg.preset = preset if config is None or preset != "fast" else cfg.preset
-    if images:
-        cfg.data.images = [str(p) for p in images]
-    if labels:
-        cfg.data.labels = [str(p) for p in labels]
-    if class_map is not None:
-        cfg.data.class_map = str(class_map)
-    if classes:
-        cfg.data.classes = list(classes)
-    if labelled_slices is not None:
-        cfg.data.labelled_slices = [None if s is None else [int(k) for k in s] for s in labelled_slices]
-    if device:
-        cfg.device = device
-    if threads:
-        cfg.threads = threads
-    if synthesis is not None:
-        cfg.synthesis_enabled = bool(synthesis)
-    if cfg.synthesis_enabled is None:  # recorded in config.json as decided
-        from .config import synthesis_default
-        cfg.synthesis_enabled = synthesis_default(cfg.device)
-    if axis:
-        cfg.data.axis = str(axis)
-    cfg.data.images = [str(Path(p).resolve()) for p in cfg.data.images]
-    cfg.data.labels = [str(Path(p).resolve()) for p in cfg.data.labels]
-    if cfg.data.class_map:
-        cfg.data.class_map = str(Path(cfg.data.class_map).resolve())
-    for p in cfg.data.images + cfg.data.labels:
-        if not Path(p).exists():
-            raise InputError("file not found.", p, "Check the path.")
-    cfg.validate()
-    progress = progress or NullProgress()
+    cfg = _effective_config(config, preset, images=images, labels=labels, class_map=class_map, classes=classes,
+                            labelled_slices=labelled_slices, device=device, threads=threads, synthesis=synthesis,
+                            axis=axis)
+    return _open_and_run(cfg, RunDir(out), overwrite, progress or NullProgress())
+
+
+def _open_and_run(cfg: PipelineConfig, run: RunDir, overwrite: bool, progress: ProgressReporter) -> TrainResult:
+    """Join torchrun's process group, lock and open the run directory (rank 0), run the job."""
     from . import distributed  # imports torch: not at module level, `tskd segment` runs without it
     owns_group = distributed.init(cfg.device)  # no-op without torchrun
     if not distributed.is_main():
         progress = NullProgress()  # only rank 0 reports
-    run = RunDir(out)
     # One writer per run directory (rank 0 under torchrun): a second train (or the Slicer module's
     # Resume) on the same folder refuses at once with RunLockedError naming the holder.
     lock = RunLock(run.path) if distributed.is_main() else None
@@ -317,195 +341,253 @@ def train(images: Sequence[str | Path] | None = None, labels: Sequence[str | Pat
 
 
 def _run(cfg: PipelineConfig, run: RunDir, progress: ProgressReporter) -> TrainResult:
-    """The stages in order. Under torchrun, rank 0 runs prepare, synthesis, the teacher cache and
-    export alone (:func:`distributed.run_on_main`, the others wait and then read its files); all
-    ranks run teacher fine-tuning and distillation; only rank 0 writes in the run directory.
-    Decisions to skip a finished stage are rank 0's, broadcast to all."""
+    """The stages in order (:class:`_Job`). Under torchrun, rank 0 runs prepare, synthesis, the
+    teacher cache and export alone (the others wait, then read its files); all ranks run teacher
+    fine-tuning and distillation; only rank 0 writes in the run directory."""
     import torch
 
     from . import distributed
 
-    main = distributed.is_main()
     device = setup_device(cfg.device, cfg.threads, progress)
     if distributed.is_active():  # one GPU per process: cuda -> cuda:LOCAL_RANK
         device = str(distributed.device_for(torch.device(device)))
-    stage_cfgs = cfg.stage_configs()
-    for key in ("teacher", "synthesis", "distillation"):
-        if hasattr(stage_cfgs[key], "device"):
-            stage_cfgs[key].device = device
     torch.manual_seed(cfg.seed)
-
-    def timed(stage, fn, *args):
-        t0 = time.monotonic()
-        try:
-            out = fn(*args)
-        except BaseException:
-            if main:
-                run.add_time(stage, time.monotonic() - t0)
-            raise
-        return out, time.monotonic() - t0
-
-    def stage_dir(stage: str) -> Path:  # only rank 0 creates folders
-        return run.stage_dir(stage) if main else run.path / stage
-
-    # 1. prepare (rank 0) -----------------------------------------------------------------------
-    slices_path = stage_dir("prepare") / "slices.pt"
-    from .case import SliceSet
-    if distributed.broadcast(run.is_done("prepare") and slices_path.is_file()):
-        slices = SliceSet.load(slices_path)
-    else:
-        def _prepare_stage():
-            (_cases, sl), dt = timed("prepare", _prepare, cfg, run, progress)
-            run.mark_done("prepare", dt, slices=len(sl), labelled=int(sl.labelled.sum()))
-            return sl
-        slices = distributed.run_on_main(_prepare_stage)
-        if not main:
-            slices = SliceSet.load(slices_path)
-
-    # 2. teacher (every rank: DDP) ----------------------------------------------------------------
-    from .teacher import build_teacher, finetune_teacher, load_teacher, save_teacher
-    teacher_dir = stage_dir("teacher")
-    final_teacher = teacher_dir / "final"
-    teacher = None  # needed on rank 0 only after fine-tuning (synthesis, teacher cache)
-    if distributed.broadcast(run.is_done("teacher") and final_teacher.is_dir()):
-        if main:
-            teacher = load_teacher(final_teacher, device=device)
-    else:
-        def _teacher():
-            from .dataset import SliceDataset
-            t = build_teacher(slices.class_map.names, stage_cfgs["teacher"])
-            ds = SliceDataset(slices.labelled_subset(), augment=True, seed=cfg.seed)
-            t, history = finetune_teacher(t, ds, stage_cfgs["teacher"], progress, work_dir=teacher_dir)
-            if history.get("best_val_dice") == 0.0:  # held-out labelled slices exist, all missed
-                from .errors import TSKDError
-                raise TSKDError("the fine-tuned teacher's validation Dice is 0: it found none of the classes "
-                                "on the held-out labelled slices, so the student would learn nothing.",
-                                teacher_dir, "Check the labels and --labelled-slices / --axis (tskd inspect), "
-                                "label more slices, or train longer (--preset balanced).")
-            if main:
-                save_teacher(t, final_teacher, stage_cfgs["teacher"], history)
-            return t, history
-        (teacher, history), dt = timed("teacher", _teacher)
-        if main:
-            run.mark_done("teacher", dt, val_dice=history.get("best_val_dice"))
-
-    # 3. synthesis (rank 0) -----------------------------------------------------------------------
-    synthetic = None
-    if cfg.synthesis_enabled:
-        from .synthesis import SyntheticTransferSet, run_synthesis
-        syn_dir = stage_dir("synthesis")
-        if distributed.broadcast(run.is_done("synthesis")):
-            synthetic = SyntheticTransferSet.load(syn_dir / "transfer")
-        else:
-            def _synthesis():
-                teacher.eval()
-                syn, dt = timed("synthesis", lambda: run_synthesis(
-                    slices, teacher.predict_proba, syn_dir, stage_cfgs["synthesis"], progress))
-                run.mark_done("synthesis", dt, kept=len(syn),
-                              mean_confidence=syn.manifest.get("metrics", {}).get("mean_confidence_kept"))
-                return syn
-            synthetic = distributed.run_on_main(_synthesis)
-            if not main:
-                synthetic = SyntheticTransferSet.load(syn_dir / "transfer")
-
-    # 4. distillation (teacher cache: rank 0; training: every rank, DDP) ---------------------------
-    from .distill import TeacherCache, TransferSet, build_teacher_cache, distill
-    from .student import load_student
-    dis_dir = stage_dir("distillation")
-    student_path = dis_dir / "student.pt"
-    if distributed.broadcast(run.is_done("distillation") and student_path.is_file()):
-        student = load_student(student_path)
-        dis_summary = json.loads((dis_dir / "summary.json").read_text())
-    else:
-        def _distill():
-            transfer = TransferSet.build(slices, synthetic.images if synthetic is not None else None)
-            cache_dir = dis_dir / "teacher_cache"
-
-            def _cache():
-                try:
-                    cache = TeacherCache.load(cache_dir)
-                    if len(cache) != len(transfer):
-                        raise ValueError("stale cache")
-                except Exception:
-                    if cache_dir.exists():
-                        shutil.rmtree(cache_dir)
-                    teacher.eval()
-                    progress.log(f"computing teacher outputs once for {len(transfer)} transfer slices")
-                    cache = build_teacher_cache(teacher, transfer.images, directory=cache_dir)
-                return cache
-            cache = distributed.run_on_main(_cache)
-            if not main:
-                cache = TeacherCache.load(cache_dir)
-            # Validation: the teacher's held-out labelled slices are too few to spare; report Dice
-            # on all labelled slices (training fit) and the teacher's held-out validation Dice.
-            init = cfg.distillation.get("init_student")
-            student_arg = _initial_student(init, slices.class_map.num_classes) if init else stage_cfgs["student"]
-            if init:
-                progress.log(f"fine-tuning the existing student from {init}")
-            res = distill(transfer, stage_cfgs["distillation"], cache, student=student_arg,
-                          checkpoint_dir=dis_dir / "checkpoints", progress=progress,
-                          validation=slices.labelled_subset())
-            if not main:
-                return res.model, None  # rank 0 writes the student and its summary
-            from .distill import evaluate_dice, quality_gate
-            lab = slices.labelled_subset()
-            fit = evaluate_dice(res.model, lab.images, lab.labels, num_classes=slices.class_map.num_classes)
-            check = res.metrics.get("final_check") or {}
-            gate = quality_gate(slices.class_map.names, fit["per_class"], check.get("agreement"),
-                                _teacher_val_per_class(final_teacher))
-            for w in gate["warnings"]:
-                progress.log(w, "warning")
-            summary = {**res.training_summary(), "labelled_dice": fit["per_class"], "quality_gate": gate}
-            from .student import save_student
-            save_student(res.model, student_path)
-            text = json.dumps(summary, indent=1, default=str)
-            atomic_write(dis_dir / "summary.json", lambda tmp: tmp.write_text(text), overwrite=True)
-            return res.model, summary
-        (student, dis_summary), dt = timed("distillation", _distill)
-        if main:
-            run.mark_done("distillation", dt)
-
-    # 5. export (rank 0) ----------------------------------------------------------------------------
-    def _finish():
-        if not run.is_done("export") or not (run.model_dir / "model_card.json").is_file():
-            def _export():
-                from .export import export_model_package
-                progress.stage_start("export", 1)
-                meta = _model_metadata(cfg, run, slices, dis_summary)
-                export_model_package(student, run.model_dir, slices.class_map, meta.pop("normalization"),
-                                     input_size=slices.size, slice_axis=cfg.data.axis, overwrite=True,
-                                     acquisition=_acquisition_of(run), **meta)
-                progress.update(1)
-                progress.stage_end({})
-            _, dt = timed("export", _export)
-            run.mark_done("export", dt)
-        st = run.state()
-        st["finished"] = True
-        run.write_state(st)
-    distributed.run_on_main(_finish)
-    if dis_summary is None:  # ranks > 0: rank 0's summary, written before export
-        dis_summary = json.loads((dis_dir / "summary.json").read_text())
-
+    job = _Job(cfg, run, progress, cfg.stage_configs(device=device))
+    prepared = job.prepare()
+    teacher = job.teacher(prepared)
+    synthetic = job.synthesis(prepared, teacher) if cfg.synthesis_enabled else None
+    student, summary = job.distillation(prepared, teacher, synthetic)
+    job.export(prepared, teacher, student, summary)
     st = run.state()
     timings = {k: v.get("seconds") for k, v in st["stages"].items()}
-    val = st["stages"].get("teacher", {}).get("val_dice")
-    gate = dis_summary.get("quality_gate") or {}
-    metrics = {"teacher_val_dice": val,
-               "student_labelled_dice": dict(zip(slices.class_map.names, dis_summary.get("labelled_dice") or [])),
+    gate = summary.get("quality_gate") or {}
+    names = prepared.slices.class_map.names
+    metrics = {"teacher_val_dice": st["stages"].get("teacher", {}).get("val_dice"),
+               "student_labelled_dice": dict(zip(names, summary.get("labelled_dice") or [])),
                "student_teacher_agreement": gate.get("agreement"), "warnings": gate.get("warnings", [])}
     progress.done({"timings_s": timings, **metrics}, str(run.model_dir))
     return TrainResult(run.path, run.model_dir, timings, metrics)
 
 
-def _teacher_val_per_class(teacher_dir: Path) -> list[float] | None:
+@dataclass
+class _Prepared:
+    """The prepare stage's outputs, read from ``prepare/``: the slices and ``cases.json``."""
+
+    slices: object  # TSKDLib.case.SliceSet
+    info: dict
+
+
+class _TeacherFiles:
+    """The teacher stage's outputs in ``teacher/final``: the model (loaded on first use, rank 0
+    only: synthesis and the teacher cache need it) and its metadata (``teacher.json``)."""
+
+    def __init__(self, final: Path, device: str):
+        self.final, self.device = final, device
+        self._model = self._meta = None
+
+    @property
+    def model(self):
+        if self._model is None:
+            from .teacher import load_teacher
+            self._model = load_teacher(self.final, device=self.device)
+        return self._model
+
+    @property
+    def meta(self) -> dict:
+        """``teacher.json`` ({} when unreadable: the card then lacks the teacher details)."""
+        if self._meta is None:
+            try:
+                from .teacher import read_teacher_meta
+                self._meta = read_teacher_meta(self.final)
+            except Exception as exc:
+                log.warning("teacher metadata not read: %s", exc)
+                self._meta = {}
+        return self._meta
+
+
+class _Job:
+    """The five stages of :func:`train`. Files are the contract between them: each stage reads its
+    inputs from the run directory and writes its outputs there, and every stage's outputs are
+    read back from those files (:meth:`_stage`), so a first run and a resumed run take one path."""
+
+    def __init__(self, cfg: PipelineConfig, run: RunDir, progress: ProgressReporter, stage_cfgs: dict):
+        from . import distributed
+
+        self.cfg, self.run, self.progress, self.stage_cfgs = cfg, run, progress, stage_cfgs
+        self.distributed, self.main = distributed, distributed.is_main()
+
+    def dir(self, stage: str) -> Path:
+        """A stage's folder (created by rank 0 only)."""
+        return self.run.stage_dir(stage) if self.main else self.run.path / stage
+
+    def _stage(self, name: str, outputs: Sequence[Path], produce, load, every_rank: bool = False):
+        """If ``name`` is done and its ``outputs`` exist, nothing runs; else ``produce()`` runs on
+        rank 0 (the others wait) or, with ``every_rank``, on every rank (DDP training; rank 0
+        writes), timed into ``state.json`` (also when interrupted) with the dict it returns.
+        Then every rank returns ``load()``, which reads the outputs. Rank 0 decides."""
+        dist = self.distributed
+        if not dist.broadcast(self.run.is_done(name) and all(p.exists() for p in outputs)):
+            def work():
+                t0 = time.monotonic()
+                try:
+                    info = produce() or {}
+                except BaseException:
+                    if self.main:
+                        self.run.add_time(name, time.monotonic() - t0)
+                    raise
+                if self.main:
+                    self.run.mark_done(name, time.monotonic() - t0, **info)
+            if every_rank:
+                work()
+                dist.barrier()  # rank 0's files are written before anyone reads them
+            else:
+                dist.run_on_main(work)
+        return load()
+
+    # -- 1. prepare (rank 0) ----------------------------------------------------------------------
+    def prepare(self) -> _Prepared:
+        from .case import SliceSet
+
+        folder = self.dir("prepare")
+
+        def produce():
+            slices = _prepare(self.cfg, folder, self.progress)
+            return {"slices": len(slices), "labelled": int(slices.labelled.sum())}
+
+        def load():
+            return _Prepared(SliceSet.load(folder / "slices.pt"), json.loads((folder / "cases.json").read_text()))
+        return self._stage("prepare", [folder / "slices.pt", folder / "cases.json"], produce, load)
+
+    # -- 2. teacher (every rank: DDP) ---------------------------------------------------------------
+    def teacher(self, prepared: _Prepared) -> _TeacherFiles:
+        folder, tcfg = self.dir("teacher"), self.stage_cfgs["teacher"]
+        final = folder / "final"
+
+        def produce():
+            from .dataset import SliceDataset
+            from .teacher import build_teacher, finetune_teacher, save_teacher
+            slices = prepared.slices
+            t = build_teacher(slices.class_map.names, tcfg)
+            ds = SliceDataset(slices.labelled_subset(), augment=True, seed=self.cfg.seed)
+            t, history = finetune_teacher(t, ds, tcfg, self.progress, work_dir=folder)
+            if history.get("best_val_dice") == 0.0:  # held-out labelled slices exist, all missed
+                from .errors import TSKDError
+                raise TSKDError("the fine-tuned teacher's validation Dice is 0: it found none of the classes "
+                                "on the held-out labelled slices, so the student would learn nothing.",
+                                folder, "Check the labels and --labelled-slices / --axis (tskd inspect), "
+                                "label more slices, or train longer (--preset balanced).")
+            if self.main:
+                save_teacher(t, final, tcfg, history)
+            return {"val_dice": history.get("best_val_dice")}
+        return self._stage("teacher", [final], produce, lambda: _TeacherFiles(final, tcfg.device),
+                           every_rank=True)
+
+    # -- 3. synthesis (rank 0) ------------------------------------------------------------------------
+    def synthesis(self, prepared: _Prepared, teacher: _TeacherFiles):
+        from .synthesis import SyntheticTransferSet, run_synthesis
+
+        folder = self.dir("synthesis")
+
+        def produce():
+            model = teacher.model
+            model.eval()
+            syn = run_synthesis(prepared.slices, model.predict_proba, folder, self.stage_cfgs["synthesis"],
+                                self.progress)
+            return {"kept": len(syn), "mean_confidence": syn.manifest.get("metrics", {}).get("mean_confidence_kept")}
+        return self._stage("synthesis", [folder / "transfer" / "manifest.json"], produce,
+                           lambda: SyntheticTransferSet.load(folder / "transfer"))
+
+    # -- 4. distillation (teacher cache: rank 0; training: every rank, DDP) ---------------------------
+    def _teacher_cache(self, transfer, teacher: _TeacherFiles, folder: Path):
+        """The teacher's outputs on the transfer set, computed once by rank 0 into ``folder``."""
+        from .distill import TeacherCache, build_teacher_cache
+
+        def build():
+            try:
+                cache = TeacherCache.load(folder)
+                if len(cache) == len(transfer):
+                    return
+            except Exception:
+                pass
+            if folder.exists():
+                shutil.rmtree(folder)
+            model = teacher.model
+            model.eval()
+            self.progress.log(f"computing teacher outputs once for {len(transfer)} transfer slices")
+            build_teacher_cache(model, transfer.images, directory=folder)
+        self.distributed.run_on_main(build)
+        return TeacherCache.load(folder)
+
+    def distillation(self, prepared: _Prepared, teacher: _TeacherFiles, synthetic) -> tuple:
+        from .distill import TransferSet, distill
+        from .student import load_student
+
+        folder = self.dir("distillation")
+        slices = prepared.slices
+
+        def produce():
+            transfer = TransferSet.build(slices, synthetic.images if synthetic is not None else None)
+            cache = self._teacher_cache(transfer, teacher, folder / "teacher_cache")
+            # Validation: the teacher's held-out labelled slices are too few to spare; report Dice
+            # on all labelled slices (training fit) and the teacher's held-out validation Dice.
+            init = self.cfg.distillation.get("init_student")
+            student = _initial_student(init, slices.class_map.num_classes) if init else self.stage_cfgs["student"]
+            if init:
+                self.progress.log(f"fine-tuning the existing student from {init}")
+            res = distill(transfer, self.stage_cfgs["distillation"], cache, student=student,
+                          checkpoint_dir=folder / "checkpoints", progress=self.progress,
+                          validation=slices.labelled_subset())
+            if self.main:  # rank 0 writes the student and its summary
+                self._write_student(res, slices, teacher, folder)
+
+        def load():
+            return load_student(folder / "student.pt"), json.loads((folder / "summary.json").read_text())
+        return self._stage("distillation", [folder / "student.pt", folder / "summary.json"], produce, load,
+                           every_rank=True)
+
+    def _write_student(self, res, slices, teacher: _TeacherFiles, folder: Path) -> None:
+        """The quality gate (warnings), ``student.pt`` and ``summary.json``."""
+        from .distill import evaluate_dice, quality_gate
+        from .student import save_student
+
+        lab = slices.labelled_subset()
+        fit = evaluate_dice(res.model, lab.images, lab.labels, num_classes=slices.class_map.num_classes)
+        check = res.metrics.get("final_check") or {}
+        gate = quality_gate(slices.class_map.names, fit["per_class"], check.get("agreement"),
+                            _teacher_val_per_class(teacher.meta))
+        for w in gate["warnings"]:
+            self.progress.log(w, "warning")
+        summary = {**res.training_summary(), "labelled_dice": fit["per_class"], "quality_gate": gate}
+        save_student(res.model, folder / "student.pt")
+        text = json.dumps(summary, indent=1, default=str)
+        atomic_write(folder / "summary.json", lambda tmp: tmp.write_text(text), overwrite=True)
+
+    # -- 5. export (rank 0) -------------------------------------------------------------------------
+    def export(self, prepared: _Prepared, teacher: _TeacherFiles, student, summary: dict) -> None:
+        run, cfg, progress = self.run, self.cfg, self.progress
+
+        def produce():
+            from .export import export_model_package
+            progress.stage_start("export", 1)
+            meta = _model_metadata(cfg, run, prepared, teacher.meta, summary)
+            export_model_package(student, run.model_dir, prepared.slices.class_map, prepared.info["normalization"],
+                                 input_size=prepared.slices.size, slice_axis=cfg.data.axis, overwrite=True,
+                                 acquisition=_acquisition_of(prepared.info), **meta)
+            progress.update(1)
+            progress.stage_end({})
+        self._stage("export", [run.model_dir / "model_card.json"], produce, lambda: None)
+
+        def finish():
+            st = run.state()
+            st["finished"] = True
+            run.write_state(st)
+        self.distributed.run_on_main(finish)
+
+
+def _teacher_val_per_class(meta: dict) -> list[float] | None:
     """The teacher's validation Dice per class at its best step, in its class order, from its
-    saved ``teacher.json`` (``validation.dice``); None if unknown (no validation slices, or an
-    unreadable teacher folder)."""
-    try:
-        from .teacher import read_teacher_meta
-        meta = read_teacher_meta(teacher_dir)
-    except Exception:  # the gate then uses its fixed floor
-        return None
+    ``teacher.json`` (``validation.dice``); None if unknown (no validation slices, or an
+    unreadable teacher folder: the quality gate then uses its fixed floor)."""
     dice = (meta.get("validation") or {}).get("dice") or {}
     if not dice:
         return None
@@ -532,32 +614,28 @@ def _initial_student(path: str | Path, num_classes: int):
     return model
 
 
-def _prepare(cfg: PipelineConfig, run: RunDir, progress: ProgressReporter):
+def _prepare(cfg: PipelineConfig, folder: Path, progress: ProgressReporter):
+    """Stage 1: read the scans, check the labels, normalise and resize every slice; writes
+    ``folder/slices.pt`` (:class:`TSKDLib.case.SliceSet`) and ``folder/cases.json`` (the scans,
+    labelled slices, per-class counts and the normalisation every scan was prepared with).
+    Returns the slices."""
     from .case import check_label_coverage, prepare_slices
-    from .preprocess import Normalization
 
     progress.stage_start("prepare", len(cfg.data.images))
-    cases = []
-    for i, path in enumerate(cfg.data.images):
-        sub = DataConfig(**{**cfg.data.__dict__, "images": [path],
-                            "labels": [cfg.data.labels[i]] if cfg.data.labels else [],
-                            "labelled_slices": [cfg.data.labelled_slices[i]] if cfg.data.labelled_slices else None})
-        cases.extend(load_cases(sub) if sub.labels else _load_unlabelled(sub))
-        progress.update(i + 1, message=Path(path).name)
+    cases = load_cases(cfg.data, lambda i, path: progress.update(i + 1, message=Path(path).name))
     for w in check_label_coverage(cases):  # LabelError when a class is on no labelled slice
         progress.log(w, "warning")
-    norm = None if cfg.data.normalization == "auto" else Normalization.preset(cfg.data.normalization)
+    norm = _normalization_for(cases, cfg.data.normalization)
     slices = prepare_slices(cases, cfg.data.size, norm)
-    slices.save(run.stage_dir("prepare") / "slices.pt")
+    slices.save(folder / "slices.pt")
     counts = {name: int(sum(((slices.labels[slices.labelled] == k + 1).flatten(1).any(1)).tolist()))
               for k, name in enumerate(slices.class_map.names)}
     info = {"cases": [{"name": c.name, "image": c.image_path, "modality": c.modality,
                        "labelled_slices": c.labelled_indices(), "slices": c.num_slices, **c.axis_info()}
                       for c in cases],
-            "labelled_slices_per_class": counts,
-            "normalization": _normalization_of(cases[0], norm)}
+            "labelled_slices_per_class": counts, "normalization": norm.to_dict()}
     text = json.dumps(info, indent=1)
-    atomic_write(run.stage_dir("prepare") / "cases.json", lambda tmp: tmp.write_text(text), overwrite=True)
+    atomic_write(folder / "cases.json", lambda tmp: tmp.write_text(text), overwrite=True)
     for name, n in counts.items():
         if n == 0:
             progress.log(f"class '{name}' appears in no labelled slice: the model cannot learn it.", "warning")
@@ -566,7 +644,24 @@ def _prepare(cfg: PipelineConfig, run: RunDir, progress: ProgressReporter):
         if msg:
             progress.log(f"{c.name}: {msg}", "warning")
     progress.stage_end({"slices": len(slices), "labelled": int(slices.labelled.sum()), **counts})
-    return cases, slices
+    return slices
+
+
+def _normalization_for(cases, name: str):
+    """The one intensity normalisation of the run (:class:`TSKDLib.preprocess.Normalization`):
+    the named preset, or (``auto``) the one each scan's modality/intensities call for
+    (:meth:`Normalization.for_modality`), which must then be the same for every scan: the model
+    package applies one normalisation to new scans. Raises :class:`ConfigError` otherwise."""
+    from .preprocess import Normalization
+
+    if name != "auto":
+        return Normalization.preset(name)
+    chosen = [Normalization.for_modality(c.modality, c.image_slices()) for c in cases]
+    if any(n != chosen[0] for n in chosen):
+        kinds = ", ".join(f"{c.name}: {n.kind}" for c, n in zip(cases, chosen))
+        raise ConfigError(f"the scans call for different intensity normalisations ({kinds}).",
+                          fix="train on scans of one modality, or set data.normalization in a --config file.")
+    return chosen[0]
 
 
 def adjacent_slices_warning(labelled: Sequence[int], num_slices: int) -> str | None:
@@ -582,41 +677,25 @@ def adjacent_slices_warning(labelled: Sequence[int], num_slices: int) -> str | N
             "its extent) instead.")
 
 
-def _acquisition_of(run: RunDir) -> dict:
-    """The training scans' acquisition planes and slice normals (from prepare/cases.json)."""
-    cases = json.loads((run.path / "prepare" / "cases.json").read_text())["cases"]
+def _acquisition_of(info: dict) -> dict:
+    """The training scans' acquisition planes and slice normals (``cases.json`` content)."""
+    cases = info["cases"]
     return {"planes": [c.get("acquisition_plane") for c in cases if c.get("slice_normal")],
             "directions": [c["slice_normal"] for c in cases if c.get("slice_normal")]}
 
 
-def _load_unlabelled(sub: DataConfig):
-    from .case import load_case
-    return [load_case(p, None, sub.class_map, axis=sub.axis) for p in sub.images]
-
-
-def _normalization_of(case, norm) -> dict:
-    from .preprocess import Normalization
-    n = norm or Normalization.for_modality(case.modality, case.image_slices())
-    return n.to_dict()
-
-
-def _model_metadata(cfg: PipelineConfig, run: RunDir, slices, summary: dict) -> dict:
-    """Model-card entries: normalisation, name, training summary, validation, teacher."""
-    info = json.loads((run.path / "prepare" / "cases.json").read_text())
-    state = run.state()["stages"]
-    teacher_meta: dict = {}
-    try:
-        from .teacher import read_teacher_meta
-        teacher_meta = read_teacher_meta(run.path / "teacher" / "final")
-    except Exception as exc:  # the card then lacks the teacher details, nothing else
-        log.warning("teacher metadata not read: %s", exc)
-    names = slices.class_map.names
-    val = _teacher_val_per_class(run.path / "teacher" / "final")
+def _model_metadata(cfg: PipelineConfig, run: RunDir, prepared: _Prepared, teacher_meta: dict, summary: dict) -> dict:
+    """Model-card entries: name, training summary, validation, teacher (from the stages' outputs
+    already read: ``prepared.info`` = ``cases.json``, ``teacher_meta`` = ``teacher.json``)."""
+    info, state = prepared.info, run.state()["stages"]
+    names = prepared.slices.class_map.names
+    val = _teacher_val_per_class(teacher_meta)
     val = dict(zip(names, val)) if val else None
     dice = {}
     if isinstance(summary.get("labelled_dice"), (list, tuple)):
         dice = dict(zip(names, summary["labelled_dice"]))
-    return {"normalization": info["normalization"], "name": run.path.name,
+    gate = summary.get("quality_gate")
+    return {"name": run.path.name,
             "training": {"scans": [c["image"] for c in info["cases"]],
                          "run_dir": str(run.path.resolve()),  # for `tskd update` (teacher outputs)
                          "labelled_slices": {c["name"]: c["labelled_slices"] for c in info["cases"]},
@@ -625,9 +704,8 @@ def _model_metadata(cfg: PipelineConfig, run: RunDir, slices, summary: dict) -> 
                          "stage_seconds": {k: v.get("seconds") for k, v in state.items()},
                          "distillation": summary},
             "validation": {"dice": dice, "teacher_val_dice": state.get("teacher", {}).get("val_dice"),
-                           "teacher_val_dice_per_class": val,
-                           "quality_gate": summary.get("quality_gate"),
-                           "warnings": (summary.get("quality_gate") or {}).get("warnings", []),
+                           "teacher_val_dice_per_class": val, "quality_gate": gate,
+                           "warnings": (gate or {}).get("warnings", []),
                            "note": "dice: the student's Dice on the labelled slices (training fit); "
                                    "teacher_val_dice: the teacher's Dice on labelled slices held out from its training"},
             "teacher": teacher_meta}

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 
@@ -120,7 +119,10 @@ def add_pipeline_commands(sub) -> None:
                         "e.g. 2,7,12-14; repeat once per scan; "
                         "default: every slice holding a label")
     t.add_argument("--out", required=True, help="run directory")
-    t.add_argument("--preset", default="fast", choices=["fast", "balanced", "quality"])
+    from .presets import PRESET_NAMES
+    t.add_argument("--preset", default=None, choices=PRESET_NAMES,
+                   help="size of every stage (TSKDLib/presets.py); given, it wins over the preset in --config "
+                        "(default: the --config file's, else fast)")
     t.add_argument("--config", help="JSON config file (see RUN_DIR/config.json of a run)")
     t.add_argument("--threads", type=int, help="CPU threads for PyTorch")
     syn = t.add_mutually_exclusive_group()
@@ -164,7 +166,7 @@ def add_pipeline_commands(sub) -> None:
     d.add_argument("--out", default="runs/demo", help="run directory (default runs/demo)")
     d.add_argument("--data", default="Testing/Data/totalseg",
                    help="the demo data folder (default Testing/Data/totalseg: run from a TSKD checkout's root)")
-    d.add_argument("--preset", default="fast", choices=["fast", "balanced", "quality"])
+    d.add_argument("--preset", default="fast", choices=PRESET_NAMES)
     d.set_defaults(func=cmd_demo)
 
     b = sub.add_parser("benchmark", parents=[common], help="compare scratch, task-agnostic KD, TS-KD without "

@@ -90,7 +90,7 @@ def main(argv=None) -> int:
     tune_allocator()  # as tskd train does (TSKDLib/runtime.py)
     overrides = {"device": "cpu", "num_threads": args.threads}
     if args.train_steps is not None:
-        overrides["train_steps"] = args.train_steps
+        overrides["steps"] = args.train_steps
     if args.num_images is not None:
         overrides["num_images"] = args.num_images
     rows = []
@@ -122,7 +122,7 @@ def main(argv=None) -> int:
                    "synthetic_with_structure": round(syn_fg, 3), "real_with_structure": round(real_fg, 3),
                    "real_vs_real_tv": round(ref["tv"], 4), "grid": str(out / f"{ds}-{mode}" / "grid.png")}
             rows.append(row)
-            print(f"  {mode:5s}: train {m['train_seconds']:.0f} s ({cfg.train_steps} steps, final loss "
+            print(f"  {mode:5s}: train {m['train_seconds']:.0f} s ({cfg.steps} steps, final loss "
                   f"{m['final_loss']:.4f}), sampling {m['sample_seconds_per_image']} s/img "
                   f"({cfg.sampler} {cfg.sample_steps} steps, {cfg.resolution} px), labelling "
                   f"{m['label_seconds_per_image']} s/img, stage wall {wall:.0f} s", flush=True)

@@ -11,6 +11,7 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, field, fields, replace
 
+from ..presets import TrainingSettings, upgrade_names
 from ..errors import ConfigError
 
 CONDITIONING_MODES = ("mask", "none")
@@ -20,7 +21,7 @@ PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 #: Fields that change the trained diffusion model (hence the training cache key).
 TRAIN_FIELDS = ("resolution", "block_out_channels", "layers_per_block", "attention", "conditioning",
-                "uncond_prob", "train_steps", "batch_size", "learning_rate", "warmup_steps",
+                "uncond_prob", "steps", "batch_size", "lr", "warmup_steps",
                 "ema_decay", "augment", "num_train_timesteps", "beta_schedule", "prediction_type",
                 "seed", "init_model_dir")
 #: Fields that change the sampled images (besides the model).
@@ -28,7 +29,7 @@ SAMPLE_FIELDS = ("sampler", "sample_steps", "guidance_scale", "seed", "mask_augm
 
 
 @dataclass
-class SynthesisConfig:
+class SynthesisConfig(TrainingSettings):
     """Settings of :func:`TSKDLib.synthesis.run_synthesis`.
 
     Diffusion model (DDPM, Ho et al. 2020, with the ``diffusers`` ``UNet2DModel``):
@@ -52,8 +53,10 @@ class SynthesisConfig:
         Ho & Salimans 2022), so all slices are used. ``"none"``: unconditional generation.
     uncond_prob:
         Probability of dropping the mask of a labelled slice during training (``mask`` mode).
-    train_steps, batch_size, learning_rate, warmup_steps:
-        AdamW steps, images per step, peak learning rate, linear warm-up steps.
+    steps, batch_size, lr, warmup_steps:
+        AdamW steps, images per step, peak learning rate, linear warm-up steps (then constant:
+        :func:`TSKDLib.engine.warmup_constant`). Older configs call them ``train_steps`` and
+        ``learning_rate``.
     ema_decay:
         Exponential moving average of the weights used for sampling (with the usual warm-up
         ``min(decay, (1 + step) / (10 + step))``).
@@ -117,8 +120,8 @@ class SynthesisConfig:
         ``"auto"`` (CUDA if available), ``"cpu"`` or ``"cuda[:n]"``.
     mixed_precision:
         Autocast (bfloat16, or float16 with loss scaling) on CUDA; ignored on CPU.
-    num_threads:
-        ``torch.set_num_threads`` for the stage (None = leave as is).
+    threads:
+        ``torch.set_num_threads`` for the stage (None = leave as is; older name ``num_threads``).
     """
 
     resolution: int = 64
@@ -127,16 +130,12 @@ class SynthesisConfig:
     attention: bool = False
     conditioning: str = "mask"
     uncond_prob: float = 0.1
-    train_steps: int = 600
     batch_size: int = 16
-    learning_rate: float = 1e-3
-    warmup_steps: int = 20
     ema_decay: float = 0.995
     augment: bool = True
     num_train_timesteps: int = 1000
     beta_schedule: str = "squaredcos_cap_v2"
     prediction_type: str = "epsilon"
-    checkpoint_every: int = 50
     init_model_dir: str | None = None
     sampler: str = "ddim"
     sample_steps: int = 25
@@ -149,42 +148,29 @@ class SynthesisConfig:
     real_confidence_quantile: float | None = 0.1
     max_entropy: float | None = None
     min_condition_dice: float | None = 0.8
-    seed: int = 0
-    device: str = "auto"
     mixed_precision: bool = True
-    num_threads: int | None = None
     preset_name: str | None = field(default=None, compare=False)
 
     # -- presets ---------------------------------------------------------------------------------
     @classmethod
     def preset(cls, name: str, **overrides) -> "SynthesisConfig":
-        """``fast`` (CPU smoke run, ~2-3 min on 2 cores: 64 px, tiny UNet, 150 steps, 32 images),
-        ``balanced`` (CPU ~30-60 min or GPU minutes: 64 px, 2 000 steps, 200 images) or
-        ``quality`` (GPU: 96 px, attention, 10 000 steps, 1 000 images); keyword overrides win.
+        """The synthesis settings of a preset (:data:`TSKDLib.presets.PRESETS`): ``fast`` (CPU
+        smoke run, ~2-3 min on 2 cores: 64 px, tiny UNet, 150 steps, 32 images), ``balanced``
+        (CPU ~30-60 min or GPU minutes: 64 px, 2 000 steps, 200 images) or ``quality`` (GPU: 96 px,
+        attention, 10 000 steps, 1 000 images); keyword overrides win.
 
         Raises :class:`ConfigError` for an unknown preset or invalid override."""
-        presets = {
-            "fast": dict(resolution=64, block_out_channels=(16, 32, 64), layers_per_block=1,
-                         attention=False, train_steps=150, batch_size=16, learning_rate=2e-3,
-                         warmup_steps=10, ema_decay=0.98, checkpoint_every=25, sampler="ddim",
-                         sample_steps=20, num_images=32, sample_batch_size=16),
-            "balanced": dict(resolution=64, block_out_channels=(32, 64, 128), layers_per_block=2,
-                             attention=False, train_steps=2000, batch_size=16, learning_rate=1e-3,
-                             warmup_steps=50, ema_decay=0.995, checkpoint_every=100, sampler="dpm",
-                             sample_steps=25, num_images=200, sample_batch_size=32),
-            "quality": dict(resolution=96, block_out_channels=(64, 128, 256, 256), layers_per_block=2,
-                            attention=True, train_steps=10000, batch_size=32, learning_rate=3e-4,
-                            warmup_steps=200, ema_decay=0.999, checkpoint_every=500, sampler="dpm",
-                            sample_steps=30, num_images=1000, sample_batch_size=64),
-        }
-        if name not in presets:
-            raise ConfigError(f"unknown synthesis preset {name!r}; use one of {sorted(presets)}.")
-        values = {**presets[name], **overrides, "preset_name": name}
+        from ..presets import ALIASES, stage_preset
+
+        values = {**stage_preset(name, "synthesis"), **upgrade_names(overrides, "synthesis"),
+                  "preset_name": ALIASES.get(name, name)}
         return cls.from_dict(values)
 
     @classmethod
     def from_dict(cls, values: dict) -> "SynthesisConfig":
-        """Build from a plain dict (JSON); unknown keys raise :class:`ConfigError`."""
+        """Build from a plain dict (JSON; older names such as ``train_steps`` are read too);
+        unknown keys raise :class:`ConfigError`."""
+        values = upgrade_names(values, "synthesis")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
@@ -202,7 +188,8 @@ class SynthesisConfig:
         return d
 
     def replace(self, **changes) -> "SynthesisConfig":
-        cfg = replace(self, **changes)
+        """A validated copy with ``changes`` (older setting names are read too)."""
+        cfg = replace(self, **upgrade_names(changes, "synthesis"))
         cfg.validate()
         return cfg
 
@@ -227,7 +214,7 @@ class SynthesisConfig:
                      "sample_batch_size", "label_batch_size", "checkpoint_every"):
             if int(getattr(self, name)) < 1:
                 bad(name, "must be >= 1")
-        for name in ("train_steps", "warmup_steps", "num_images"):
+        for name in ("steps", "warmup_steps", "num_images"):
             if int(getattr(self, name)) < 0:
                 bad(name, "must be >= 0")
         if self.sample_steps > self.num_train_timesteps:
@@ -236,8 +223,8 @@ class SynthesisConfig:
             bad("uncond_prob", "must be in [0, 1)")
         if not 0.0 <= self.ema_decay < 1.0:
             bad("ema_decay", "must be in [0, 1)")
-        if self.learning_rate <= 0:
-            bad("learning_rate", "must be > 0")
+        if self.lr <= 0:
+            bad("lr", "must be > 0")
         if self.guidance_scale < 0:
             bad("guidance_scale", "must be >= 0")
         if not 0.0 <= self.min_confidence <= 1.0:

@@ -26,9 +26,10 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from ..engine import ResumeFile, Trainer, autocast, checkpoint_hook, cpu_threads, warmup_constant
 from ..errors import CheckpointError, ConfigError
-from .config import SynthesisConfig
-from ..io import atomic_dir, atomic_write
+from .config import TRAIN_FIELDS, SynthesisConfig
+from ..io import atomic_dir
 from ..runtime import resolve_device
 
 log = logging.getLogger(__name__)
@@ -36,24 +37,6 @@ log = logging.getLogger(__name__)
 META_FILE = "tskd_diffusion.json"
 
 
-class torch_threads:
-    """Context manager: ``torch.set_num_threads(n)`` inside, the previous value restored after
-    (``n`` None = no change). On a shared CPU, fewer threads than cores avoids oversubscription."""
-
-    def __init__(self, n: int | None):
-        self.n = n
-        self.before = None
-
-    def __enter__(self):
-        if self.n:
-            self.before = torch.get_num_threads()
-            torch.set_num_threads(int(self.n))
-        return self
-
-    def __exit__(self, *exc):
-        if self.before is not None:
-            torch.set_num_threads(self.before)
-        return False
 
 
 def _diffusers():
@@ -254,7 +237,7 @@ class DiffusionModel:
                 torch.zeros(x.shape[0], self.cond_channels, *x.shape[-2:], device=dev)
         guided = cond is not None and guidance_scale != 1.0
         for t in sched.timesteps:
-            with _autocast(dev, mixed_precision):
+            with autocast(dev, mixed_precision):
                 if cond is None:
                     out = self.unet(x, t).sample
                 elif guided:
@@ -280,13 +263,6 @@ def _load_unet(directory: Path):
                               "Give a folder holding a diffusers UNet2DModel (config.json + weights).") from None
 
 
-def _autocast(device: torch.device, enabled: bool):
-    if device.type == "cuda" and enabled:
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.autocast("cuda", dtype=dtype)
-    return torch.autocast("cpu", enabled=False)
-
-
 # ------------------------------------------------------------------------------------------------
 # Training with atomic checkpoints
 # ------------------------------------------------------------------------------------------------
@@ -299,10 +275,6 @@ class TrainResult:
     losses: list[float]
     seconds: float
     resumed_from: int
-
-
-def _save_checkpoint(path: Path, state: dict) -> None:
-    atomic_write(path, lambda tmp: torch.save(state, tmp), overwrite=True)
 
 
 def train_diffusion(images: torch.Tensor, labels: torch.Tensor | None, num_classes: int,
@@ -322,135 +294,122 @@ def train_diffusion(images: torch.Tensor, labels: torch.Tensor | None, num_class
         K.
     work_dir:
         Checkpoint folder: ``checkpoint.pt`` is written atomically every ``config.checkpoint_every``
-        steps and at the end; an existing one is resumed (model, EMA, optimiser, data/noise RNG),
-        so an interrupted run ends with the same weights as an uninterrupted one (on CPU).
+        steps and at the end (:class:`TSKDLib.engine.ResumeFile`); an existing one is resumed
+        (model, EMA, optimiser, data/noise RNG), so an interrupted run ends with the same weights
+        as an uninterrupted one (on CPU).
     on_step:
         ``callable(step, loss)`` after each step (progress; may raise to interrupt).
 
     Returns a :class:`TrainResult` whose model holds the EMA weights, in eval mode.
 
-    Raises :class:`CheckpointError` when the checkpoint is unreadable or from other settings.
+    Raises :class:`CheckpointError` when the checkpoint is unreadable or from other settings or
+    data (naming each changed setting).
+
+    The loop is :class:`TSKDLib.engine.Trainer` (AdamW, linear warm-up then constant learning
+    rate, gradient clipping at norm 1, autocast on CUDA) with an EMA hook and a checkpoint hook.
     """
-    with torch_threads(config.num_threads):
-        return _train_diffusion(images, labels, num_classes, config, work_dir, on_step)
+    with cpu_threads(config.threads):
+        return _DiffusionTraining(images, labels, num_classes, config, work_dir).run(on_step)
 
 
-def _train_diffusion(images, labels, num_classes, config, work_dir, on_step) -> TrainResult:
-    dev = resolve_device(config.device)
-    if images.ndim != 4 or images.shape[1] != 1:
-        raise ValueError(f"images must be (N, 1, S, S); got {tuple(images.shape)}.")
-    if images.shape[0] == 0:
-        raise ConfigError("no slice to train the diffusion model on.")
-    R = config.resolution
-    x_all = to_model_space(images, R)
-    if labels is None:
-        labels = torch.full((images.shape[0], images.shape[-2], images.shape[-1]), -1, dtype=torch.long)
-    lab_all = labels_to_resolution(labels, R)
+class _DiffusionTraining:
+    """One :func:`train_diffusion` call: data in model space, UNet + EMA, engine, checkpoint."""
 
-    torch.manual_seed(config.seed)  # UNet initialisation
-    model = DiffusionModel.create(config, num_classes)
-    unet = model.unet.to(dev).train()
-    ema = [p.detach().clone() for p in unet.parameters()]
-    opt = torch.optim.AdamW(unet.parameters(), lr=config.learning_rate, weight_decay=0.0)
-    sched = _diffusers().DDPMScheduler(**model.schedule)
-    alphas = sched.alphas_cumprod.to(dev)
-    gen = torch.Generator().manual_seed(config.seed + 1)
-    losses: list[float] = []
-    step = 0
-    use_scaler = dev.type == "cuda" and config.mixed_precision and not torch.cuda.is_bf16_supported()
-    scaler = torch.amp.GradScaler("cuda") if use_scaler else None
+    def __init__(self, images, labels, num_classes: int, config: SynthesisConfig, work_dir):
+        if images.ndim != 4 or images.shape[1] != 1:
+            raise ValueError(f"images must be (N, 1, S, S); got {tuple(images.shape)}.")
+        if images.shape[0] == 0:
+            raise ConfigError("no slice to train the diffusion model on.")
+        self.config, self.num_classes = config, num_classes
+        self.dev = dev = resolve_device(config.device)
+        self.x_all = to_model_space(images, config.resolution)
+        if labels is None:
+            labels = torch.full((images.shape[0], images.shape[-2], images.shape[-1]), -1, dtype=torch.long)
+        self.lab_all = labels_to_resolution(labels, config.resolution)
+        torch.manual_seed(config.seed)  # UNet initialisation
+        self.model = DiffusionModel.create(config, num_classes)
+        self.unet = self.model.unet.to(dev).train()
+        self.ema = [p.detach().clone() for p in self.unet.parameters()]
+        opt = torch.optim.AdamW(self.unet.parameters(), lr=config.lr, weight_decay=0.0)
+        self.trainer = Trainer(self.unet, opt, dev, lambda step: config.lr * warmup_constant(step, config.warmup_steps),
+                               config.steps, clip_grad_norm=1.0, mixed_precision=config.mixed_precision)
+        self.alphas = _diffusers().DDPMScheduler(**self.model.schedule).alphas_cumprod.to(dev)
+        self.gen = torch.Generator().manual_seed(config.seed + 1)
+        self.losses: list[float] = []
+        path = None
+        if work_dir is not None:
+            Path(work_dir).mkdir(parents=True, exist_ok=True)
+            path = Path(work_dir) / "checkpoint.pt"
+        identity = {"settings": {n: getattr(config, n) for n in TRAIN_FIELDS},
+                    "data": {"slices": int(images.shape[0]), "num_classes": num_classes}}
+        self.resume = ResumeFile(path, "synthesis (diffusion)", identity)
 
-    ckpt_path = None
-    if work_dir is not None:
-        work_dir = Path(work_dir)
-        work_dir.mkdir(parents=True, exist_ok=True)
-        ckpt_path = work_dir / "checkpoint.pt"
-        if ckpt_path.exists():
-            try:
-                st = torch.load(ckpt_path, map_location=dev, weights_only=False)
-                if st.get("train_key") != config.train_key():
-                    raise CheckpointError("diffusion checkpoint was written with other settings.",
-                                          ckpt_path, "Delete it or use a fresh output folder.")
-                unet.load_state_dict(st["unet"])
-                for e, v in zip(ema, st["ema"]):
-                    e.copy_(v)
-                opt.load_state_dict(st["opt"])
-                gen.set_state(st["gen"])
-                losses = list(st["losses"])
-                step = int(st["step"])
-                if scaler is not None and st.get("scaler"):
-                    scaler.load_state_dict(st["scaler"])
-            except CheckpointError:
-                raise
-            except Exception as exc:
-                raise CheckpointError(f"diffusion checkpoint is unreadable ({exc}).", ckpt_path,
-                                      "Delete it to retrain from scratch.") from None
-    resumed_from = step
+    def _restore(self) -> int:
+        state = self.resume.load()
+        if state is None:
+            return 0
+        self.unet.load_state_dict(state["unet"])
+        for e, v in zip(self.ema, state["ema"]):
+            e.copy_(v)
+        self.trainer.load_state_dict(state)
+        self.gen.set_state(state["gen"])
+        self.losses = list(state["losses"])
+        return int(state["step"])
 
-    def checkpoint():
-        if ckpt_path is not None:
-            _save_checkpoint(ckpt_path, {"unet": unet.state_dict(), "ema": ema, "opt": opt.state_dict(),
-                                         "gen": gen.get_state(), "losses": losses, "step": step,
-                                         "scaler": scaler.state_dict() if scaler else None,
-                                         "train_key": config.train_key()})
+    def _payload(self, step: int) -> dict:
+        return {"unet": self.unet.state_dict(), "ema": self.ema, **self.trainer.state_dict(),
+                "gen": self.gen.get_state(), "losses": self.losses, "step": step}
 
-    t0 = time.monotonic()
-    n = x_all.shape[0]
-    while step < config.train_steps:
-        idx = torch.randint(0, n, (config.batch_size,), generator=gen)
-        x0, lab = x_all[idx], lab_all[idx]
+    def _train_step(self, step: int) -> torch.Tensor:
+        """DDPM loss of one batch: noise a random timestep, predict the configured target."""
+        config, gen, dev = self.config, self.gen, self.dev
+        idx = torch.randint(0, self.x_all.shape[0], (config.batch_size,), generator=gen)
+        x0, lab = self.x_all[idx], self.lab_all[idx]
         if config.augment:
             theta = random_affine(len(idx), gen)
             keep = torch.rand(len(idx), generator=gen) < 0.5
             theta[keep] = torch.tensor([[1.0, 0, 0], [0, 1.0, 0]])
             x0 = warp(x0 + 1, theta, "bilinear") - 1  # zero padding in [0,1] space
             lab = warp_labels(lab, theta)
-        t = torch.randint(0, sched.config.num_train_timesteps, (len(idx),), generator=gen)
+        t = torch.randint(0, len(self.alphas), (len(idx),), generator=gen)
         noise = torch.randn(x0.shape, generator=gen)
         drop = torch.rand(len(idx), generator=gen) < config.uncond_prob
         x0, t, noise = x0.to(dev), t.to(dev), noise.to(dev)
-        a = alphas[t].view(-1, 1, 1, 1)
+        a = self.alphas[t].view(-1, 1, 1, 1)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise  # DDPM forward process q(x_t | x_0)
         inp = xt
-        if model.cond_channels:
-            inp = torch.cat([xt, make_condition(lab, num_classes, ~drop).to(dev)], 1)
+        if self.model.cond_channels:
+            inp = torch.cat([xt, make_condition(lab, self.num_classes, ~drop).to(dev)], 1)
         if config.prediction_type == "epsilon":
             target = noise
         elif config.prediction_type == "v_prediction":
             target = a.sqrt() * noise - (1 - a).sqrt() * x0
         else:
             target = x0
-        lr_scale = min(1.0, (step + 1) / max(1, config.warmup_steps))
-        for g in opt.param_groups:
-            g["lr"] = config.learning_rate * lr_scale
-        with _autocast(dev, config.mixed_precision):
-            pred = unet(inp, t).sample
-        loss = F.mse_loss(pred.float(), target)
-        opt.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.unscale_(opt)
-            torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-            scaler.step(opt)
-            scaler.update()
-        else:
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-            opt.step()
-        decay = min(config.ema_decay, (1 + step) / (10 + step))
+        with self.trainer.autocast():
+            pred = self.trainer.net(inp, t).sample
+        self.loss = F.mse_loss(pred.float(), target)
+        return self.loss
+
+    def _ema(self, step: int) -> None:
+        """EMA of the weights (decay warmed up as ``(1 + s) / (10 + s)``), and the step's loss."""
+        decay = min(self.config.ema_decay, step / (9 + step))
         with torch.no_grad():
-            for e, p in zip(ema, unet.parameters()):
+            for e, p in zip(self.ema, self.unet.parameters()):
                 e.lerp_(p.detach(), 1 - decay)
-        step += 1
-        losses.append(float(loss.detach()))
-        if step % config.checkpoint_every == 0 or step == config.train_steps:
-            checkpoint()
+        self.losses.append(float(self.loss.detach()))
+
+    def run(self, on_step) -> TrainResult:
+        start = self._restore()
+        t0 = time.monotonic()
+        hooks = [self._ema, checkpoint_hook(self.resume, self.config.checkpoint_every, self._payload, self.trainer)]
         if on_step is not None:
-            on_step(step, losses[-1])
-    if ckpt_path is not None and not ckpt_path.exists():
-        checkpoint()
-    with torch.no_grad():
-        for e, p in zip(ema, unet.parameters()):
-            p.copy_(e)
-    unet.eval()
-    return TrainResult(model, losses, time.monotonic() - t0, resumed_from)
+            hooks.append(lambda step: on_step(step, self.losses[-1]))
+        step = self.trainer.fit(start, self._train_step, hooks)
+        if self.resume.path is not None and not self.resume.path.exists():
+            self.resume.save(self._payload(step))
+        with torch.no_grad():
+            for e, p in zip(self.ema, self.unet.parameters()):
+                p.copy_(e)
+        self.unet.eval()
+        return TrainResult(self.model, self.losses, time.monotonic() - t0, start)

@@ -9,7 +9,6 @@ stopping, and resumable checkpoints.
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -21,18 +20,21 @@ import torch.nn.functional as F
 from torch import nn
 
 from TSKDLib import distributed
-from TSKDLib.errors import CheckpointError, ConfigError, LabelError
+from TSKDLib.engine import (Plateau, ResumeFile, Trainer, checkpoint_hook, cpu_threads, settings_identity,
+                            warmup_cosine)
+from TSKDLib.presets import StoppingSettings, upgrade_names
+from TSKDLib.errors import ConfigError, LabelError
 from TSKDLib.metrics import dice
 from TSKDLib.progress import NullProgress, ProgressReporter
 from TSKDLib.runtime import resolve_device
-from TSKDLib.teacher.lora import DEFAULT_TARGETS, FAST_TARGETS, LoraSettings
+from TSKDLib.teacher.lora import DEFAULT_TARGETS, LoraSettings
 from TSKDLib.teacher.model import TaskSpecificTeacher, autocast_for, class_logits, labelmap
 
 RESUME_FILE = "teacher_resume.pt"
 
 
 @dataclass
-class TeacherConfig:
+class TeacherConfig(StoppingSettings):
     """Settings of teacher fine-tuning (defaults follow the paper's LoRA teacher).
 
     Attributes
@@ -52,8 +54,9 @@ class TeacherConfig:
     lr, weight_decay:
         AdamW learning rate (peak, after warm-up) and decoupled weight decay (not applied to
         prompt tokens). 1e-3 suits LoRA with rank 8 and tens to hundreds of steps.
-    warmup:
-        Linear warm-up steps from 0 to ``lr``; then cosine decay to 0 at ``steps``.
+    warmup_steps:
+        Linear warm-up steps from 0 to ``lr``; then cosine decay to 0 at ``steps``
+        (:func:`TSKDLib.engine.warmup_cosine`). Older configs call it ``warmup``.
     val_fraction:
         Share of the labelled slices held out for validation Dice (none when fewer than 3 are
         labelled, or 0).
@@ -66,6 +69,8 @@ class TeacherConfig:
         dataset's MONAI augmentations: runs are reproducible on the CPU.
     device:
         ``"auto"`` (CUDA when available, with autocast mixed precision), ``"cpu"`` or ``"cuda"``.
+    threads:
+        PyTorch CPU threads while training (None: leave torch's setting).
     cache_embeddings:
         Encode each training slice once with the frozen encoder and train the decoder side on
         the cached ``(256, 64, 64)`` embeddings (float32, 4 MiB per view). None = automatic:
@@ -87,18 +92,13 @@ class TeacherConfig:
     lora_targets: tuple[str, ...] = DEFAULT_TARGETS
     steps: int = 200
     batch_size: int = 4
-    lr: float = 1e-3
+    warmup_steps: int = 10
     weight_decay: float = 0.01
-    warmup: int = 10
     val_fraction: float = 0.2
     val_every: int = 20
     patience: int = 4
-    min_delta: float = 0.0
-    seed: int = 0
-    device: str = "auto"
     cache_embeddings: bool | None = None
     cache_views: int = 1
-    checkpoint_every: int = 50
     dice_weight: float = 1.0
     ce_weight: float = 1.0
 
@@ -110,31 +110,23 @@ class TeacherConfig:
                 raise ConfigError(f"teacher {name} must be >= 1, got {getattr(self, name)}.")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ConfigError(f"teacher val_fraction must be in [0, 1), got {self.val_fraction}.")
-        if self.lr <= 0 or self.warmup < 0 or self.patience < 1 or not 0 <= self.min_delta < 1:
-            raise ConfigError("teacher lr must be > 0, warmup >= 0, patience >= 1 and 0 <= min_delta < 1.")
+        if self.lr <= 0 or self.warmup_steps < 0 or self.patience < 1 or not 0 <= self.min_delta < 1:
+            raise ConfigError("teacher lr must be > 0, warmup_steps >= 0, patience >= 1 and 0 <= min_delta < 1.")
         if self.device not in ("auto", "cpu", "cuda") and not str(self.device).startswith("cuda:"):
             raise ConfigError(f"unknown device {self.device!r}.", fix="use auto, cpu or cuda.")
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "TeacherConfig":
-        """Named settings.
+        """The teacher settings of a preset (:data:`TSKDLib.presets.PRESETS`), with overrides.
 
-        ``paper``: LoRA on encoder + decoder attention (the default fields).
+        ``balanced`` (alias ``paper``): LoRA on encoder + decoder attention (the default fields).
         ``fast``: CPU preset: LoRA on the decoder attention + prompt tokens, frozen encoder with
-        cached embeddings (one encoder pass per slice in all), at most 60 steps of 4 slices
-        (validation every 10; stop after 2 validations that gain less than 0.005 Dice: the HC18
-        benchmark peaked by step 40, the demo CT plateaus from step 20), no LoRA
-        dropout (on CPU, dropout masks over the 4096 image tokens cost ~15 % of a step).
+        cached embeddings, at most 60 steps of 4 slices, early stopping. ``quality``: 600 steps.
+        Raises :class:`ConfigError` for an unknown preset or setting.
         """
-        if name == "paper":
-            base: dict[str, Any] = {}
-        elif name == "fast":
-            base = dict(lora_targets=FAST_TARGETS, lora_dropout=0.0, cache_embeddings=True, steps=60,
-                        batch_size=4, lr=2e-3, val_every=10, patience=2, min_delta=0.005)
-        else:
-            raise ConfigError(f"unknown teacher preset {name!r}.", fix="use 'paper' or 'fast'.")
-        base.update(overrides)
-        return cls(**base)
+        from TSKDLib.presets import stage_preset
+
+        return cls(**{**stage_preset(name, "teacher"), **upgrade_names(overrides, "teacher")})
 
     def lora_settings(self) -> LoraSettings:
         """The LoRA part as :class:`LoraSettings`."""
@@ -147,6 +139,9 @@ class TeacherConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "TeacherConfig":
+        """From a plain dict (JSON; older names such as ``warmup`` are read too). Raises
+        :class:`ConfigError` for an unknown setting."""
+        data = upgrade_names(data, "teacher")
         names = {f.name for f in fields(cls)}
         unknown = set(data) - names
         if unknown:
@@ -213,16 +208,6 @@ def _nanmean(x: torch.Tensor, dim=None):
     return s / n.clamp(min=1) if dim is not None else (s / n if n > 0 else torch.tensor(float("nan")))
 
 
-def warmup_cosine(warmup: int, total: int):
-    """LR multiplier: linear 0 -> 1 over ``warmup`` steps, then cosine 1 -> 0 at ``total``."""
-    def factor(step: int) -> float:
-        if warmup > 0 and step < warmup:
-            return (step + 1) / warmup
-        span = max(total - warmup, 1)
-        return 0.5 * (1.0 + math.cos(math.pi * min(step - warmup, span) / span))
-    return factor
-
-
 # -- samples -------------------------------------------------------------------------------------------
 class _Samples:
     """Uniform access to training samples.
@@ -281,12 +266,6 @@ def _batch_indices(train: list[int], step: int, batch_size: int, seed: int) -> l
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
         out.append(train[int(perm[j])])
     return out
-
-
-def _atomic_torch_save(obj, path: Path) -> None:
-    from ..io import atomic_write
-
-    atomic_write(path, lambda tmp: torch.save(obj, tmp), overwrite=True)
 
 
 class _TeacherLogits(nn.Module):
@@ -354,8 +333,9 @@ def finetune_teacher(teacher: TaskSpecificTeacher, train_samples, config: Teache
         ``val_dice``, ``lr``.
     work_dir:
         Folder for the resume checkpoint (``teacher_resume.pt``, written atomically every
-        ``checkpoint_every`` steps). If it holds one from the same configuration and classes,
-        training continues from it; otherwise it is ignored and overwritten.
+        ``checkpoint_every`` steps, :class:`TSKDLib.engine.ResumeFile`). If it holds one from
+        the same settings, classes and slices, training continues from it; one from other
+        settings or data is a :class:`CheckpointError` naming what changed.
     val_samples:
         Optional explicit validation samples (same forms); default: ``val_fraction`` of the
         labelled training slices, drawn with ``seed``.
@@ -385,191 +365,207 @@ def finetune_teacher(teacher: TaskSpecificTeacher, train_samples, config: Teache
         No labelled slice, or labels outside ``-1..K`` for the teacher's K classes.
     ConfigError
         Invalid settings, or a config whose LoRA settings differ from the teacher's.
+    CheckpointError
+        A resume file in ``work_dir`` that is unreadable or from other settings or data.
+
+    The loop is :class:`TSKDLib.engine.Trainer` (AdamW, warm-up + cosine, gradient clipping at
+    norm 1, autocast on CUDA) with a validation / early-stopping hook and a checkpoint hook.
     """
     config = config or TeacherConfig()
-    distributed.init(config.device)  # no-op without torchrun or when already initialised
-    n_ranks, rank = distributed.world_size(), distributed.rank()
-    progress = progress or NullProgress()
-    if not distributed.is_main():
-        progress = NullProgress()  # only rank 0 reports
-    if config.lora_settings() != teacher.lora_settings:
-        raise ConfigError("the teacher's LoRA settings differ from the training config.",
-                          fix="build the teacher with config.lora_settings() (see build_teacher).")
-    device = distributed.device_for(resolve_device(config.device))
-    teacher.to(device)
-    k = teacher.num_classes
+    with cpu_threads(config.threads):
+        return _TeacherTraining(teacher, config, progress, work_dir).run(train_samples, val_samples)
 
-    source = _Samples(train_samples)
-    labelled = source.labelled_indices()
-    if not labelled:
-        raise LabelError("no labelled slice among the teacher's training samples.",
-                         fix="label at least one slice (or pass its index as labelled).")
-    _, lab_labels, _ = source.raw(labelled)
-    if int(lab_labels.max()) > k or int(lab_labels.min()) < -1:
-        raise LabelError(f"training labels hold class indices {int(lab_labels.min())}..{int(lab_labels.max())} "
-                         f"but the teacher has {k} class(es) {teacher.class_names}.",
-                         fix="use the same class map for the data and the teacher.")
 
-    # split labelled slices into train / validation
-    if val_samples is not None:
-        vsrc = _Samples(val_samples)
-        vidx = vsrc.labelled_indices()
-        val_data = vsrc.raw(vidx) if vidx else None
-        train_idx, val_idx = list(labelled), vidx
-    else:
+class _TeacherTraining:
+    """State of one :func:`finetune_teacher` call: data split, embedding cache, engine, hooks."""
+
+    def __init__(self, teacher: TaskSpecificTeacher, config: TeacherConfig, progress, work_dir):
+        distributed.init(config.device)  # no-op without torchrun or when already initialised
+        self.n_ranks, self.rank = distributed.world_size(), distributed.rank()
+        self.progress = progress if (progress is not None and distributed.is_main()) else NullProgress()
+        if config.lora_settings() != teacher.lora_settings:
+            raise ConfigError("the teacher's LoRA settings differ from the training config.",
+                              fix="build the teacher with config.lora_settings() (see build_teacher).")
+        self.teacher, self.config, self.work_dir = teacher, config, work_dir
+        self.device = distributed.device_for(resolve_device(config.device))
+        teacher.to(self.device)
+        self.loss_fn = MaskedDiceCELoss(config.dice_weight, config.ce_weight)
+        self.best_state = None
+
+    # -- data ---------------------------------------------------------------------------------------
+    def _split(self, train_samples, val_samples) -> None:
+        """Labelled training / validation slices (``val_fraction`` of the labelled ones, by seed)."""
+        k, config = self.teacher.num_classes, self.config
+        self.source = source = _Samples(train_samples)
+        labelled = source.labelled_indices()
+        if not labelled:
+            raise LabelError("no labelled slice among the teacher's training samples.",
+                             fix="label at least one slice (or pass its index as labelled).")
+        _, lab_labels, _ = source.raw(labelled)
+        if int(lab_labels.max()) > k or int(lab_labels.min()) < -1:
+            raise LabelError(f"training labels hold class indices {int(lab_labels.min())}..{int(lab_labels.max())} "
+                             f"but the teacher has {k} class(es) {self.teacher.class_names}.",
+                             fix="use the same class map for the data and the teacher.")
+        self.size = int(lab_labels.shape[-1])
+        if val_samples is not None:
+            vsrc = _Samples(val_samples)
+            self.val_idx = vsrc.labelled_indices()
+            self.val_data = vsrc.raw(self.val_idx) if self.val_idx else None
+            self.train_idx = list(labelled)
+            return
         perm = np.random.default_rng(config.seed).permutation(len(labelled))
         n_val = int(round(config.val_fraction * len(labelled))) if len(labelled) >= 3 else 0
-        val_idx = sorted(labelled[i] for i in perm[:n_val])
-        train_idx = sorted(labelled[i] for i in perm[n_val:])
-        val_data = source.raw(val_idx) if val_idx else None
+        self.val_idx = sorted(labelled[i] for i in perm[:n_val])
+        self.train_idx = sorted(labelled[i] for i in perm[n_val:])
+        self.val_data = source.raw(self.val_idx) if self.val_idx else None
 
-    use_cache = (config.cache_embeddings is not False) and not teacher.adapts_encoder
-    if config.cache_embeddings and teacher.adapts_encoder:
-        progress.log("teacher: embeddings are not cached because the encoder carries LoRA.", level="warning")
-    trainable = [p for p in teacher.parameters() if p.requires_grad]
-    decay = [p for n, p in teacher.named_parameters() if p.requires_grad and n != "prompt_tokens"]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
-                                   {"params": [teacher.prompt_tokens], "weight_decay": 0.0}], lr=config.lr)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(config.warmup, config.steps))
-    amp_fp16 = device.type == "cuda" and not torch.cuda.is_bf16_supported()
-    scaler = torch.amp.GradScaler("cuda", enabled=amp_fp16)
-    loss_fn = MaskedDiceCELoss(config.dice_weight, config.ce_weight)
+    def _optimizer(self) -> torch.optim.Optimizer:
+        """AdamW; no weight decay on the class prompt tokens."""
+        t = self.teacher
+        decay = [p for n, p in t.named_parameters() if p.requires_grad and n != "prompt_tokens"]
+        return torch.optim.AdamW([{"params": decay, "weight_decay": self.config.weight_decay},
+                                  {"params": [t.prompt_tokens], "weight_decay": 0.0}], lr=self.config.lr)
 
-    history: dict[str, Any] = {"loss": [], "dice_loss": [], "ce_loss": [], "val": [], "initial_val_dice": None,
-                               "best_step": None,
-                               "best_val_dice": None, "stopped_early": False, "steps_run": 0,
-                               "seconds_per_step": None, "cached_embeddings": use_cache,
-                               "train_indices": train_idx, "val_indices": val_idx, "resumed_from": None}
-    best_state, bad_evals, start = None, 0, 0
-    identity = {"config": config.to_dict(), "class_names": teacher.class_names, "train": train_idx, "val": val_idx}
-    resume_path = Path(work_dir) / RESUME_FILE if work_dir is not None else None
-    if resume_path is not None and resume_path.is_file():
-        try:
-            state = torch.load(resume_path, map_location="cpu", weights_only=False)
-        except Exception as exc:  # a torn or foreign file: start over
-            progress.log(f"teacher: ignoring unreadable resume file {resume_path} ({exc}).", level="warning")
-            state = None
-        if state is not None and state.get("identity") == identity:
-            teacher.load_trainable_state_dict(state["trainable"])
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            scaler.load_state_dict(state["scaler"])
-            torch.set_rng_state(state["rng"])
-            history, best_state, bad_evals, start = state["history"], state["best"], state["bad_evals"], state["step"]
-            history["resumed_from"] = start
-        elif state is not None:
-            progress.log(f"teacher: {resume_path} is from other settings or data; starting over.", level="warning")
-
-    if not distributed.all_equal(start):
-        raise CheckpointError(f"the ranks disagree on the resume step of {resume_path}.", resume_path,
-                              "Run every rank on the same run directory (a shared file system).")
-
-    def save_resume(step: int) -> None:
-        if resume_path is None or not distributed.is_main():
-            return
-        resume_path.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_torch_save({"identity": identity, "step": step, "trainable": teacher.trainable_state_dict(),
-                            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                            "scaler": scaler.state_dict(), "rng": torch.get_rng_state(), "history": history,
-                            "best": best_state, "bad_evals": bad_evals}, resume_path)
-
-    progress.stage_start("teacher", config.steps,
-                         message=f"{len(train_idx)} training / {len(val_idx)} validation slices, K={k}")
-    if start:
-        progress.update(step=start, message=f"resumed at step {start}")
-    done = start >= config.steps or history["stopped_early"]
-
-    # frozen-encoder embedding cache (train views + validation)
-    cache = val_emb = None
-    if use_cache and not done:
-        views = [source.raw(train_idx)]
+    def _build_cache(self) -> None:
+        """Frozen-encoder embeddings of the training views and the validation slices."""
+        config, source = self.config, self.source
+        views = [source.raw(self.train_idx)]
         for v in range(1, config.cache_views):
-            views.append(source.fetch(train_idx, seed=config.seed * 7919 + v))
-        c_images = torch.cat([v[0] for v in views])
-        cache = (_encode_all(teacher, c_images, device), torch.cat([v[1] for v in views]),
-                 torch.cat([v[2] for v in views]))
-        if val_data is not None:
-            val_emb = _encode_all(teacher, val_data[0], device)
-    size = int(lab_labels.shape[-1])
-    n_views = config.cache_views if use_cache else 1
-    # DDP wrapper of the trainable forward (the module itself on one process). Frozen modules
-    # stay in eval mode, so their buffers never change: no need to broadcast them every step.
-    net = distributed.wrap_ddp(_TeacherLogits(teacher, cache is not None, size), device, broadcast_buffers=False)
+            views.append(source.fetch(self.train_idx, seed=config.seed * 7919 + v))
+        self.cache = (_encode_all(self.teacher, torch.cat([v[0] for v in views]), self.device),
+                      torch.cat([v[1] for v in views]), torch.cat([v[2] for v in views]))
+        if self.val_data is not None:
+            self.val_emb = _encode_all(self.teacher, self.val_data[0], self.device)
 
-    if start == 0:
-        torch.manual_seed(config.seed)  # LoRA dropout; a resumed run restored the RNG state above
-        if val_data is not None and not done:  # Dice of the untrained prompts, for reference
-            history["initial_val_dice"] = float(_nanmean(_nanmean(
-                _validate(teacher, *val_data, device, embeddings=val_emb), dim=0)))
-    t0, step = time.perf_counter(), start
-    while not done:
-        teacher.train()
-        share = step * n_ranks + rank  # this rank's share of the global batch (= step on one process)
-        positions = _batch_indices(list(range(len(train_idx) * n_views)), share, config.batch_size, config.seed)
-        if cache is not None:
+    # -- checkpoint -----------------------------------------------------------------------------------
+    def _resume(self, optimizer) -> int:
+        """Restore the resume file if there is one; returns the step to start from."""
+        identity = {"settings": settings_identity(self.config.to_dict()),
+                    "data": {"class_names": list(self.teacher.class_names), "train_slices": self.train_idx,
+                             "validation_slices": self.val_idx}}
+        path = Path(self.work_dir) / RESUME_FILE if self.work_dir is not None else None
+        self.resume = ResumeFile(path, "teacher", identity)
+        state = self.resume.load()
+        start = 0
+        if state is not None:
+            self.teacher.load_trainable_state_dict(state["trainable"])
+            optimizer.load_state_dict(state["optimizer"])
+            torch.set_rng_state(state["rng"])
+            self.history, self.best_state, start = state["history"], state["best"], state["step"]
+            self.plateau = Plateau(**state["plateau"])
+            self.history["resumed_from"] = start
+            self._scaler_state = state["scaler"]
+        self.resume.check_ranks_agree(start)
+        return start
+
+    def _payload(self, step: int) -> dict:
+        return {"step": step, "trainable": self.teacher.trainable_state_dict(),
+                **self.trainer.state_dict(), "rng": torch.get_rng_state(), "history": self.history,
+                "best": self.best_state, "plateau": vars(self.plateau)}
+
+    # -- the loop -----------------------------------------------------------------------------------
+    def _train_step(self, step: int) -> torch.Tensor:
+        config, device = self.config, self.device
+        self.teacher.train()
+        share = step * self.n_ranks + self.rank  # this rank's share of the global batch (= step on one process)
+        positions = _batch_indices(list(range(len(self.train_idx) * self.n_views)), share, config.batch_size,
+                                   config.seed)
+        if self.cache is not None:
             pos = torch.as_tensor(positions)
-            emb, labels, valid = cache[0][pos].to(device), cache[1][pos].to(device), cache[2][pos].to(device)
-            with autocast_for(device):
-                logits = net(emb)
+            x, labels, valid = (c[pos].to(device) for c in self.cache)
         else:
-            idx = [train_idx[p] for p in positions]
-            images, labels, valid = source.fetch(idx, seed=config.seed * 1_000_033 + share)
-            images, labels, valid = images.to(device), labels.to(device), valid.to(device)
-            with autocast_for(device):
-                logits = net(images)
-        loss, dice_l, ce_l = loss_fn(logits, labels, valid)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
-        step += 1
-        if n_ranks > 1:  # report the loss of the global batch (mean over ranks' shares)
-            loss, dice_l, ce_l = distributed.mean(torch.stack([loss.detach(), dice_l, ce_l]).float())
-        history["loss"].append(float(loss.detach()))
-        history["dice_loss"].append(float(dice_l))
-        history["ce_loss"].append(float(ce_l))
-        history["steps_run"] = step
-        metrics = {"loss": float(loss.detach()), "lr": scheduler.get_last_lr()[0]}
+            idx = [self.train_idx[p] for p in positions]
+            x, labels, valid = (t.to(device) for t in self.source.fetch(idx, seed=config.seed * 1_000_033 + share))
+        with self.trainer.autocast():
+            logits = self.trainer.net(x)
+        loss, dice_l, ce_l = self.loss_fn(logits, labels, valid)
+        self.parts = torch.stack([loss.detach(), dice_l, ce_l]).float()
+        return loss
 
-        if val_data is not None and (step % config.val_every == 0 or step == config.steps):
-            per_slice = _validate(teacher, *val_data, device, embeddings=val_emb)
-            per_class = _nanmean(per_slice, dim=0)
-            mean = float(_nanmean(per_class))
-            if n_ranks > 1:  # rank 0's figures decide best step and early stopping on every rank
-                mean, per_class = distributed.broadcast((mean, per_class.cpu()))
-            history["val"].append({"step": step, "dice": mean, "per_class": per_class.tolist()})
+    def _validate(self) -> tuple[float, torch.Tensor]:
+        per_class = _nanmean(_validate(self.teacher, *self.val_data, self.device, embeddings=self.val_emb), dim=0)
+        mean = float(_nanmean(per_class))
+        if self.n_ranks > 1:  # rank 0's figures decide best step and early stopping on every rank
+            mean, per_class = distributed.broadcast((mean, per_class.cpu()))
+        return mean, per_class
+
+    def _after_step(self, step: int) -> None:
+        """Record the loss, validate when due (best weights, early stopping), report progress."""
+        h, config = self.history, self.config
+        loss, dice_l, ce_l = (float(v) for v in Trainer.global_mean(self.parts))
+        h["loss"].append(loss)
+        h["dice_loss"].append(dice_l)
+        h["ce_loss"].append(ce_l)
+        h["steps_run"] = step
+        metrics = {"loss": loss, "lr": self.trainer.lr(step)}
+        if self.val_data is not None and (step % config.val_every == 0 or step == config.steps):
+            mean, per_class = self._validate()
+            h["val"].append({"step": step, "dice": mean, "per_class": per_class.tolist()})
             metrics["val_dice"] = mean
-            prev = history["best_val_dice"]
-            if prev is None or mean > prev:
-                history["best_val_dice"], history["best_step"] = mean, step
-                best_state = teacher.trainable_state_dict()
-            if prev is None or mean >= prev + config.min_delta:
-                bad_evals = 0
-            else:
-                bad_evals += 1
-                if bad_evals >= config.patience:
-                    history["stopped_early"] = True
-        done = step >= config.steps or history["stopped_early"]
-        progress.update(step=step, metrics=metrics)
-        if step % config.checkpoint_every == 0 or done:
-            save_resume(step)
+            if self.plateau.observe(mean, step):
+                h["best_val_dice"], h["best_step"] = mean, step
+                self.best_state = self.teacher.trainable_state_dict()
+            if self.plateau.stalled(config.patience):
+                h["stopped_early"] = True
+                self.trainer.end = step
+        self.progress.update(step=step, metrics=metrics)
 
-    elapsed = time.perf_counter() - t0
-    if step > start:
-        history["seconds_per_step"] = elapsed / (step - start)
-    if best_state is not None:
-        teacher.load_trainable_state_dict(best_state)
-    teacher.eval()
-    best = next((v for v in history["val"] if v["step"] == history["best_step"]), None)
-    teacher.validation = {"n_slices": len(val_idx), "best_step": history["best_step"],
-                          "mean_dice": history["best_val_dice"],
-                          "dice": ({n: d for n, d in zip(teacher.class_names, best["per_class"])} if best else {})}
-    progress.stage_end({"loss": history["loss"][-1] if history["loss"] else None,
-                        "val_dice": history["best_val_dice"], "steps": step})
-    return teacher, history
+    def run(self, train_samples, val_samples) -> tuple[TaskSpecificTeacher, dict]:
+        config, teacher, progress = self.config, self.teacher, self.progress
+        self._split(train_samples, val_samples)
+        use_cache = (config.cache_embeddings is not False) and not teacher.adapts_encoder
+        if config.cache_embeddings and teacher.adapts_encoder:
+            progress.log("teacher: embeddings are not cached because the encoder carries LoRA.", level="warning")
+        optimizer = self._optimizer()
+        self.history = _new_history(use_cache, self.train_idx, self.val_idx)
+        self.plateau, self._scaler_state = Plateau(config.min_delta), None
+        start = self._resume(optimizer)
+        progress.stage_start("teacher", config.steps, message=f"{len(self.train_idx)} training / "
+                             f"{len(self.val_idx)} validation slices, K={teacher.num_classes}")
+        if start:
+            progress.update(step=start, message=f"resumed at step {start}")
+        end = start if self.history["stopped_early"] else config.steps
+        self.cache = self.val_emb = None
+        if use_cache and start < end:
+            self._build_cache()
+        self.n_views = config.cache_views if use_cache else 1
+        # Frozen modules stay in eval mode, so their buffers never change: no per-step broadcast.
+        self.trainer = Trainer(_TeacherLogits(teacher, self.cache is not None, self.size), optimizer, self.device,
+                               lambda step: config.lr * warmup_cosine(step, config.warmup_steps, config.steps),
+                               end, clip_grad_norm=1.0, ddp={"broadcast_buffers": False},
+                               clip_params=[p for p in teacher.parameters() if p.requires_grad])
+        if self._scaler_state:
+            self.trainer.scaler.load_state_dict(self._scaler_state)
+        if start == 0:
+            torch.manual_seed(config.seed)  # LoRA dropout; a resumed run restored the RNG state
+            if self.val_data is not None and start < end:  # Dice of the untrained prompts, for reference
+                self.history["initial_val_dice"] = self._validate()[0]
+        t0 = time.perf_counter()
+        save = checkpoint_hook(self.resume, config.checkpoint_every, self._payload, self.trainer)
+        step = self.trainer.fit(start, self._train_step, [self._after_step, save])
+        if step > start:
+            self.history["seconds_per_step"] = (time.perf_counter() - t0) / (step - start)
+        return self._finish(step)
+
+    def _finish(self, step: int) -> tuple[TaskSpecificTeacher, dict]:
+        """Best validated weights into the teacher, its ``validation`` figures, stage end."""
+        teacher, h = self.teacher, self.history
+        if self.best_state is not None:
+            teacher.load_trainable_state_dict(self.best_state)
+        teacher.eval()
+        best = next((v for v in h["val"] if v["step"] == h["best_step"]), None)
+        teacher.validation = {"n_slices": len(self.val_idx), "best_step": h["best_step"],
+                              "mean_dice": h["best_val_dice"],
+                              "dice": ({n: d for n, d in zip(teacher.class_names, best["per_class"])} if best else {})}
+        self.progress.stage_end({"loss": h["loss"][-1] if h["loss"] else None, "val_dice": h["best_val_dice"],
+                                 "steps": step})
+        return teacher, h
+
+
+def _new_history(cached: bool, train_idx: list[int], val_idx: list[int]) -> dict[str, Any]:
+    return {"loss": [], "dice_loss": [], "ce_loss": [], "val": [], "initial_val_dice": None, "best_step": None,
+            "best_val_dice": None, "stopped_early": False, "steps_run": 0, "seconds_per_step": None,
+            "cached_embeddings": cached, "train_indices": train_idx, "val_indices": val_idx, "resumed_from": None}
 
 
 def build_teacher(class_names: Sequence[str], config: TeacherConfig | None = None) -> TaskSpecificTeacher:

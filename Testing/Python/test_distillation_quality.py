@@ -136,7 +136,7 @@ def test_pseudo_distillation_learns_the_small_organ_and_stops_on_evidence(full64
     transfer = TransferSet.build(_sparse(full64, picks))
     cache = TeacherCache(_probs_from(lab, 3), None)
     cfg = DistillConfig(steps=400, finetune_steps=10, batch_size=4, lr=3e-3, seed=0, log_every=20,
-                        check_every=20, min_steps=60, patience=2, fit_target=0.8, min_delta=0.01)
+                        val_every=20, min_steps=60, patience=2, fit_target=0.8, min_delta=0.01)
     events = []
     r = distill(transfer, cfg, cache, "unet-s", checkpoint_dir=tmp_path / "d", progress=NullProgress(events.append))
     m = r.metrics
@@ -156,7 +156,7 @@ def test_pseudo_distillation_learns_the_small_organ_and_stops_on_evidence(full64
 def test_early_stop_state_survives_resume(full64, tmp_path):
     transfer = TransferSet.build(_sparse(full64, [5, 10, 14]))
     cache = TeacherCache(_probs_from(full64.labels, 3), None)
-    cfg = DistillConfig(steps=12, finetune_steps=2, batch_size=2, seed=1, check_every=3, min_steps=3,
+    cfg = DistillConfig(steps=12, finetune_steps=2, batch_size=2, seed=1, val_every=3, min_steps=3,
                         patience=1, fit_target=0.0, min_delta=0.5, checkpoint_every=3, log_every=1)
     ref = distill(transfer, cfg, cache, "unet-s", checkpoint_dir=tmp_path / "a")
     assert ref.metrics["stopped_by"] == "converged" and ref.metrics["distill_steps"] < 12

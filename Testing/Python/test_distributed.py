@@ -80,7 +80,7 @@ def _worker_teacher(run_root: Path):
     hc = DATA / "hc18"
     cases = load_2d_cases(hc / "images", hc / "masks", hc / "labels.json", names=["000_HC", "001_HC"])
     data = prepare_slices(cases, 256)
-    config = TeacherConfig.preset("fast", steps=3, batch_size=1, lr=3e-3, warmup=1, val_fraction=0.0,
+    config = TeacherConfig.preset("fast", steps=3, batch_size=1, lr=3e-3, warmup_steps=1, val_fraction=0.0,
                                   checkpoint_every=2, device="cpu")
     first = build_teacher(data.class_map.names, config)
     initial = first.trainable_state_dict()

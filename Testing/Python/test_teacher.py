@@ -30,7 +30,7 @@ VAL_NAMES = ["030_HC", "031_HC"]  # two other subjects for evaluation
 
 
 def _fast(**kw) -> TeacherConfig:
-    base = dict(steps=16, batch_size=2, lr=3e-3, warmup=2, val_every=8, device="cpu")
+    base = dict(steps=16, batch_size=2, lr=3e-3, warmup_steps=2, val_every=8, device="cpu")
     base.update(kw)
     return TeacherConfig.preset("fast", **base)
 
@@ -117,7 +117,7 @@ def test_lora_training_leaves_base_weights_bit_identical(trained):
 def test_encoder_lora_paper_setting_trains_only_adapters(hc18_slices):
     """Default (paper) config: LoRA in encoder and decoder attention; one full-backprop step."""
     train, _ = hc18_slices
-    config = TeacherConfig(steps=1, batch_size=1, warmup=0, val_fraction=0.0, device="cpu")
+    config = TeacherConfig(steps=1, batch_size=1, warmup_steps=0, val_fraction=0.0, device="cpu")
     teacher = build_teacher(train.class_map.names, config)
     frozen = {n: p.detach().clone() for n, p in teacher.named_parameters() if not p.requires_grad}
     buffers = {n: b.clone() for n, b in teacher.named_buffers()}
