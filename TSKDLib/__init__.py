@@ -5,9 +5,9 @@ al., "Task-specific knowledge distillation from the vision foundation model for 
 image segmentation", arXiv 2503.06976.
 """
 
-from .version import __version__  # noqa: F401
+from TSKDLib.version import __version__  # noqa: F401
 
-from .errors import (CheckpointError, ConfigError, GeometryError, InputError, LabelError,  # noqa: F401
+from TSKDLib.errors import (CheckpointError, ConfigError, GeometryError, InputError, LabelError,  # noqa: F401
                      ModelPackageError, RunExistsError, TSKDError, CorruptFileError, DicomSeriesError,
                      WriteError, RunLockedError, TSKDWarning)
 
@@ -16,6 +16,6 @@ def __getattr__(name):
     """Lazy access to the main API (``TSKDLib.train``, ``TSKDLib.segment``) without importing
     PyTorch at ``import TSKDLib``."""
     if name in ("train", "segment"):
-        from . import pipeline
+        from TSKDLib.pipeline import run as pipeline
         return getattr(pipeline, name)
     raise AttributeError(f"module 'TSKDLib' has no attribute {name!r}")

@@ -1,4 +1,4 @@
-"""CPU allocator setting (TSKDLib.runtime.tune_allocator): teacher decoder step with and without.
+"""CPU allocator setting (TSKDLib.engine.runtime.tune_allocator): teacher decoder step with and without.
 
 Runs, in two fresh processes (``TSKD_MALLOC_TUNING=0`` and ``=1``), training steps of the
 LiteMedSAM decoder as the ``fast`` teacher preset trains it (cached embeddings, batch 4, 4
@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CHILD = r"""
 import json, resource, sys, time
 import torch
-from TSKDLib.runtime import tune_allocator
+from TSKDLib.engine.runtime import tune_allocator
 applied = tune_allocator()
 from TSKDLib.teacher.training import TeacherConfig, build_teacher
 torch.manual_seed(0)

@@ -41,10 +41,10 @@ def _package(path: str | None, tmp: str) -> str:
         return path
     import torch
 
-    from TSKDLib.classmap import ClassMap
-    from TSKDLib.export import export_model_package
-    from TSKDLib.preprocess import Normalization
-    from TSKDLib.student import build_student
+    from TSKDLib.data.classmap import ClassMap
+    from TSKDLib.deploy.export import export_model_package
+    from TSKDLib.data.preprocess import Normalization
+    from TSKDLib.distillation.student import build_student
 
     torch.manual_seed(0)
     model = build_student("unet-s", num_classes=2, input_size=256)
@@ -58,7 +58,7 @@ def _scene_with_ct(repeat: int = 1):
     import numpy as np
     import slicer
 
-    from TSKDLib.io import read_image
+    from TSKDLib.data.io import read_image
     from TSKDSlicerLib import mrml_io
 
     mrml_io.register_converter_rules()

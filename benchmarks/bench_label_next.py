@@ -62,8 +62,8 @@ def run_scan(data: Path, scan: str, size: int, steps: int, ft_steps: int, seed: 
              baseline: str = "labelled") -> dict:
     import torch
 
-    from TSKDLib.case import load_case, prepare_slices
-    from TSKDLib.distill import DistillConfig, TransferSet, distill, dice_scores, predict_labels
+    from TSKDLib.data.case import load_case, prepare_slices
+    from TSKDLib.distillation.distill import DistillConfig, TransferSet, distill, dice_scores, predict_labels
     from TSKDSlicerLib.interactive import evenly_spaced, rank_slices
 
     with warnings.catch_warnings():

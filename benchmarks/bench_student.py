@@ -11,7 +11,7 @@ Parts
 ``speed``     ms per slice, same CPU, same slices (bundled CT at S = 256), batch 8, best of 3:
               teacher (LiteMedSAM, PyTorch) vs each student (PyTorch and onnxruntime).
 ``e2e``       a 512 x 512 x 100 CT (the bundled 20-slice DICOM series stacked 5 times, written as
-              NIfTI) segmented end to end by ``TSKDLib.inference.segment_file`` in a fresh
+              NIfTI) segmented end to end by ``TSKDLib.deploy.inference.segment_file`` in a fresh
               process (read, infer, 3D clean-up, write ``.seg.nrrd``); wall time (without
               interpreter start-up and imports, and with them) and peak resident memory.
 ``accuracy``  Dice of: student from scratch, task-agnostic KD (features of the pre-trained
@@ -68,7 +68,7 @@ def best_of(fn, n=3):
 
 # ------------------------------------------------------------------------------------------------
 def ct_case(classes=("liver", "spleen")):
-    from TSKDLib.case import load_case
+    from TSKDLib.data.case import load_case
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return load_case(TOTALSEG / "ct_dicom", TOTALSEG / "example_seg_dicom.nii.gz",
@@ -77,10 +77,10 @@ def ct_case(classes=("liver", "spleen")):
 
 def part_size_speed(args, results):
     import torch
-    from TSKDLib.case import prepare_slices
-    from TSKDLib.export import export_model_package
-    from TSKDLib.inference import load_model_package
-    from TSKDLib.student import build_student, count_flops
+    from TSKDLib.data.case import prepare_slices
+    from TSKDLib.deploy.export import export_model_package
+    from TSKDLib.deploy.inference import load_model_package
+    from TSKDLib.distillation.student import build_student, count_flops
     from TSKDLib.teacher.backbones import load_foundation_model
     from TSKDLib.teacher.model import TaskAgnosticTeacher
     from torch.utils.flop_counter import FlopCounterMode
@@ -125,7 +125,7 @@ def part_size_speed(args, results):
 E2E_CHILD = r"""
 import json, resource, sys, time
 t_start = time.perf_counter()
-import TSKDLib.inference as inf
+import TSKDLib.deploy.inference as inf
 t_imp = time.perf_counter()
 timings = {}
 inf.segment_file(sys.argv[1], sys.argv[2], sys.argv[3], overwrite=True, cleanup=inf.Cleanup(min_island_mm3=50.0, fill_holes=True),
@@ -140,10 +140,10 @@ print(json.dumps({"seconds": t_end - t_imp, "seconds_with_imports": t_end - t_st
 def part_e2e(args, results):
     import SimpleITK as sitk
     import torch
-    from TSKDLib.case import prepare_slices
-    from TSKDLib.distill import DistillConfig, TransferSet, distill
-    from TSKDLib.export import export_model_package
-    from TSKDLib.io import read_image
+    from TSKDLib.data.case import prepare_slices
+    from TSKDLib.distillation.distill import DistillConfig, TransferSet, distill
+    from TSKDLib.deploy.export import export_model_package
+    from TSKDLib.data.io import read_image
 
     torch.set_num_threads(args.threads)
     tmp = Path(tempfile.mkdtemp(prefix="bench_e2e_"))
@@ -197,7 +197,7 @@ def _fine_tune_teacher(slices_labelled, names, steps, threads):
 
 def _run_methods(name, transfer, cache_ts, cache_ta, base, arch, test, per_slice, num_classes, synthetic_transfer=None,
                  cache_syn=None):
-    from TSKDLib.distill import distill, evaluate_dice, method_config
+    from TSKDLib.distillation.distill import distill, evaluate_dice, method_config
     out = {}
     plan = [("scratch", transfer, None), ("task_agnostic_kd", transfer, cache_ta), ("tskd_no_synthesis", transfer, cache_ts)]
     if synthetic_transfer is not None:
@@ -214,8 +214,8 @@ def _run_methods(name, transfer, cache_ts, cache_ta, base, arch, test, per_slice
 
 def part_accuracy(args, results):
     import torch
-    from TSKDLib.case import load_2d_cases, prepare_slices
-    from TSKDLib.distill import DistillConfig, TransferSet, build_teacher_cache, dice_scores
+    from TSKDLib.data.case import load_2d_cases, prepare_slices
+    from TSKDLib.distillation.distill import DistillConfig, TransferSet, build_teacher_cache, dice_scores
 
     torch.set_num_threads(args.threads)
     S = args.size
@@ -226,7 +226,7 @@ def part_accuracy(args, results):
 
     # --- HC18 -------------------------------------------------------------------------------------
     if "hc18" in args.datasets:
-        from TSKDLib.io import find_2d_pairs
+        from TSKDLib.data.io import find_2d_pairs
         pairs = find_2d_pairs(HC18_FULL / "images", HC18_FULL / "masks")
         subjects = sorted({p.subject for p in pairs})
         rng = np.random.RandomState(0)
@@ -248,7 +248,7 @@ def part_accuracy(args, results):
         unl.labelled[:] = False
         test = prepare_slices(load(pick(test_s)), S)
         log(f"HC18: {len(lab)} labelled, {len(unl)} unlabelled, {len(test)} test images (one per subject)")
-        from TSKDLib.case import SliceSet
+        from TSKDLib.data.case import SliceSet
         joined = SliceSet(torch.cat([lab.images, unl.images]), torch.cat([lab.labels, unl.labels]),
                           torch.cat([lab.valid, unl.valid]), torch.cat([lab.labelled, unl.labelled]),
                           torch.cat([lab.case_index, unl.case_index]), torch.cat([lab.slice_index, unl.slice_index]),

@@ -27,9 +27,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from TSKDLib.case import load_2d_cases, load_case, prepare_slices  # noqa: E402
-from TSKDLib.distill import DistillConfig, TransferSet, distill, evaluate_dice  # noqa: E402
-from TSKDLib.export import export_onnx  # noqa: E402
+from TSKDLib.data.case import load_2d_cases, load_case, prepare_slices  # noqa: E402
+from TSKDLib.distillation.distill import DistillConfig, TransferSet, distill, evaluate_dice  # noqa: E402
+from TSKDLib.deploy.export import export_onnx  # noqa: E402
 
 
 def hc18_sets(shared: Path, size: int):
@@ -83,8 +83,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="bench/student_arch.json")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    from TSKDLib.runtime import tune_allocator
-    tune_allocator()  # as tskd train does (TSKDLib/runtime.py)
+    from TSKDLib.engine.runtime import tune_allocator
+    tune_allocator()  # as tskd train does (TSKDLib/engine/runtime.py)
     sets = {"CT": ct_sets(args.size)}
     if Path(args.hc18).is_dir():
         sets["HC18"] = hc18_sets(Path(args.hc18), args.size)

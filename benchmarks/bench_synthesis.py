@@ -33,8 +33,8 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from TSKDLib.case import load_2d_cases, load_case, prepare_slices  # noqa: E402
-from TSKDLib.progress import ProgressReporter  # noqa: E402
+from TSKDLib.data.case import load_2d_cases, load_case, prepare_slices  # noqa: E402
+from TSKDLib.pipeline.progress import ProgressReporter  # noqa: E402
 from TSKDLib.synthesis import (IntensityTeacher, SynthesisConfig, intensity_histogram_distance,  # noqa: E402
                                label_images, run_synthesis)
 
@@ -86,8 +86,8 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(args.threads)
-    from TSKDLib.runtime import tune_allocator
-    tune_allocator()  # as tskd train does (TSKDLib/runtime.py)
+    from TSKDLib.engine.runtime import tune_allocator
+    tune_allocator()  # as tskd train does (TSKDLib/engine/runtime.py)
     overrides = {"device": "cpu", "num_threads": args.threads}
     if args.train_steps is not None:
         overrides["steps"] = args.train_steps

@@ -31,9 +31,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from TSKDLib.case import load_2d_cases, load_case, prepare_slices
-from TSKDLib.io import find_2d_pairs
-from TSKDLib.progress import ProgressReporter
+from TSKDLib.data.case import load_2d_cases, load_case, prepare_slices
+from TSKDLib.data.io import find_2d_pairs
+from TSKDLib.pipeline.progress import ProgressReporter
 from TSKDLib.teacher import (TaskAgnosticTeacher, TeacherConfig, build_teacher, finetune_teacher, labelmap,
                              load_foundation_model)
 from TSKDLib.teacher.training import MaskedDiceCELoss
@@ -263,8 +263,8 @@ def main():
     parser.add_argument("--bars", action="store_true", help="show progress bars on stderr")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    from TSKDLib.runtime import tune_allocator
-    tune_allocator()  # as tskd train does (TSKDLib/runtime.py)
+    from TSKDLib.engine.runtime import tune_allocator
+    tune_allocator()  # as tskd train does (TSKDLib/engine/runtime.py)
     t0 = time.perf_counter()
     results: dict = {}
     teacher = test = None

@@ -10,11 +10,11 @@ Main entry point: :func:`run_synthesis`. Consumers: :class:`SyntheticTransferSet
 (``load(dir)``, ``to_slice_set()``, ``concat_to(real)``).
 """
 
-from .config import SynthesisConfig
-from .diffusion import DiffusionModel, TrainResult, make_condition, train_diffusion
-from .report import dice_per_slice, intensity_histogram_distance, save_grid
-from .stage import condition_pool, generate, run_synthesis, sample_seed
-from .transfer import IntensityTeacher, SyntheticTransferSet, label_images, teacher_confidence
+from TSKDLib.synthesis.config import SynthesisConfig
+from TSKDLib.synthesis.diffusion import DiffusionModel, TrainResult, make_condition, train_diffusion
+from TSKDLib.synthesis.report import dice_per_slice, intensity_histogram_distance, save_grid
+from TSKDLib.synthesis.stage import condition_pool, generate, run_synthesis, sample_seed
+from TSKDLib.synthesis.transfer import IntensityTeacher, SyntheticTransferSet, label_images, teacher_confidence
 
 __all__ = ["SynthesisConfig", "DiffusionModel", "TrainResult", "make_condition", "train_diffusion",
            "dice_per_slice", "intensity_histogram_distance", "save_grid", "condition_pool", "generate",

@@ -11,8 +11,8 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, field, fields, replace
 
-from ..presets import TrainingSettings, upgrade_names
-from ..errors import ConfigError
+from TSKDLib.pipeline.presets import TrainingSettings, upgrade_names
+from TSKDLib.errors import ConfigError
 
 CONDITIONING_MODES = ("mask", "none")
 SAMPLERS = ("ddim", "dpm")
@@ -55,7 +55,7 @@ class SynthesisConfig(TrainingSettings):
         Probability of dropping the mask of a labelled slice during training (``mask`` mode).
     steps, batch_size, lr, warmup_steps:
         AdamW steps, images per step, peak learning rate, linear warm-up steps (then constant:
-        :func:`TSKDLib.engine.warmup_constant`). Older configs call them ``train_steps`` and
+        :func:`TSKDLib.engine.loop.warmup_constant`). Older configs call them ``train_steps`` and
         ``learning_rate``.
     ema_decay:
         Exponential moving average of the weights used for sampling (with the usual warm-up
@@ -154,13 +154,13 @@ class SynthesisConfig(TrainingSettings):
     # -- presets ---------------------------------------------------------------------------------
     @classmethod
     def preset(cls, name: str, **overrides) -> "SynthesisConfig":
-        """The synthesis settings of a preset (:data:`TSKDLib.presets.PRESETS`): ``fast`` (CPU
+        """The synthesis settings of a preset (:data:`TSKDLib.pipeline.presets.PRESETS`): ``fast`` (CPU
         smoke run, ~2-3 min on 2 cores: 64 px, tiny UNet, 150 steps, 32 images), ``balanced``
         (CPU ~30-60 min or GPU minutes: 64 px, 2 000 steps, 200 images) or ``quality`` (GPU: 96 px,
         attention, 10 000 steps, 1 000 images); keyword overrides win.
 
         Raises :class:`ConfigError` for an unknown preset or invalid override."""
-        from ..presets import ALIASES, stage_preset
+        from TSKDLib.pipeline.presets import ALIASES, stage_preset
 
         values = {**stage_preset(name, "synthesis"), **upgrade_names(overrides, "synthesis"),
                   "preset_name": ALIASES.get(name, name)}

@@ -26,11 +26,11 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from ..engine import ResumeFile, Trainer, autocast, checkpoint_hook, cpu_threads, warmup_constant
-from ..errors import CheckpointError, ConfigError
-from .config import TRAIN_FIELDS, SynthesisConfig
-from ..io import atomic_dir
-from ..runtime import resolve_device
+from TSKDLib.engine.loop import ResumeFile, Trainer, autocast, checkpoint_hook, cpu_threads, warmup_constant
+from TSKDLib.errors import CheckpointError, ConfigError
+from TSKDLib.synthesis.config import TRAIN_FIELDS, SynthesisConfig
+from TSKDLib.data.io import atomic_dir
+from TSKDLib.engine.runtime import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -294,7 +294,7 @@ def train_diffusion(images: torch.Tensor, labels: torch.Tensor | None, num_class
         K.
     work_dir:
         Checkpoint folder: ``checkpoint.pt`` is written atomically every ``config.checkpoint_every``
-        steps and at the end (:class:`TSKDLib.engine.ResumeFile`); an existing one is resumed
+        steps and at the end (:class:`TSKDLib.engine.loop.ResumeFile`); an existing one is resumed
         (model, EMA, optimiser, data/noise RNG), so an interrupted run ends with the same weights
         as an uninterrupted one (on CPU).
     on_step:
@@ -305,7 +305,7 @@ def train_diffusion(images: torch.Tensor, labels: torch.Tensor | None, num_class
     Raises :class:`CheckpointError` when the checkpoint is unreadable or from other settings or
     data (naming each changed setting).
 
-    The loop is :class:`TSKDLib.engine.Trainer` (AdamW, linear warm-up then constant learning
+    The loop is :class:`TSKDLib.engine.loop.Trainer` (AdamW, linear warm-up then constant learning
     rate, gradient clipping at norm 1, autocast on CUDA) with an EMA hook and a checkpoint hook.
     """
     with cpu_threads(config.threads):

@@ -8,7 +8,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ..metrics import dice
+from TSKDLib.evaluation.metrics import dice
 
 
 def intensity_histogram_distance(real: torch.Tensor, synthetic: torch.Tensor, bins: int = 64) -> dict[str, float]:
@@ -36,7 +36,7 @@ def intensity_histogram_distance(real: torch.Tensor, synthetic: torch.Tensor, bi
 
 def dice_per_slice(pred: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     """Foreground-class-averaged Dice of ``(B, H, W)`` label maps, ``(B,)`` float32: the mean of
-    :func:`TSKDLib.metrics.dice` (``ignore_empty=False``) over classes ``1..K`` (K: the largest
+    :func:`TSKDLib.evaluation.metrics.dice` (``ignore_empty=False``) over classes ``1..K`` (K: the largest
     value in either) present in either map; 1 for a slice where no class is present."""
     if pred.numel() == 0:
         return torch.zeros(0)
@@ -56,7 +56,7 @@ def save_grid(path: str | Path, real: torch.Tensor, real_probs: torch.Tensor | N
     import matplotlib
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
-    from ..io import atomic_write
+    from TSKDLib.data.io import atomic_write
 
     nr = min(len(real), columns * 2)
     ns = min(len(synthetic), columns * 2)

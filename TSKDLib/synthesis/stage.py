@@ -24,17 +24,17 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..case import SliceSet
-from ..errors import ConfigError
-from ..io import atomic_write
-from ..progress import NullProgress, ProgressReporter
-from ..runtime import resolve_device
-from .config import SynthesisConfig
-from ..engine import cpu_threads
-from .diffusion import (DiffusionModel, labels_to_resolution, make_condition, random_affine,
+from TSKDLib.data.case import SliceSet
+from TSKDLib.errors import ConfigError
+from TSKDLib.data.io import atomic_write
+from TSKDLib.pipeline.progress import NullProgress, ProgressReporter
+from TSKDLib.engine.runtime import resolve_device
+from TSKDLib.synthesis.config import SynthesisConfig
+from TSKDLib.engine.loop import cpu_threads
+from TSKDLib.synthesis.diffusion import (DiffusionModel, labels_to_resolution, make_condition, random_affine,
                         train_diffusion, warp_labels)
-from .report import dice_per_slice, intensity_histogram_distance, save_grid
-from .transfer import SyntheticTransferSet, TeacherProba, label_images
+from TSKDLib.synthesis.report import dice_per_slice, intensity_histogram_distance, save_grid
+from TSKDLib.synthesis.transfer import SyntheticTransferSet, TeacherProba, label_images
 
 SEED_STRIDE = 1_000_003
 MAX_REAL_FOR_STATS = 64
@@ -128,7 +128,7 @@ def run_synthesis(slices: SliceSet, teacher_proba: TeacherProba, out_dir: str | 
     Parameters
     ----------
     slices:
-        All real slices (labelled and unlabelled) from :func:`TSKDLib.case.prepare_slices`:
+        All real slices (labelled and unlabelled) from :func:`TSKDLib.data.case.prepare_slices`:
         ``images (N, 1, S, S)`` float32 in [0, 1], ``labels (N, S, S)`` (-1 = unlabelled). The
         diffusion model trains on every slice; ``mask`` conditioning uses the labelled ones.
     teacher_proba:

@@ -3,7 +3,7 @@
 TS-KD (Liang et al., arXiv 2503.06976, Sec. 3) enlarges the distillation transfer set with
 diffusion-generated images pseudo-labelled by the fine-tuned teacher. Synthetic slices carry the
 teacher's *soft* probabilities for distillation and are never ground truth: converted to a
-:class:`~TSKDLib.case.SliceSet` they are unlabelled (labels ``-1``, ``labelled`` False).
+:class:`~TSKDLib.data.case.SliceSet` they are unlabelled (labels ``-1``, ``labelled`` False).
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..case import SliceSet
-from ..classmap import ClassMap
-from ..errors import ConfigError, ModelPackageError
-from ..io import atomic_dir
+from TSKDLib.data.case import SliceSet
+from TSKDLib.data.classmap import ClassMap
+from TSKDLib.errors import ConfigError, ModelPackageError
+from TSKDLib.data.io import atomic_dir
 
 FORMAT = "tskd-synthetic-transfer"
 FORMAT_VERSION = 1

@@ -7,7 +7,7 @@ A teacher directory holds
   LiteMedSAM), LoRA settings, class names, training config and validation figures, and the
   SHA-256 of the tensor file.
 
-Each file is written to a temporary name and moved into place (``TSKDLib.io.atomic_write``); the JSON is
+Each file is written to a temporary name and moved into place (``TSKDLib.data.io.atomic_write``); the JSON is
 written last, so a directory with a ``teacher.json`` is complete. Loading rebuilds the base model
 with :func:`~TSKDLib.teacher.backbones.load_foundation_model` and puts the tensors back.
 """
@@ -23,7 +23,7 @@ from typing import Sequence
 import torch
 
 from TSKDLib.errors import CheckpointError, LabelError
-from TSKDLib.io import atomic_write
+from TSKDLib.data.io import atomic_write
 from TSKDLib.teacher.backbones import LITEMEDSAM_SHA256, file_sha256, load_foundation_model
 from TSKDLib.teacher.lora import LoraSettings
 from TSKDLib.teacher.model import TaskSpecificTeacher

@@ -19,14 +19,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from TSKDLib import distributed
-from TSKDLib.engine import (Plateau, ResumeFile, Trainer, checkpoint_hook, cpu_threads, settings_identity,
+from TSKDLib.engine import distributed
+from TSKDLib.engine.loop import (Plateau, ResumeFile, Trainer, checkpoint_hook, cpu_threads, settings_identity,
                             warmup_cosine)
-from TSKDLib.presets import StoppingSettings, upgrade_names
+from TSKDLib.pipeline.presets import StoppingSettings, upgrade_names
 from TSKDLib.errors import ConfigError, LabelError
-from TSKDLib.metrics import dice
-from TSKDLib.progress import NullProgress, ProgressReporter
-from TSKDLib.runtime import resolve_device
+from TSKDLib.evaluation.metrics import dice
+from TSKDLib.pipeline.progress import NullProgress, ProgressReporter
+from TSKDLib.engine.runtime import resolve_device
 from TSKDLib.teacher.lora import DEFAULT_TARGETS, LoraSettings
 from TSKDLib.teacher.model import TaskSpecificTeacher, autocast_for, class_logits, labelmap
 
@@ -56,7 +56,7 @@ class TeacherConfig(StoppingSettings):
         prompt tokens). 1e-3 suits LoRA with rank 8 and tens to hundreds of steps.
     warmup_steps:
         Linear warm-up steps from 0 to ``lr``; then cosine decay to 0 at ``steps``
-        (:func:`TSKDLib.engine.warmup_cosine`). Older configs call it ``warmup``.
+        (:func:`TSKDLib.engine.loop.warmup_cosine`). Older configs call it ``warmup``.
     val_fraction:
         Share of the labelled slices held out for validation Dice (none when fewer than 3 are
         labelled, or 0).
@@ -117,14 +117,14 @@ class TeacherConfig(StoppingSettings):
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "TeacherConfig":
-        """The teacher settings of a preset (:data:`TSKDLib.presets.PRESETS`), with overrides.
+        """The teacher settings of a preset (:data:`TSKDLib.pipeline.presets.PRESETS`), with overrides.
 
         ``balanced`` (alias ``paper``): LoRA on encoder + decoder attention (the default fields).
         ``fast``: CPU preset: LoRA on the decoder attention + prompt tokens, frozen encoder with
         cached embeddings, at most 60 steps of 4 slices, early stopping. ``quality``: 600 steps.
         Raises :class:`ConfigError` for an unknown preset or setting.
         """
-        from TSKDLib.presets import stage_preset
+        from TSKDLib.pipeline.presets import stage_preset
 
         return cls(**{**stage_preset(name, "teacher"), **upgrade_names(overrides, "teacher")})
 
@@ -184,7 +184,7 @@ class MaskedDiceCELoss(nn.Module):
 
 
 def dice_per_class(pred: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Per-slice, per-class Dice (:func:`TSKDLib.metrics.dice`, ``ignore_empty``).
+    """Per-slice, per-class Dice (:func:`TSKDLib.evaluation.metrics.dice`, ``ignore_empty``).
 
     Parameters
     ----------
@@ -212,7 +212,7 @@ def _nanmean(x: torch.Tensor, dim=None):
 class _Samples:
     """Uniform access to training samples.
 
-    Accepts a :class:`TSKDLib.case.SliceSet` (tensors), a :class:`TSKDLib.dataset.SliceDataset`
+    Accepts a :class:`TSKDLib.data.case.SliceSet` (tensors), a :class:`TSKDLib.data.dataset.SliceDataset`
     (possibly augmenting) or any sequence of sample dicts with ``image (1,S,S)``,
     ``label (S,S)``, ``valid (S,S)`` and ``labelled``.
     """
@@ -322,7 +322,7 @@ def finetune_teacher(teacher: TaskSpecificTeacher, train_samples, config: Teache
     teacher:
         A :class:`TaskSpecificTeacher` (its ``class_names`` define K).
     train_samples:
-        :class:`TSKDLib.case.SliceSet`, :class:`TSKDLib.dataset.SliceDataset` (MONAI
+        :class:`TSKDLib.data.case.SliceSet`, :class:`TSKDLib.data.dataset.SliceDataset` (MONAI
         augmentations come from it) or a sequence of sample dicts (``image (1,S,S)`` float32
         [0, 1], ``label (S,S)`` int64 -1..K, ``valid (S,S)`` bool, ``labelled`` bool).
         Unlabelled samples are dropped before anything else: they never reach the loss.
@@ -333,14 +333,14 @@ def finetune_teacher(teacher: TaskSpecificTeacher, train_samples, config: Teache
         ``val_dice``, ``lr``.
     work_dir:
         Folder for the resume checkpoint (``teacher_resume.pt``, written atomically every
-        ``checkpoint_every`` steps, :class:`TSKDLib.engine.ResumeFile`). If it holds one from
+        ``checkpoint_every`` steps, :class:`TSKDLib.engine.loop.ResumeFile`). If it holds one from
         the same settings, classes and slices, training continues from it; one from other
         settings or data is a :class:`CheckpointError` naming what changed.
     val_samples:
         Optional explicit validation samples (same forms); default: ``val_fraction`` of the
         labelled training slices, drawn with ``seed``.
 
-    Multi-GPU (``torchrun``, see :mod:`TSKDLib.distributed`): every rank runs this function on
+    Multi-GPU (``torchrun``, see :mod:`TSKDLib.engine.distributed`): every rank runs this function on
     the same data; the LoRA adapters and prompt tokens are trained through
     :class:`~torch.nn.parallel.DistributedDataParallel` (gradients all-reduced in ``backward``,
     https://pytorch.org/docs/stable/notes/ddp.html). Each rank draws a disjoint share of
@@ -368,7 +368,7 @@ def finetune_teacher(teacher: TaskSpecificTeacher, train_samples, config: Teache
     CheckpointError
         A resume file in ``work_dir`` that is unreadable or from other settings or data.
 
-    The loop is :class:`TSKDLib.engine.Trainer` (AdamW, warm-up + cosine, gradient clipping at
+    The loop is :class:`TSKDLib.engine.loop.Trainer` (AdamW, warm-up + cosine, gradient clipping at
     norm 1, autocast on CUDA) with a validation / early-stopping hook and a checkpoint hook.
     """
     config = config or TeacherConfig()

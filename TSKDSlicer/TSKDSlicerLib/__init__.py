@@ -1,7 +1,7 @@
 """TSKDSlicerLib: the plain-Python parts of the TSKD Slicer module (no Slicer or Qt, except
 ``mrml_io`` and ``cases``).
 
-The module shares a few torch-free rules with the backend (``TSKDLib.slices``: which slice is
+The module shares a few torch-free rules with the backend (``TSKDLib.data.slices``: which slice is
 labelled, slice-range text). ``TSKDLib`` is installed next to ``TSKDSlicer.py`` in the packaged
 extension and sits at the repository root in a source tree; importing this package makes it
 importable in both cases (:func:`backend_pythonpath`).

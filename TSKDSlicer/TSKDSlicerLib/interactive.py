@@ -1,6 +1,6 @@
 """In-process interactive segmentation: the logic of the Segment Editor effect "TSKD", plain Python.
 
-Nothing here imports Slicer or Qt: numpy, SimpleITK and the torch-free ``TSKDLib.inference``
+Nothing here imports Slicer or Qt: numpy, SimpleITK and the torch-free ``TSKDLib.deploy.inference``
 (onnxruntime) only, so every rule is tested without the application. The MRML side (reading the
 volume node, writing segments) is :mod:`TSKDSlicerLib.inprocess`.
 
@@ -13,7 +13,7 @@ Arrays and coordinates
   the labels are written back on that grid through whatever transform lies between the volume
   and the segmentation (:func:`TSKDSlicerLib.mrml_io.volume_grid_in`).
 * "Slice ``s``" is index ``s`` along the numpy axis of the model's slice axis
-  (:attr:`SlicePredictor.axis`): the rule of ``tskd segment`` (``TSKDLib.geometry.slice_frame``,
+  (:attr:`SlicePredictor.axis`): the rule of ``tskd segment`` (``TSKDLib.data.geometry.slice_frame``,
   the acquisition axis by default). A 2D slice mask is ``np.take(volume, s, axis)``'s shape.
 """
 
@@ -83,12 +83,12 @@ class ModelSessionCache:
         self.loads = 0  # number of real loads (checksum + session creation), for tests
 
     def get(self, model_dir: str):
-        """The :class:`TSKDLib.inference.ModelPackage` of ``model_dir`` (cached).
+        """The :class:`TSKDLib.deploy.inference.ModelPackage` of ``model_dir`` (cached).
 
         Raises :class:`InteractiveError` naming the package and the fix when it does not load;
         a library package is then marked broken."""
         from TSKDLib.errors import ModelPackageError
-        from TSKDLib.inference import load_model_package
+        from TSKDLib.deploy.inference import load_model_package
 
         key = _model_key(model_dir)
         pkg = self._sessions.get(key)
@@ -175,15 +175,15 @@ class SlicePredictor:
     Parameters
     ----------
     package:
-        A :class:`TSKDLib.inference.ModelPackage` (from :class:`ModelSessionCache`).
+        A :class:`TSKDLib.deploy.inference.ModelPackage` (from :class:`ModelSessionCache`).
     array:
         The volume ``(K, J, I)`` in its stored units (HU for CT); not copied, not modified.
     ijk_to_ras:
         The volume node's own 4x4 IJK-to-RAS (mm, RAS).
 
-    The slice frame (``TSKDLib.geometry.slice_frame`` of the model's slice axis), the acquisition
+    The slice frame (``TSKDLib.data.geometry.slice_frame`` of the model's slice axis), the acquisition
     plane check, the intensity normalisation (fitted on the whole volume, once) and the resize
-    are those of :func:`TSKDLib.inference.segment_image`; per slice the labels are bit-identical
+    are those of :func:`TSKDLib.deploy.inference.segment_image`; per slice the labels are bit-identical
     to ``tskd segment`` on the whole volume at that slice (without 3D clean-up).
 
     Raises :class:`InteractiveError` when the model refuses the volume (another acquisition
@@ -191,9 +191,9 @@ class SlicePredictor:
     """
 
     def __init__(self, package, array: np.ndarray, ijk_to_ras, source: str | None = None):
-        from TSKDLib import geometry
+        from TSKDLib.data import geometry
         from TSKDLib.errors import InputError
-        from TSKDLib.inference import NumpyResizer, check_acquisition_plane, fit_normalization
+        from TSKDLib.deploy.inference import NumpyResizer, check_acquisition_plane, fit_normalization
 
         array = np.asarray(array)
         if array.ndim != 3:
@@ -236,7 +236,7 @@ class SlicePredictor:
 
     # -- inference ---------------------------------------------------------------------------------
     def _inputs(self, indices: Sequence[int]) -> np.ndarray:
-        from TSKDLib.inference import apply_normalization
+        from TSKDLib.deploy.inference import apply_normalization
 
         raw = np.stack([self._frame_view[self._frame_slice(s)] for s in indices])
         return self.resizer.to_model(apply_normalization(raw, self.lo, self.hi))[:, None]

@@ -3,7 +3,7 @@
 A label array here is a ``(K, J, I)`` integer array on the volume grid (``slicer.util
 .arrayFromVolume`` order), 0 = background. A slice along numpy axis ``a`` is ``np.take(array, s,
 axis=a)``. By default a slice is labelled when it holds any label (the backend's rule,
-:func:`TSKDLib.slices.labelled_slices`, imported here); the user can also mark slices that are
+:func:`TSKDLib.data.slices.labelled_slices`, imported here); the user can also mark slices that are
 *all background* as labelled (they then teach the model where the structure is absent).
 """
 
@@ -15,10 +15,10 @@ from collections.abc import Iterable, Mapping, Sequence
 import numpy as np
 
 # The torch-free rules shared with the backend (importing TSKDSlicerLib puts TSKDLib on sys.path)
-from TSKDLib.slices import format_slices as compress_ranges  # noqa: F401 - this module's API
-from TSKDLib.slices import labelled_slices
-from TSKDLib.slices import parse_slices as parse_ranges  # noqa: F401 - this module's API
-from TSKDLib.slices import slice_runs as _runs
+from TSKDLib.data.slices import format_slices as compress_ranges  # noqa: F401 - this module's API
+from TSKDLib.data.slices import labelled_slices
+from TSKDLib.data.slices import parse_slices as parse_ranges  # noqa: F401 - this module's API
+from TSKDLib.data.slices import slice_runs as _runs
 
 ANATOMICAL_AXES = {"sagittal": 0, "coronal": 1, "axial": 2}  # RAS component of the slice normal
 ORIENTATIONS = ("acquisition", "axial", "coronal", "sagittal")  # the backend's --axis choices
@@ -27,7 +27,7 @@ SPACING_EQUAL_RTOL = 1e-2
 
 def acquisition_axis(size, spacing) -> int:
     """The file's stacking axis as an IJK index (0 = i, 1 = j, 2 = k): the same rule as the
-    backend's ``TSKDLib.geometry.acquisition_axis`` (kept in step by a test). One axis of size 1
+    backend's ``TSKDLib.data.geometry.acquisition_axis`` (kept in step by a test). One axis of size 1
     -> that axis; isotropic -> k; two equal spacings -> the third; else the largest (ties -> k)."""
     size, sp = list(size), [float(s) for s in spacing]
     ones = [a for a in range(3) if size[a] == 1]

@@ -38,7 +38,7 @@ CONFIG_KEYS = {
     "checkpoint": ("teacher", "checkpoint"),
     "lora_rank": ("teacher", "lora_rank"),
     "num_synthetic": ("synthesis", "num_images"),     # TSKDLib.synthesis.SynthesisConfig
-    "student": ("student", "arch"),                   # TSKDLib.student.StudentConfig
+    "student": ("student", "arch"),                   # TSKDLib.distillation.student.StudentConfig
     "init_student": ("distillation", "init_student"),  # start from an existing student (retraining)
 }
 

@@ -87,8 +87,8 @@ def test_find_cycle_sees_a_cycle():
 
 def test_graph_reads_relative_and_deferred_imports():
     graph = import_graph("TSKDLib")
-    assert "TSKDLib.errors" in graph["TSKDLib.cli"]  # from .errors import ...
-    assert "TSKDLib.pipeline_cli" in graph["TSKDLib.cli"]  # deferred, inside build_parser
+    assert "TSKDLib.errors" in graph["TSKDLib.cli.main"]  # from .errors import ...
+    assert "TSKDLib.cli.pipeline_cli" in graph["TSKDLib.cli.main"]  # deferred, inside build_parser
     assert "TSKDLib.teacher.training" in graph["TSKDLib.teacher"]  # absolute import in a package
 
 

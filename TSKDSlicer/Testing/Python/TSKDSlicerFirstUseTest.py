@@ -1,5 +1,5 @@
 """In-Slicer checks of issue 11 that need the Slicer application (run by ctest or
-``slicer.util.testing``; the Slicer-free ones run with pytest in the repository's Testing/Python).
+``slicer.util.testing``; the Slicer-free ones are this folder's test_slicer_*.py, run with pytest).
 
 - the running Slicer passes the module's version check;
 - the install plan of the running Slicer never asks for torch to segment;

@@ -1,0 +1,1 @@
+"""The `tskd` command line."""

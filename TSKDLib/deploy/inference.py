@@ -1,0 +1,565 @@
+"""Whole-scan inference with an exported model package: onnxruntime + SimpleITK + numpy only.
+
+This module never imports PyTorch (nor any TSKDLib module that does), so ``tskd segment`` works
+in an environment with only ``onnxruntime``, ``SimpleITK``, ``numpy`` (and ``slicerio`` for
+``.seg.nrrd`` output). The intensity normalisation and the aspect-preserving resize of
+:mod:`TSKDLib.data.preprocess` are re-implemented here in numpy with the same arithmetic:
+
+* normalisation: CT window ``[level - width/2, level + width/2]`` or per-volume percentiles,
+  mapped linearly to ``[0, 1]`` with clipping;
+* resize to the model: separable bilinear interpolation with PyTorch's ``align_corners=False``
+  sampling, antialiased (triangle filter widened by the scale, as ``F.interpolate(...,
+  antialias=True)``) when shrinking, then zero padding; agreement with ``SliceResizer.to_model``
+  is tested (< 1e-5);
+* back to the native grid: the logits are cropped and bilinearly upsampled and their argmax
+  taken. Only pixels whose 2x2 source neighbourhood mixes classes are interpolated explicitly:
+  elsewhere every source pixel has the same argmax and so, by convexity, does the interpolated
+  logit vector - the result equals "interpolate all logits, then argmax" exactly.
+
+Pipeline of :func:`segment_image`: read -> check the scan's acquisition plane against the model's
+(``acquisition`` models) -> exact slice frame of the model card's slice axis
+(:func:`TSKDLib.data.geometry.slice_frame`: permutation and flips, no interpolation) -> slices, in batches ->
+onnxruntime (CUDA provider when present, else CPU) -> labels on the native slice grid -> optional
+3D clean-up per class (SimpleITK: small-island removal, largest connected component, hole
+filling) -> back onto the input grid (exact, no interpolation) -> labelmap with the input's size,
+spacing, origin and direction. :func:`segment_file` writes it (NIfTI, NRRD, ``.seg.nrrd``) with
+:func:`TSKDLib.data.io.write_labelmap`.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from TSKDLib.data import geometry
+from TSKDLib.data.classmap import ClassMap
+from TSKDLib.errors import InputError, ModelPackageError
+
+FORMAT = "tskd-model"
+SUPPORTED_FORMAT_VERSIONS = (1,)
+_REQUIRED_CARD_KEYS = ("classes", "input_size", "normalization", "slice_axis")
+
+
+# ------------------------------------------------------------------------------------------------
+# Model package
+# ------------------------------------------------------------------------------------------------
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass
+class ModelPackage:
+    """A loaded model package (see ``docs/design.md``, "Model package").
+
+    Attributes
+    ----------
+    path: package directory.
+    card: the parsed ``model_card.json``.
+    class_map: :class:`TSKDLib.data.classmap.ClassMap` of the K foreground classes.
+    input_size: model input size S (pixels).
+    slice_axis: ``acquisition``, ``axial``, ``coronal`` or ``sagittal``.
+    normalization: the card's normalisation dict.
+    session: the ``onnxruntime.InferenceSession``.
+    """
+
+    path: Path
+    card: dict
+    class_map: ClassMap
+    input_size: int
+    slice_axis: str
+    normalization: dict
+    session: object
+
+    @property
+    def num_classes(self) -> int:
+        return self.class_map.num_classes
+
+    @property
+    def providers(self) -> list[str]:
+        return list(self.session.get_providers())
+
+    def predict_logits(self, images: np.ndarray) -> np.ndarray:
+        """``(N, 1, S, S)`` float32 in [0, 1] -> ``(N, K+1, S, S)`` float32 logits."""
+        x = np.ascontiguousarray(images, dtype=np.float32)
+        return self.session.run(["logits"], {"image": x})[0]
+
+
+def default_providers() -> list[str]:
+    """onnxruntime providers to use: CUDA first when the installed build has it, then CPU."""
+    import onnxruntime as ort
+
+    avail = ort.get_available_providers()
+    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in avail] or ["CPUExecutionProvider"]
+
+
+_PACKAGE_FIX = "Export the model again (tskd train / tskd export), or point at a complete model package."
+
+
+def _read_card(p: Path) -> dict:
+    """The model card of package folder ``p``, checked: a folder, a JSON object of TSKD's format
+    and a supported version, with every required key. Raises :class:`ModelPackageError`."""
+    fix = _PACKAGE_FIX
+    if not p.is_dir():
+        raise ModelPackageError("model package folder not found.", p, fix)
+    card_path = p / "model_card.json"
+    if not card_path.is_file():
+        raise ModelPackageError("model package has no model_card.json.", p, fix)
+    try:
+        card = json.loads(card_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelPackageError(f"model_card.json is not valid JSON ({exc}).", card_path, fix) from None
+    if not isinstance(card, dict) or card.get("format") != FORMAT:
+        raise ModelPackageError(f"not a TSKD model card (format {card.get('format') if isinstance(card, dict) else None!r}).",
+                                card_path, fix)
+    if card.get("format_version") not in SUPPORTED_FORMAT_VERSIONS:
+        raise ModelPackageError(f"model package format version {card.get('format_version')!r} is not supported "
+                                f"(this TSKD reads {list(SUPPORTED_FORMAT_VERSIONS)}).", card_path,
+                                "Update TSKD, or export the model with this version.")
+    missing = [k for k in _REQUIRED_CARD_KEYS if k not in card]
+    if missing:
+        raise ModelPackageError(f"model card lacks {missing}.", card_path, fix)
+    return card
+
+
+def _verify_checksums(p: Path, card: dict) -> None:
+    """Every file the card lists (model.onnx at least) exists in ``p`` with its SHA-256.
+    Raises :class:`ModelPackageError` naming the missing or corrupt file."""
+    fix = _PACKAGE_FIX
+    files = card.get("files") or {}
+    if "model.onnx" not in files:
+        raise ModelPackageError("model card lists no checksum for model.onnx.", p / "model_card.json", fix)
+    for name, digest in files.items():
+        f = p / name
+        if not f.is_file():
+            raise ModelPackageError(f"file {name} listed in the model card is missing.", p, fix)
+        if _sha256(f) != digest:
+            raise ModelPackageError(f"file {name} is corrupt (SHA-256 differs from the model card).", f, fix)
+
+
+def load_model_package(path: str | Path, providers: list[str] | None = None, threads: int | None = None,
+                       verify: bool = True) -> ModelPackage:
+    """Open and check a model package.
+
+    Parameters
+    ----------
+    path:
+        Package directory (``model.onnx`` + ``model_card.json``).
+    providers:
+        onnxruntime execution providers (default :func:`default_providers`).
+    threads:
+        CPU threads of onnxruntime (None: its default, one per physical core).
+    verify:
+        Check the SHA-256 of every file listed in the card.
+
+    Raises
+    ------
+    ModelPackageError
+        Missing folder or files, unreadable/invalid model card, unknown format or version,
+        checksum mismatch, or an ONNX model that onnxruntime cannot load or whose inputs/outputs
+        do not match the card.
+    """
+    p = Path(path)
+    fix = _PACKAGE_FIX
+    card_path = p / "model_card.json"
+    card = _read_card(p)
+    onnx_path = p / "model.onnx"
+    if not onnx_path.is_file():
+        raise ModelPackageError("model package has no model.onnx.", p, fix)
+    if verify:
+        _verify_checksums(p, card)
+    try:
+        class_map = ClassMap.from_json_dict({"classes": card["classes"],
+                                             "ignored_values": card.get("ignored_values", [])})
+        size = int(card["input_size"])
+        axis = str(card["slice_axis"])
+        if axis not in geometry.AXIS_CHOICES:
+            raise ValueError(f"slice axis {axis!r}")
+    except Exception as exc:  # noqa: BLE001 - any malformed entry is a package error
+        raise ModelPackageError(f"model card has an invalid entry ({exc}).", card_path, fix) from None
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = int(threads)
+        opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    try:
+        session = ort.InferenceSession(str(onnx_path), opts, providers=providers or default_providers())
+    except Exception as exc:  # onnxruntime raises its own Fail/InvalidProtobuf types
+        raise ModelPackageError(f"model.onnx cannot be loaded by onnxruntime ({str(exc).splitlines()[0]}).",
+                                onnx_path, fix) from None
+    ins = {i.name: i.shape for i in session.get_inputs()}
+    outs = {o.name: o.shape for o in session.get_outputs()}
+    if "image" not in ins or "logits" not in outs:
+        raise ModelPackageError(f"model.onnx has inputs {list(ins)} / outputs {list(outs)}; expected image / logits.",
+                                onnx_path, fix)
+    k1 = outs["logits"][1]
+    if isinstance(k1, int) and k1 != class_map.num_classes + 1:
+        raise ModelPackageError(f"model.onnx outputs {k1} channels but the card lists {class_map.num_classes} "
+                                "classes (+ background).", onnx_path, fix)
+    return ModelPackage(p, card, class_map, size, axis, dict(card["normalization"]), session)
+
+
+# ------------------------------------------------------------------------------------------------
+# Normalisation and resizing (numpy twins of TSKDLib.data.preprocess)
+# ------------------------------------------------------------------------------------------------
+def fit_normalization(norm: dict, volume: np.ndarray) -> tuple[float, float]:
+    """``(lo, hi)`` intensity range of the card's :class:`TSKDLib.data.preprocess.Normalization` for a
+    volume (window: from width/level in HU; percentile: from this volume's percentiles), exactly
+    as training computed it. Raises :class:`ModelPackageError` for an unknown kind."""
+    from dataclasses import fields
+
+    from TSKDLib.errors import ConfigError
+    from TSKDLib.data.preprocess import Normalization
+
+    known = {f.name for f in fields(Normalization)}
+    try:
+        fitted = Normalization(**{k: v for k, v in norm.items() if k in known}).fit(volume)
+    except ConfigError as exc:
+        raise ModelPackageError(f"unusable normalisation in the model card ({exc}).") from None
+    return fitted.lo, fitted.hi
+
+
+def apply_normalization(x: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """``clip((x - lo) / (hi - lo), 0, 1)`` as float32 (same arithmetic as ``FittedNormalization``)."""
+    out = (np.asarray(x, dtype=np.float32) - np.float32(lo)) / np.float32(hi - lo)
+    return np.clip(out, 0.0, 1.0, out=out)
+
+
+def _taps(n_in: int, n_out: int, antialias: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Sampling taps ``(index (n_out, T), weight (n_out, T))`` of PyTorch's 1D bilinear resize
+    (``align_corners=False``; with ``antialias`` the ``_upsample_bilinear2d_aa`` kernel)."""
+    scale = n_in / n_out
+    if antialias:
+        support = scale if scale >= 1.0 else 1.0
+        invscale = 1.0 / scale if scale >= 1.0 else 1.0
+        t = int(np.ceil(support)) * 2 + 1
+        idx = np.zeros((n_out, t), np.int64)
+        w = np.zeros((n_out, t), np.float64)
+        for i in range(n_out):
+            center = scale * (i + 0.5)
+            xmin = max(int(center - support + 0.5), 0)
+            xmax = min(int(center + support + 0.5), n_in)
+            js = np.arange(xmin, xmax)
+            ww = np.clip(1.0 - np.abs((js - center + 0.5) * invscale), 0.0, None)
+            s = ww.sum()
+            ww = ww / s if s > 0 else ww
+            idx[i, :len(js)] = js
+            w[i, :len(js)] = ww
+        return idx, w.astype(np.float32)
+    src = np.maximum((np.arange(n_out) + 0.5) * scale - 0.5, 0.0)
+    i0 = src.astype(np.int64)
+    i0 = np.minimum(i0, n_in - 1)
+    lam = src - i0
+    i1 = np.where(i0 < n_in - 1, i0 + 1, i0)
+    return np.stack([i0, i1], 1), np.stack([1.0 - lam, lam], 1).astype(np.float32)
+
+
+@functools.lru_cache(maxsize=32)
+def _resize_matrix(n_in: int, n_out: int, antialias: bool) -> np.ndarray:
+    """Dense ``(n_out, n_in)`` float32 interpolation matrix of :func:`_taps` (BLAS-friendly)."""
+    idx, w = _taps(n_in, n_out, antialias)
+    m = np.zeros((n_out, n_in), np.float32)
+    rows = np.repeat(np.arange(n_out), idx.shape[1])
+    np.add.at(m, (rows, idx.ravel()), w.ravel())
+    return m
+
+
+@dataclass(frozen=True)
+class NumpyResizer:
+    """numpy twin of :class:`TSKDLib.data.preprocess.SliceResizer` (same geometry and arithmetic).
+
+    Attributes: ``in_shape (H, W)``, ``size`` S, ``new_shape (h, w)``, ``pad (top, left)``."""
+
+    in_shape: tuple[int, int]
+    size: int
+    new_shape: tuple[int, int]
+    pad: tuple[int, int]
+
+    @classmethod
+    def create(cls, in_shape, size: int, spacing=(1.0, 1.0)) -> "NumpyResizer":
+        """The geometry of ``SliceResizer.create`` (one rule for training and inference): the
+        longer physical side fills S, symmetric padding."""
+        from TSKDLib.data.preprocess import SliceResizer  # torch-free at import
+
+        r = SliceResizer.create(in_shape, size, spacing)
+        return cls(r.in_shape, r.size, r.new_shape, r.pad)
+
+    def to_model(self, slices: np.ndarray) -> np.ndarray:
+        """``(n, H, W)`` float32 -> ``(n, S, S)`` float32 (bilinear, antialiased when shrinking, zero pad)."""
+        shrink = self.new_shape[0] < self.in_shape[0] or self.new_shape[1] < self.in_shape[1]
+        x = np.asarray(slices, dtype=np.float32)
+        if tuple(self.new_shape) != tuple(self.in_shape):
+            # separable: columns then rows, as two matrix products
+            x = np.matmul(x, _resize_matrix(self.in_shape[1], self.new_shape[1], shrink).T)
+            x = np.matmul(_resize_matrix(self.in_shape[0], self.new_shape[0], shrink), x)
+        out = np.zeros((x.shape[0], self.size, self.size), np.float32)
+        t, l = self.pad
+        out[:, t:t + self.new_shape[0], l:l + self.new_shape[1]] = x
+        return out
+
+    def labels_from_logits(self, logits: np.ndarray) -> np.ndarray:
+        """``(n, C, S, S)`` logits -> ``(n, H, W)`` uint8/uint16 argmax of the bilinearly resized
+        logits on the native grid (equal to ``SliceResizer.from_model`` then argmax)."""
+        t, l = self.pad
+        crop = logits[:, :, t:t + self.new_shape[0], l:l + self.new_shape[1]]
+        n, c = crop.shape[:2]
+        dtype = np.uint8 if c <= 256 else np.uint16
+        low = np.argmax(crop, axis=1).astype(dtype)  # (n, h, w)
+        ri, rw = _taps(self.new_shape[0], self.in_shape[0], False)
+        ci, cw = _taps(self.new_shape[1], self.in_shape[1], False)
+        rows = low[:, ri[:, 0]]
+        rows1 = low[:, ri[:, 1]]
+        a00, a01 = rows[:, :, ci[:, 0]], rows[:, :, ci[:, 1]]
+        a10, a11 = rows1[:, :, ci[:, 0]], rows1[:, :, ci[:, 1]]
+        out = a00
+        mixed = (a00 != a01) | (a00 != a10) | (a00 != a11)
+        if mixed.any():
+            b, y, x = np.nonzero(mixed)
+            r0, r1, c0, c1 = ri[y, 0], ri[y, 1], ci[x, 0], ci[x, 1]
+            wr0, wr1, wc0, wc1 = rw[y, 0, None], rw[y, 1, None], cw[x, 0, None], cw[x, 1, None]
+            v = (crop[b, :, r0, c0] * (wr0 * wc0) + crop[b, :, r0, c1] * (wr0 * wc1)
+                 + crop[b, :, r1, c0] * (wr1 * wc0) + crop[b, :, r1, c1] * (wr1 * wc1))
+            out = out.copy()
+            out[b, y, x] = np.argmax(v, axis=1).astype(dtype)
+        return out
+
+
+# ------------------------------------------------------------------------------------------------
+# 3D clean-up
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class Cleanup:
+    """Per-class 3D post-processing (SimpleITK), applied in this order.
+
+    Attributes
+    ----------
+    min_island_mm3:
+        Remove connected components (6-connected) smaller than this volume in mm^3 (0: off).
+    largest_component:
+        Keep only the largest connected component of each class.
+    fill_holes:
+        Fill cavities fully enclosed by a class (``BinaryFillhole``, 3D) where they are background.
+    """
+
+    min_island_mm3: float = 0.0
+    largest_component: bool = False
+    fill_holes: bool = False
+
+    @property
+    def active(self) -> bool:
+        return self.min_island_mm3 > 0 or self.largest_component or self.fill_holes
+
+    def to_dict(self) -> dict:
+        return {"min_island_mm3": self.min_island_mm3, "largest_component": self.largest_component,
+                "fill_holes": self.fill_holes}
+
+
+def cleanup_labels(labels: np.ndarray, num_classes: int, spacing_zyx=(1.0, 1.0, 1.0),
+                   options: Cleanup | None = None) -> np.ndarray:
+    """Clean a 3D labelmap per class.
+
+    Parameters
+    ----------
+    labels:
+        ``(Z, Y, X)`` uint8/uint16 class indices ``0..K`` (modified copy returned).
+    spacing_zyx:
+        Voxel size in mm along the array axes (for ``min_island_mm3``).
+    options:
+        :class:`Cleanup`; None or inactive returns ``labels`` unchanged.
+
+    Each class is processed inside its bounding box: removed voxels become background; filled
+    holes take the class only where they were background.
+    """
+    opts = options or Cleanup()
+    if not opts.active:
+        return labels
+    out = labels.copy()
+    voxel_mm3 = float(np.prod(spacing_zyx))
+    min_vox = int(np.ceil(opts.min_island_mm3 / voxel_mm3)) if opts.min_island_mm3 > 0 else 0
+    for k in range(1, num_classes + 1):
+        mask = out == k
+        if not mask.any():
+            continue
+        sl = []
+        for ax in range(3):
+            other = tuple(a for a in range(3) if a != ax)
+            nz = np.flatnonzero(mask.any(axis=other))
+            sl.append(slice(max(nz[0] - 1, 0), nz[-1] + 2))
+        sl = tuple(sl)
+        sub = mask[sl].astype(np.uint8)
+        img = sitk.GetImageFromArray(sub)
+        img.SetSpacing([float(s) for s in spacing_zyx[::-1]])
+        keep = img
+        if min_vox or opts.largest_component:
+            cc = sitk.ConnectedComponent(img, False)
+            cc = sitk.RelabelComponent(cc, minimumObjectSize=min_vox, sortByObjectSize=True)
+            keep = (cc == 1) if opts.largest_component else (cc > 0)
+        if opts.fill_holes:
+            keep = sitk.BinaryFillhole(sitk.Cast(keep, sitk.sitkUInt8), fullyConnected=False, foregroundValue=1)
+        new = sitk.GetArrayViewFromImage(keep).astype(bool)
+        region = out[sl]
+        region[(region == k) & ~new] = 0
+        region[new & (region == 0)] = k
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Segmentation
+# ------------------------------------------------------------------------------------------------
+def _as_package(model) -> ModelPackage:
+    return model if isinstance(model, ModelPackage) else load_model_package(model)
+
+
+def check_acquisition_plane(pkg: ModelPackage, img: sitk.Image, source=None) -> None:
+    """Refuse a scan acquired in another plane than the model's training scans.
+
+    Applies to models with slice axis ``acquisition`` whose card records the training scans'
+    slice normals (``acquisition.directions``, LPS unit vectors): the scan's slice normal
+    (:func:`TSKDLib.data.geometry.stacking_direction`) must be within
+    :data:`TSKDLib.data.geometry.PLANE_MATCH_DEG` (45 degrees) of one of them. Models with a named
+    axis (axial/coronal/sagittal) slice any scan along that patient axis, unchecked.
+
+    Raises :class:`InputError` naming both planes and the fix (no resampling is done)."""
+    acq = pkg.card.get("acquisition") or {}
+    dirs = acq.get("directions") or []
+    if pkg.slice_axis != "acquisition" or not dirs or img.GetDimension() != 3:
+        return
+    v = geometry.stacking_direction(img)
+    angle = min(geometry.plane_angle_deg(v, d) for d in dirs)
+    if angle > geometry.PLANE_MATCH_DEG:
+        planes = ", ".join(sorted(set(acq.get("planes") or []))) or "?"
+        raise InputError(f"the scan was acquired in the {geometry.acquisition_plane(img)} plane "
+                         f"(slice normal {np.round(v, 3).tolist()} LPS), {angle:.0f} degrees from the "
+                         f"model's training scans ({planes} acquisitions); the model sees its own "
+                         "acquisition plane only and TSKD does not resample.", source,
+                         "Segment scans acquired in the model's plane, or train a model on such scans "
+                         "(or with an explicit --axis axial/coronal/sagittal for near-isotropic scans).")
+
+
+def _scalar_volume(image) -> sitk.Image:
+    """A float32 scalar volume from a SimpleITK image (2D -> one-slice volume) or a path read by
+    :func:`TSKDLib.data.io.read_image`. Raises :class:`InputError` for a multi-component image."""
+    if isinstance(image, sitk.Image):
+        from TSKDLib.data.io import as_volume
+
+        img = as_volume(image)
+        if img.GetNumberOfComponentsPerPixel() != 1:
+            raise InputError("image has several components per voxel; a scalar image is needed.")
+        return sitk.Cast(img, sitk.sitkFloat32) if img.GetPixelID() != sitk.sitkFloat32 else img
+    from TSKDLib.data.io import read_image
+
+    img, _ = read_image(image)
+    return img
+
+
+def segment_image(model, image, batch_size: int = 8, cleanup: Cleanup | None = None,
+                  progress=None, timings: dict | None = None) -> sitk.Image:
+    """Segment a whole scan with a model package.
+
+    Parameters
+    ----------
+    model:
+        A :class:`ModelPackage` or a package directory.
+    image:
+        A SimpleITK image (2D or 3D scalar) or a path readable by :func:`TSKDLib.data.io.read_image`
+        (volume file, DICOM folder, PNG/JPEG).
+    batch_size:
+        Slices per onnxruntime call.
+    cleanup:
+        Optional :class:`Cleanup` (3D, per class).
+    progress:
+        Optional :class:`TSKDLib.pipeline.progress.ProgressReporter`; ``update`` per batch (the caller
+        opens the ``segment`` stage).
+    timings:
+        If a dict is given, seconds spent per step (``read``, ``infer``, ``cleanup``) are stored.
+
+    Returns
+    -------
+    sitk.Image
+        uint8 (uint16 if K >= 255) class indices ``0..K`` with the input image's exact size,
+        spacing, origin and direction (3D; a 2D input gives a one-slice volume as
+        :func:`TSKDLib.data.io.read_image` does).
+
+    Raises
+    ------
+    ModelPackageError, InputError
+    """
+    pkg = _as_package(model)
+    tm = timings if timings is not None else {}
+    t0 = time.perf_counter()
+    img = _scalar_volume(image)
+    check_acquisition_plane(pkg, img, None if isinstance(image, sitk.Image) else image)
+    frame = geometry.slice_frame(img, pkg.slice_axis)
+    fsx, fsy, fsz = [float(img.GetSpacing()[a]) for a in frame.perm]  # (W, H, N) spacing
+    slices = frame.to_array(sitk.GetArrayViewFromImage(img))  # view (N, H, W)
+    lo, hi = fit_normalization(pkg.normalization, slices)
+    resizer = NumpyResizer.create(slices.shape[1:], pkg.input_size, (fsy, fsx))
+    tm["read"] = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    n = slices.shape[0]
+    dtype = np.uint8 if pkg.num_classes < 255 else np.uint16
+    out = np.zeros(slices.shape, dtype)
+    starts = list(range(0, n, batch_size))
+
+    def model_input(start: int) -> np.ndarray:
+        return resizer.to_model(apply_normalization(slices[start:start + batch_size], lo, hi))[:, None]
+
+    # Software pipeline: onnxruntime runs batch i in a worker thread (it releases the GIL) while
+    # this thread prepares batch i+1 and maps batch i-1 back to the native grid. Same
+    # operations in the same order per batch as a plain loop, so the labels do not change.
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(pkg.predict_logits, model_input(starts[0])) if starts else None
+        for i, start in enumerate(starts):
+            logits = pending.result()
+            nxt = starts[i + 1] if i + 1 < len(starts) else None
+            pending = pool.submit(pkg.predict_logits, model_input(nxt)) if nxt is not None else None
+            out[start:start + logits.shape[0]] = resizer.labels_from_logits(logits)
+            if progress is not None:
+                progress.update(min(start + batch_size, n), message="segmenting")
+    tm["infer"] = time.perf_counter() - t1
+    t2 = time.perf_counter()
+    if cleanup is not None and cleanup.active:
+        out = cleanup_labels(out, pkg.num_classes, (fsz, fsy, fsx), cleanup)
+    result = frame.to_original(out, img)
+    tm["cleanup"] = time.perf_counter() - t2
+    return result
+
+
+def segment_file(model, image, output, overwrite: bool = False, batch_size: int = 8,
+                 cleanup: Cleanup | None = None, progress=None, timings: dict | None = None) -> Path:
+    """Segment ``image`` (file or DICOM folder) and write the labelmap to ``output``.
+
+    ``output``: ``.nii.gz``/``.nii``/``.nrrd``/``.mha`` (label values of the class map, plus a
+    class-map JSON beside NIfTI/MHA) or ``.seg.nrrd`` (Slicer segmentation with segment names and
+    colours), via :func:`TSKDLib.data.io.write_labelmap` (atomic; never overwrites unless asked).
+
+    Raises :class:`ModelPackageError`, :class:`InputError`, :class:`TSKDLib.errors.RunExistsError`."""
+    from TSKDLib.data.io import write_labelmap
+
+    pkg = _as_package(model)
+    output = Path(output)
+    if output.exists() and not overwrite:
+        from TSKDLib.errors import RunExistsError
+
+        raise RunExistsError("output file exists and would be overwritten.", output,
+                             "Choose another output path or pass --overwrite.")
+    tm = timings if timings is not None else {}
+    labels = segment_image(pkg, image, batch_size, cleanup, progress, tm)
+    t0 = time.perf_counter()
+    path = write_labelmap(labels, output, pkg.class_map, overwrite=overwrite)
+    tm["write"] = time.perf_counter() - t0
+    return path

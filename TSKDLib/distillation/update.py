@@ -1,0 +1,249 @@
+"""Quick update: fine-tune the current student on its transfer set plus newly corrected slices.
+
+``tskd update MODEL --image SCAN --labels LABELS --class-map MAP --slices 12,17 --out NEW_MODEL``
+
+The teacher is not touched: the run directory's prepared slices (``prepare/slices.pt``), the
+synthetic slices (``synthesis/transfer``, when the run made them) and the teacher-output cache
+(``distillation/teacher_cache``) are reused as they are. The corrected slices join the transfer set as
+labelled slices; their "teacher" probabilities are the one-hot of the user's labels (labelled
+slices are trained on the user's labels anyway, :func:`TSKDLib.distillation.distill.teacher_pseudo_labels`).
+The student starts from the current weights (``student.pt`` of the package, or of the run) and
+runs a short :func:`TSKDLib.distillation.distill.distill` (``fast`` preset, ``steps`` + ``finetune_steps``,
+half of every batch from labelled slices). The result is a new model package (never the input
+one) with its Dice on the corrected slices before and after (model grid, per class).
+
+Nothing here changes :mod:`TSKDLib.distillation.distill` or :mod:`TSKDLib.pipeline.run`; it calls their functions.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import fields
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from TSKDLib.errors import ConfigError, InputError, ModelPackageError
+
+#: default length of a quick update (optimiser steps; ~30-60 s on a 2-core CPU at S = 256)
+DEFAULT_STEPS = 150
+DEFAULT_FINETUNE_STEPS = 40
+
+
+def find_run(model: str | Path, run: str | Path | None = None) -> tuple[Path, Path | None]:
+    """``(run directory, model package or None)`` for a run folder, its ``model/``, or a package
+    whose card records its run (``training.run_dir``). Raises :class:`ConfigError` naming the fix."""
+    p = Path(model)
+    candidates = []
+    if run is not None:
+        candidates.append(Path(run))
+    package = p if (p / "model_card.json").is_file() else (p / "model" if (p / "model" / "model_card.json").is_file()
+                                                            else None)
+    candidates += [p, p.parent]
+    if package is not None:
+        try:
+            card = json.loads((package / "model_card.json").read_text())
+            rd = (card.get("training") or {}).get("run_dir")
+            if rd:
+                candidates.append(Path(rd))
+        except (OSError, json.JSONDecodeError):
+            pass
+    for c in candidates:
+        if (c / "prepare" / "slices.pt").is_file() and (c / "distillation" / "teacher_cache" / "cache.json").is_file():
+            return c, package
+    raise ConfigError("the training run of this model (prepare/slices.pt and distillation/teacher_cache) was "
+                      "not found.", p, "Pass the run folder of the training with --run RUN_DIR (the Slicer "
+                      "module keeps runs in its runs folder), or run the full pipeline (tskd train).")
+
+
+def _student_weights(package: Path | None, run: Path) -> Path:
+    for c in ([package / "student.pt"] if package is not None else []) + [run / "distillation" / "student.pt"]:
+        if c.is_file():
+            return c
+    raise ConfigError("no PyTorch student weights (student.pt) found to update.", run,
+                      "Point at the run folder of a finished TSKD training.")
+
+
+def quick_update(model: str | Path, image: str | Path, labels: str | Path, slices: Sequence[int],
+                 out: str | Path, class_map=None, run: str | Path | None = None, axis: str | None = None,
+                 steps: int = DEFAULT_STEPS, finetune_steps: int = DEFAULT_FINETUNE_STEPS, device: str = "auto",
+                 threads: int | None = None, seed: int = 0, progress=None, overwrite: bool = False) -> dict:
+    """Fine-tune the student of ``model`` on its transfer set plus ``slices`` of ``image``/``labels``.
+
+    Parameters
+    ----------
+    model:
+        A model package (a run's ``model/``, a library copy whose card records ``training.run_dir``,
+        or a previous quick update) or the run folder.
+    image, labels:
+        The corrected scan and its labels (any format :func:`TSKDLib.data.case.load_case` reads;
+        label values through ``class_map``); only ``slices`` are used (indices along the model's
+        slice axis, the file's own slice numbers).
+    out:
+        Folder of the new model package (refused if it exists, unless ``overwrite``).
+    run:
+        The training run folder when it cannot be found from ``model``.
+    axis:
+        Slice axis (default: the model's ``slice_axis``); must equal the model's.
+    steps, finetune_steps:
+        Optimiser steps of the distillation and supervised phases.
+
+    Returns
+    -------
+    dict
+        ``{"model_dir", "dice_before": {class: Dice}, "dice_after": {...}, "mean_before",
+        "mean_after", "slices", "seconds", "steps", "run_dir"}``: Dice on the corrected slices at
+        the model's input grid (``(S, S)`` after resize), classes absent from both prediction and
+        labels count as 1.
+
+    Raises
+    ------
+    ConfigError, InputError, ModelPackageError
+        Run or weights not found, axis or classes that differ from the model's, no slice.
+    """
+    from TSKDLib.data.case import SliceSet
+    from TSKDLib.distillation.distill import DistillConfig, distill, evaluate_dice
+    from TSKDLib.distillation.student import load_student
+
+    t0 = time.monotonic()
+    run_dir, package = find_run(model, run)
+    out = Path(out)
+    if out.exists() and not overwrite:
+        from TSKDLib.errors import RunExistsError
+
+        raise RunExistsError("output model package exists and would be overwritten.", out,
+                             "Choose another --out folder or pass --overwrite.")
+    card, model_axis = _read_card(package, run_dir, axis)
+    slices = sorted(set(int(s) for s in slices))
+    if not slices:
+        raise InputError("no corrected slice given.", labels, "List the slices you corrected with --slices.")
+    base = SliceSet.load(run_dir / "prepare" / "slices.pt")
+    names = list(base.class_map.names)
+    new = _corrected_slices(image, labels, slices, class_map, card, base, model_axis)
+    ext, ext_cache = _extended_transfer(run_dir, base, new, len(names))
+
+    student = load_student(_student_weights(package, run_dir))
+    before = evaluate_dice(student, new.images.float(), new.labels, num_classes=len(names))
+    cfg = DistillConfig.preset("fast", steps=int(steps), finetune_steps=int(finetune_steps),
+                               min_steps=min(int(steps), 100), max_seconds=None, w_feat=0.0,
+                               lr=1e-3, warmup_steps=min(20, max(int(steps) // 5, 1)), seed=seed,
+                               device=device, threads=threads, checkpoint_every=10**9)
+    res = distill(ext, cfg, ext_cache, student=student, progress=progress,
+                  validation=(new.images.float(), new.labels))
+    updated = res.model.eval().cpu()
+    after = evaluate_dice(updated, new.images.float(), new.labels, num_classes=len(names))
+
+    dice_before = dict(zip(names, [float(v) for v in before["per_class"]]))
+    dice_after = dict(zip(names, [float(v) for v in after["per_class"]]))
+    record = {"image": str(image), "slices": slices, "steps": int(steps), "finetune_steps": int(finetune_steps),
+              "dice_before": dice_before, "dice_after": dice_after,
+              "from": card.get("name"), "seconds": round(time.monotonic() - t0, 1)}
+    _write_package(updated, out, card, base, run_dir, model_axis, record, overwrite)
+    mean = (lambda d: float(np.mean(list(d.values()))) if d else None)
+    return {"model_dir": str(out), "dice_before": dice_before, "dice_after": dice_after,
+            "mean_before": mean(dice_before), "mean_after": mean(dice_after), "slices": slices,
+            "seconds": time.monotonic() - t0, "steps": int(steps) + int(finetune_steps),
+            "run_dir": str(run_dir)}
+
+
+def _read_card(package: Path | None, run_dir: Path, axis: str | None) -> tuple[dict, str]:
+    """``(model card, model slice axis)``; ConfigError when ``axis`` is given and differs."""
+    card_path = (package or run_dir / "model") / "model_card.json"
+    try:
+        card = json.loads(card_path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ModelPackageError(f"model card unreadable ({exc}).", card_path,
+                                "Point at a complete model package or run folder.") from None
+    model_axis = card.get("slice_axis", "acquisition")
+    if axis is not None and axis != model_axis:
+        raise ConfigError(f"--axis {axis} differs from the model's slice axis {model_axis}.", card_path,
+                          f"Use --axis {model_axis} (the slice numbers are along that axis).")
+    return card, model_axis
+
+
+def _corrected_slices(image, labels, slices: list[int], class_map, card: dict, base, model_axis: str):
+    """The corrected ``slices`` of ``image``/``labels`` as a :class:`~TSKDLib.data.case.SliceSet`
+    on the model's grid (``base.size``) with the model's normalisation. InputError when the classes
+    differ from the model's or no slice holds a label."""
+    from TSKDLib.data.case import load_case, prepare_slices
+    from TSKDLib.data.preprocess import Normalization
+
+    names = list(base.class_map.names)
+    case = load_case(image, labels, class_map or {"classes": card["classes"]}, classes=names,
+                     labelled_slices=slices, axis=model_axis, require_labels=False)
+    if list(case.class_map.names) != names:
+        raise InputError(f"the labels have classes {case.class_map.names}, the model {names}.", labels,
+                         "Use the model's class names in the class map (same classes, same order).")
+    known = {f.name for f in fields(Normalization)}
+    norm = Normalization(**{k: v for k, v in (card.get("normalization") or {}).items() if k in known})
+    new = prepare_slices([case], base.size, norm, only_labelled=True)
+    if len(new) == 0:
+        raise InputError("none of the given slices holds a label.", labels, "Check --slices.")
+    return new
+
+
+def _extended_transfer(run_dir: Path, base, new, num_classes: int):
+    """The run's transfer set (``base``, its prepared slices, + synthetic slices) and teacher cache, extended by the
+    corrected slices ``new`` (labelled; their "teacher" probabilities are the one-hot labels).
+    ConfigError when the run's cache does not match its transfer set."""
+    import torch
+
+    from TSKDLib.distillation.distill import TeacherCache, TransferSet
+
+    synthetic = None
+    state = json.loads((run_dir / "state.json").read_text()) if (run_dir / "state.json").is_file() else {}
+    if (state.get("stages") or {}).get("synthesis", {}).get("done") and (run_dir / "synthesis" / "transfer").is_dir():
+        from TSKDLib.synthesis import SyntheticTransferSet
+
+        synthetic = SyntheticTransferSet.load(run_dir / "synthesis" / "transfer").images
+    transfer = TransferSet.build(base, synthetic)
+    cache = TeacherCache.load(run_dir / "distillation" / "teacher_cache")
+    if len(cache) != len(transfer) or cache.probs is None:
+        raise ConfigError(f"the run's teacher cache ({len(cache)} slices) does not match its transfer set "
+                          f"({len(transfer)}).", run_dir / "distillation" / "teacher_cache",
+                          "Run the full pipeline again (tskd train) to rebuild the teacher outputs.")
+    k1 = num_classes + 1
+    onehot = np.zeros((len(new), k1) + tuple(new.labels.shape[1:]), np.float16)
+    lab = new.labels.numpy().clip(0)
+    for c in range(k1):
+        onehot[:, c] = lab == c
+    ext_cache = TeacherCache(np.concatenate([np.asarray(cache.probs), onehot]), None, None)
+    case_offset = int(transfer.case_index.max()) + 1 if len(transfer) else 0
+    ext = TransferSet(torch.cat([transfer.images, new.images.float()]),
+                      torch.cat([transfer.labels, new.labels]),
+                      torch.cat([transfer.valid, new.valid]),
+                      torch.cat([transfer.labelled, torch.ones(len(new), dtype=torch.bool)]),
+                      torch.cat([transfer.synthetic, torch.zeros(len(new), dtype=torch.bool)]),
+                      transfer.num_classes,
+                      torch.cat([transfer.case_index, new.case_index + case_offset]),
+                      torch.cat([transfer.slice_index, new.slice_index]))
+    return ext, ext_cache
+
+
+def _write_package(updated, out: Path, card: dict, base, run_dir: Path, model_axis: str, record: dict,
+                   overwrite: bool) -> None:
+    """Export the updated student as a new model package at ``out`` (card: the previous card's
+    training/teacher entries, ``training.quick_updates`` + ``record``, ``validation.quick_update_dice``)
+    and keep its PyTorch weights (``student.pt``, checksummed in the card) for the next update."""
+    from TSKDLib.data.io import atomic_write
+    from TSKDLib.deploy.export import export_model_package, sha256_file
+    from TSKDLib.distillation.student import save_student
+
+    training = dict(card.get("training") or {})
+    training["run_dir"] = str(run_dir.resolve())
+    training["quick_updates"] = list(training.get("quick_updates") or []) + [record]
+    validation = dict(card.get("validation") or {})
+    validation["quick_update_dice"] = {"before": record["dice_before"], "after": record["dice_after"],
+                                       "slices": record["slices"]}
+    export_model_package(updated, out, base.class_map, card.get("normalization") or {},
+                         input_size=int(card.get("input_size", base.size)),
+                         slice_axis=model_axis, name=f"{card.get('name') or 'model'} (updated)",
+                         training=training, validation=validation, teacher=card.get("teacher") or {},
+                         torchscript=False, overwrite=overwrite, acquisition=card.get("acquisition") or {})
+    save_student(updated, out / "student.pt")
+    new_card = json.loads((out / "model_card.json").read_text())
+    new_card["files"]["student.pt"] = sha256_file(out / "student.pt")
+    text = json.dumps(new_card, indent=1)
+    atomic_write(out / "model_card.json", lambda tmp: tmp.write_text(text), overwrite=True)

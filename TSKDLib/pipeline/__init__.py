@@ -1,0 +1,1 @@
+"""Orchestration: run directory, stages, configuration and presets, progress reporting, the run lock, the demo."""

@@ -1,0 +1,210 @@
+"""Oblique scans (issue 16): slices are taken in the plane the scan was acquired in.
+
+The oblique volumes are the bundled scans with rotated direction cosines: exact rewrites (the
+voxels stay, the header says another orientation), for 30, 45 and 60 degree rotations about one
+and two axes, plus a short-axis-like stack (1.25 mm pixels, 8 mm slices, slice normal 54.7
+degrees from every patient axis, like a cardiac short-axis cine)."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from conftest import TOTALSEG
+from TSKDLib import InputError, LabelError
+from TSKDLib.data import geometry
+from TSKDLib.data.case import check_label_coverage, load_case
+
+CT = TOTALSEG / "example_ct_sm.nii.gz"       # 122x101x30, 3 mm, RAS file axes
+SEG = TOTALSEG / "example_seg.nii.gz"
+CMAP = TOTALSEG / "label_map_total_ct.json"
+
+
+def rot(axis: str, deg: float) -> np.ndarray:
+    c, s = np.cos(np.radians(deg)), np.sin(np.radians(deg))
+    i, j = {"x": (1, 2), "y": (2, 0), "z": (0, 1)}[axis]
+    r = np.eye(3)
+    r[i, i], r[i, j], r[j, i], r[j, j] = c, -s, s, c
+    return r
+
+
+def rewrite(src: Path, dest: Path, r: np.ndarray, spacing=None) -> Path:
+    """Same voxels, header rotated by ``r`` (direction' = r @ direction), optionally new spacing."""
+    img = sitk.ReadImage(str(src))
+    if spacing is not None:
+        img.SetSpacing(spacing)
+    img.SetDirection((r @ np.array(img.GetDirection()).reshape(3, 3)).flatten().tolist())
+    sitk.WriteImage(img, str(dest))
+    return dest
+
+
+ROTATIONS = {f"{a}{d}": rot(a, d) for a in ("z", "x") for d in (30, 45, 60)}
+ROTATIONS.update({f"x{d}z{d}": rot("z", d) @ rot("x", d) for d in (30, 45, 60)})
+# Short-axis-like header (direction columns i, j, k in LPS): the slice normal k is 54.7 degrees from
+# every patient axis and the in-plane j axis is the one closest to S (as in the issue: the "axial"
+# slices of this stack are 19-pixel strips across the acquired slices). The example file's own
+# direction is diag(-1, -1, 1), so rotating by M @ diag(-1, -1, 1) makes its header M.
+_M = np.stack([np.array([-1, 1, 0]) / np.sqrt(2), np.array([-1, -1, 2]) / np.sqrt(6),
+               np.array([1, 1, 1]) / np.sqrt(3)], axis=1)
+SHORT_AXIS = _M @ np.diag([-1.0, -1.0, 1.0])
+SHORT_SPACING = (1.25, 1.25, 8.0)
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return load_case(CT, SEG, CMAP, classes=["liver", "spleen"])
+
+
+@pytest.mark.parametrize("name", list(ROTATIONS) + ["short_axis"])
+def test_oblique_rewrite_slices_the_files_own_slices_and_maps_back_exactly(tmp_path, reference, name):
+    r, sp = (SHORT_AXIS, SHORT_SPACING) if name == "short_axis" else (ROTATIONS[name], None)
+    img_p, seg_p = rewrite(CT, tmp_path / "img.nii.gz", r, sp), rewrite(SEG, tmp_path / "seg.nii.gz", r, sp)
+    case = load_case(img_p, seg_p, CMAP, classes=["liver", "spleen"], labelled_slices=[2, 17, 29])
+    assert case.axis == "acquisition" and case.frame.file_slice_axis == 2  # the file's k axis
+    assert case.num_slices == 30 and case.slice_spacing() == ((sp or (3.0,) * 3)[1], (sp or (3.0,) * 3)[0])
+    # Each frame slice is one of the file's own slices (any in-plane flip/transpose), nothing else.
+    file_arr = sitk.GetArrayViewFromImage(case.labels)  # (k, j, i)
+    lab = case.label_slices()
+    assert lab.shape[0] == 30 and sorted(lab.shape[1:]) == [101, 122]
+    for s in range(30):
+        k = case.frame.frame_to_file_slice(s)
+        assert np.array_equal(np.sort(lab[s], axis=None), np.sort(file_arr[k], axis=None))
+    # --labelled-slices are the file's own slice indices along that axis.
+    assert case.labelled_file_indices() == [2, 17, 29]
+    for s in case.labelled_indices():
+        assert lab[s].any()
+    # Voxel-exact back onto the oblique grid.
+    back = case.to_original(lab)
+    assert back.GetSize() == case.image.GetSize()
+    assert np.allclose(back.GetDirection(), case.image.GetDirection(), atol=0)
+    assert np.allclose(back.GetOrigin(), case.image.GetOrigin(), atol=0)
+    assert np.array_equal(sitk.GetArrayViewFromImage(back), file_arr)
+    # Small rotations keep the frame of the axis-aligned file: identical slices.
+    if name in ("z30", "x30", "x30z30"):
+        assert np.array_equal(lab, reference.label_slices())
+        assert np.array_equal(case.image_slices(), reference.image_slices())
+
+
+def test_short_axis_stack_the_issue_scenario(tmp_path):
+    img_p = rewrite(CT, tmp_path / "img.nii.gz", SHORT_AXIS, SHORT_SPACING)
+    seg_p = rewrite(SEG, tmp_path / "seg.nii.gz", SHORT_AXIS, SHORT_SPACING)
+    image = sitk.ReadImage(str(img_p))
+    assert geometry.acquisition_plane(image) == "oblique"
+    assert geometry.acquisition_axis(image.GetSize(), image.GetSpacing()) == 2
+    # The named "axial" frame slices along an in-plane axis here (the old behaviour): strips.
+    axial = load_case(img_p, seg_p, CMAP, classes=["liver"], axis="axial")
+    assert axial.frame.file_slice_axis != 2 and axial.num_slices != 30
+    acq = load_case(img_p, seg_p, CMAP, classes=["liver"])
+    assert acq.num_slices == 30 and len(acq.labelled_indices()) == 30
+    # Slices holding none of the classes: a clear error naming classes and slices, before training.
+    none = load_case(img_p, seg_p, CMAP, classes=["kidney_right", "kidney_left"], labelled_slices=[24, 26, 28, 29])
+    with pytest.raises(LabelError, match=r"no class has a labelled voxel.*slices 24,26,28,29 \(file axis k"):
+        check_label_coverage([none])
+    one = load_case(img_p, seg_p, CMAP, classes=["kidney_right", "liver"], labelled_slices=[24, 26])
+    with pytest.raises(LabelError, match=r"class 'kidney_right' has no labelled voxel"):
+        check_label_coverage([one])
+    single = load_case(img_p, seg_p, CMAP, classes=["kidney_right", "liver"], labelled_slices=[18, 26])
+    warns = check_label_coverage([single])
+    assert len(warns) == 1 and "kidney_right" in warns[0] and "single slice" in warns[0]
+    with pytest.raises(LabelError, match="outside the image.*30 acquisition slices"):
+        load_case(img_p, seg_p, CMAP, classes=["liver"], labelled_slices=[4, 6, 30])
+
+
+def test_acquisition_axis_rule_and_named_axes_on_axis_aligned_scans(reference):
+    assert geometry.acquisition_axis((512, 512, 20), (0.98, 0.98, 2.0)) == 2
+    assert geometry.acquisition_axis((256, 19, 256), (1.25, 8.0, 1.25)) == 1   # stack stored on j
+    assert geometry.acquisition_axis((512, 512, 300), (0.78, 0.78, 0.5)) == 2  # thin slices, square pixels
+    assert geometry.acquisition_axis((40, 300, 300), (2.5, 0.8, 1.7)) == 0     # all differ: largest
+    assert geometry.acquisition_axis((3, 3, 3), (1.0, 1.0, 1.0)) == 2
+    assert geometry.acquisition_axis((800, 540, 1), (0.1, 0.1, 0.1)) == 2      # 2D image
+    # Axis-aligned: acquisition == axial, and the named axes equal the canonical LPS reorientation.
+    img = reference.image
+    canon = sitk.GetArrayFromImage(geometry.to_canonical(img))  # a copy: a view of a temporary image dangles
+    for axis, a in geometry.SLICE_AXES.items():
+        frame = geometry.slice_frame(img, axis)
+        assert np.array_equal(frame.to_array(sitk.GetArrayViewFromImage(img)), np.moveaxis(canon, a, 0))
+    assert geometry.slice_frame(img).perm == geometry.slice_frame(img, "axial").perm
+    assert geometry.slice_frame(img).flip == geometry.slice_frame(img, "axial").flip
+
+
+def test_tiny_train_and_segment_round_trip_on_an_oblique_scan(tmp_path, torch_threads):
+    """Train (tiny budget) on a 30-degree double-oblique rewrite of 6 real CT slices; segment it
+    and the axis-aligned original: same labels voxel for voxel, each on its own exact grid. A scan
+    acquired in another plane (sagittal rewrite) is refused."""
+    from conftest import TOTALSEG as T
+    from TSKDLib.pipeline.config import PipelineConfig, tiny_config
+    from TSKDLib.data.io import read_image
+    from TSKDLib.pipeline.run import segment, train
+
+    image, _ = read_image(T / "ct_dicom")
+    image = image[:, :, 8:14]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", geometry.LabelGeometryWarning)
+        labels = geometry.pair_labels_with_image(image, sitk.ReadImage(str(T / "example_seg_dicom.nii.gz")))
+    flat, flat_seg = tmp_path / "flat.nii.gz", tmp_path / "flat_seg.nii.gz"
+    sitk.WriteImage(image, str(flat))
+    sitk.WriteImage(labels, str(flat_seg))
+    r = ROTATIONS["x30z30"]
+    obl, obl_seg = rewrite(flat, tmp_path / "obl.nii.gz", r), rewrite(flat_seg, tmp_path / "obl_seg.nii.gz", r)
+    cfg = PipelineConfig.from_dict(tiny_config())
+    cfg.distillation["steps"] = 4
+    res = train([obl], [obl_seg], out=tmp_path / "run", class_map=T / "label_map_total_ct.json",
+                classes=["liver", "spleen"], labelled_slices=[[0, 2, 4]], config=cfg, device="cpu",
+                threads=torch_threads, synthesis=False)
+    card = json.loads((res.model_dir / "model_card.json").read_text())
+    assert card["slice_axis"] == "acquisition" and card["acquisition"]["planes"] == ["axial"]
+    cases = json.loads((res.run_dir / "prepare" / "cases.json").read_text())["cases"]
+    assert cases[0]["labelled_file_slices"] == [0, 2, 4] and cases[0]["file_slice_axis"] == "k"
+    out = segment(res.model_dir, [obl, flat], out=tmp_path / "seg", fmt="nii.gz", cleanup=False)
+    a, b = (sitk.ReadImage(o["output"]) for o in out)
+    for pred, ref in ((a, sitk.ReadImage(str(obl))), (b, image)):
+        assert pred.GetSize() == ref.GetSize()
+        assert np.allclose(pred.GetDirection(), ref.GetDirection(), atol=1e-6)
+        assert np.allclose(pred.GetOrigin(), ref.GetOrigin(), atol=1e-3)
+    assert np.array_equal(sitk.GetArrayViewFromImage(a), sitk.GetArrayViewFromImage(b))
+    sag = sitk.ReadImage(str(flat))
+    sag.SetDirection((0, 0, 1, 1, 0, 0, 0, 1, 0))  # k (the 2 mm stack) now runs along L
+    sitk.WriteImage(sag, str(tmp_path / "sag.nii.gz"))
+    with pytest.raises(InputError, match="acquired in the sagittal plane.*axial acquisitions"):
+        segment(res.model_dir, [tmp_path / "sag.nii.gz"], out=tmp_path / "sag_seg.nii.gz")
+    from TSKDLib.errors import ConfigError
+    with pytest.raises(ConfigError, match="trained on acquisition slices, not axial"):
+        segment(res.model_dir, [flat], out=tmp_path / "x.nii.gz", axis="axial")
+
+
+def test_train_stops_before_the_teacher_when_the_labelled_slices_hold_no_label(tmp_path):
+    """The issue's run on the short-axis rewrite: the given slices hold none of the classes."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+    img_p = rewrite(CT, tmp_path / "img.nii.gz", SHORT_AXIS, SHORT_SPACING)
+    seg_p = rewrite(SEG, tmp_path / "seg.nii.gz", SHORT_AXIS, SHORT_SPACING)
+    out = tmp_path / "run"
+    r = subprocess.run([sys.executable, "-m", "TSKDLib", "train", str(img_p), "--labels", str(seg_p),
+                        "--class-map", str(CMAP), "--classes", "kidney_right", "kidney_left",
+                        "--labelled-slices", "24,26,28,29", "--out", str(out), "--device", "cpu"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "no class has a labelled voxel on the labelled slices" in r.stderr
+    assert "acquisition slices 24,26,28,29 (file axis k, 30 slices)" in r.stderr and "Fix:" in r.stderr
+    assert not (out / "teacher").exists()
+
+
+def test_teacher_validation_dice_zero_ends_the_run(tmp_path, monkeypatch):
+    import TSKDLib.teacher as teacher_mod
+    from TSKDLib.pipeline.config import PipelineConfig, tiny_config
+    from TSKDLib.errors import TSKDError
+    from TSKDLib.pipeline.run import train
+
+    monkeypatch.setattr(teacher_mod, "finetune_teacher", lambda t, ds, cfg, progress, work_dir=None:
+                        (t, {"best_val_dice": 0.0}))
+    with pytest.raises(TSKDError, match="validation Dice is 0"):
+        train([CT], [SEG], out=tmp_path / "run", class_map=CMAP, classes=["liver"], labelled_slices=[[3, 9, 15]],
+              config=PipelineConfig.from_dict(tiny_config()), device="cpu", synthesis=False)
+    assert not (tmp_path / "run" / "distillation").exists()

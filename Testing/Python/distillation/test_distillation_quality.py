@@ -1,0 +1,196 @@
+"""Distillation that transfers the teacher (issue 15): pseudo-labels with 3D consistency, the
+sparse-slice protocol, Fill between slices, evidence-based stopping and the quality gate.
+
+All on the bundled real CT (20-slice DICOM series, liver and spleen; TotalSegmentator labels
+paired through physical space) at 64 px, with tiny budgets."""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import TOTALSEG
+from TSKDLib.data.case import load_case, prepare_slices
+from TSKDLib.distillation.distill import (DistillConfig, TeacherCache, TransferSet, distill, quality_gate,
+                             teacher_pseudo_labels)
+from TSKDLib.data.geometry import LabelGeometryWarning
+from TSKDLib.pipeline.progress import NullProgress
+from TSKDLib.evaluation.sparse_benchmark import region_masks, score_regions, sparse_slice_indices
+
+CT2 = ["liver", "spleen"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def ct_case():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", LabelGeometryWarning)
+        return load_case(TOTALSEG / "ct_dicom", TOTALSEG / "example_seg_dicom.nii.gz",
+                         TOTALSEG / "label_map_total_ct.json", classes=CT2)
+
+
+@pytest.fixture(scope="module")
+def full64(ct_case):
+    """Every slice of the CT at 64 px with its reference labels."""
+    return prepare_slices([ct_case], 64)
+
+
+def _sparse(slices, keep):
+    s = slices.subset(torch.arange(len(slices)))
+    flags = torch.zeros(len(s), dtype=torch.bool)
+    flags[list(keep)] = True
+    s.labels = s.labels.clone()
+    s.labels[~flags] = -1
+    s.labelled = flags
+    return s
+
+
+def _probs_from(labels: torch.Tensor, k1: int, conf: float = 0.95) -> np.ndarray:
+    """A confident teacher's probabilities ``(N, K+1, S, S)`` for label maps ``(N, S, S)``."""
+    one = F.one_hot(labels.clamp(min=0), k1).permute(0, 3, 1, 2).float()
+    return (one * conf + (1 - one) * (1 - conf) / (k1 - 1)).numpy().astype(np.float16)
+
+
+# ------------------------------------------------------------------------------------------------
+def test_sparse_slice_indices_follow_each_class_extent(ct_case):
+    lab = ct_case.label_slices()
+    picks = sparse_slice_indices(lab, 2, per_class=3)
+    for c in (1, 2):
+        z = np.flatnonzero((lab == c).reshape(len(lab), -1).any(1))
+        for f in (0.25, 0.5, 0.75):
+            assert int(round(z[0] + f * (z[-1] - z[0]))) in picks
+    assert picks == sorted(set(picks)) and 2 <= len(picks) <= 6
+    assert sparse_slice_indices(np.zeros((5, 4, 4), np.uint8), 2) == []
+    masks = region_masks(10, [3, 6])
+    assert masks["between"].tolist() == [False] * 4 + [True, True] + [False] * 4
+    assert (masks["within"] == (masks["between"] | masks["outside"])).all() and not masks["within"][[3, 6]].any()
+
+
+def test_fill_between_slices_interpolates_real_organs(ct_case):
+    pytest.importorskip("itk")
+    from TSKDLib.evaluation.interpolation import fill_between_slices
+
+    lab = ct_case.label_slices().astype(np.uint8)
+    z = np.flatnonzero((lab == 1).reshape(len(lab), -1).any(1))
+    drawn = [int(z[0]) + 2, int(z[0] + z[-1]) // 2, int(z[-1]) - 2]
+    out = fill_between_slices(lab, drawn)
+    assert out.shape == lab.shape
+    assert np.array_equal(out[drawn], lab[drawn])  # drawn slices unchanged
+    inner = [k for k in range(drawn[0] + 1, drawn[-1]) if k not in drawn]
+    p, r = out[inner] == 1, lab[inner] == 1
+    dice = 2 * (p & r).sum() / (p.sum() + r.sum())
+    assert dice > 0.85, dice  # the liver between the drawn slices
+    assert not out[: drawn[0]].any() and not out[drawn[-1] + 1:].any()  # nothing extrapolated
+    scores = score_regions(out, lab, 2, (5.0, 1.0, 1.0), region_masks(len(lab), drawn))
+    assert scores["between"][1]["dice"] == pytest.approx(dice, abs=0.02)
+    assert scores["outside"][1]["dice"] < 0.5  # the organ ends are missed: the interpolation's limit
+
+
+def test_pseudo_labels_drop_disconnected_hallucinations(full64):
+    k1 = 3
+    labelled = [6, 12]
+    sl = _sparse(full64, labelled)
+    transfer = TransferSet.build(sl)
+    ref = full64.labels.clone()
+    fake = ref.clone()
+    organ_free = [i for i in range(len(ref)) if not (ref[i] > 0).any()]
+    far = organ_free[0] if organ_free else 0
+    fake[far, 2:8, 2:8] = 2  # a confident "spleen" on a slice away from every organ
+    probs = _probs_from(fake, k1)
+    probs[10, :, 30, 30] = np.array([0.4, 0.35, 0.25], np.float16)  # an unsure pixel
+    targets, info = teacher_pseudo_labels(probs, transfer, threshold=0.9, consistency_3d=True)
+    assert targets.dtype == torch.int16 and targets.shape == ref.shape
+    assert int(targets[10, 30, 30]) == -1  # below the confidence threshold: ignored
+    if organ_free:
+        assert (targets[far, 2:8, 2:8] == 0).all()  # the disconnected blob became background
+        assert info["removed_by_3d_filter"][2] >= 36
+    for i in labelled:  # the user's labels win on labelled slices
+        assert torch.equal(targets[i].long()[full64.valid[i]], ref[i][full64.valid[i]])
+    # the real organs, connected to what the user drew, are kept
+    keep = (ref == 1) & (targets >= 0)
+    assert (targets[keep] == 1).float().mean() > 0.99
+    off, _ = teacher_pseudo_labels(probs, transfer, threshold=0.9, consistency_3d=False)
+    if organ_free:
+        assert (off[far, 2:8, 2:8] == 2).all()
+
+
+def test_pseudo_distillation_learns_the_small_organ_and_stops_on_evidence(full64, tmp_path):
+    """Teacher = the reference labels (a perfect teacher); 3 labelled slices. The student must
+    fit the labels and agree with the teacher on the unlabelled slices, for the spleen too."""
+    lab = full64.labels
+    spleen = np.flatnonzero((lab == 2).flatten(1).any(1).numpy())
+    picks = sorted({int(spleen[len(spleen) // 4]), int(spleen[len(spleen) // 2]), int(spleen[3 * len(spleen) // 4])})
+    transfer = TransferSet.build(_sparse(full64, picks))
+    cache = TeacherCache(_probs_from(lab, 3), None)
+    cfg = DistillConfig(steps=400, finetune_steps=10, batch_size=4, lr=3e-3, seed=0, log_every=20,
+                        val_every=20, min_steps=60, patience=2, fit_target=0.8, min_delta=0.01)
+    events = []
+    r = distill(transfer, cfg, cache, "unet-s", checkpoint_dir=tmp_path / "d", progress=NullProgress(events.append))
+    m = r.metrics
+    assert m["stopped_by"] in ("converged", "steps") and m["distill_steps"] <= 400
+    fit = m["final_check"]["fit"]
+    agreement = m["final_check"]["agreement"]
+    assert min(fit) >= 0.8, fit
+    assert agreement[1] > 0.6, agreement  # spleen learnt from the teacher on unlabelled slices
+    assert any("fit" in h and "agreement" in h for h in r.history)
+    assert r.history[-1]["phase"] == "finetune" and m["steps"] == m["distill_steps"] + 10
+    gate = quality_gate(CT2, fit, agreement, [0.9, 0.9])
+    assert set(gate) == {"passed", "warnings", "fit", "agreement"}
+    saved = json.loads((tmp_path / "d" / "result.json").read_text())
+    assert saved["metrics"]["distill_steps"] == m["distill_steps"]
+
+
+def test_early_stop_state_survives_resume(full64, tmp_path):
+    transfer = TransferSet.build(_sparse(full64, [5, 10, 14]))
+    cache = TeacherCache(_probs_from(full64.labels, 3), None)
+    cfg = DistillConfig(steps=12, finetune_steps=2, batch_size=2, seed=1, val_every=3, min_steps=3,
+                        patience=1, fit_target=0.0, min_delta=0.5, checkpoint_every=3, log_every=1)
+    ref = distill(transfer, cfg, cache, "unet-s", checkpoint_dir=tmp_path / "a")
+    assert ref.metrics["stopped_by"] == "converged" and ref.metrics["distill_steps"] < 12
+
+    class Kill(Exception):
+        pass
+
+    def killer(event):
+        if event["event"] == "progress" and event["step"] == ref.metrics["distill_steps"] + 1:
+            raise Kill()
+    with pytest.raises(Kill):
+        distill(transfer, cfg, cache, "unet-s", checkpoint_dir=tmp_path / "b", progress=NullProgress(killer))
+    resumed = distill(transfer, cfg, cache, "unet-s", checkpoint_dir=tmp_path / "b")
+    assert resumed.metrics["distill_steps"] == ref.metrics["distill_steps"]
+    for (k, a), b in zip(ref.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+def test_quality_gate_names_the_class_and_the_reason():
+    ok = quality_gate(["liver", "spleen"], [0.95, 0.9], [0.93, 0.9], [0.95, 0.9])
+    assert ok["passed"] and ok["warnings"] == []
+    bad = quality_gate(["liver", "kidney_right"], [0.95, 0.09], [0.93, 0.3], [0.96, 0.9])
+    assert not bad["passed"] and len(bad["warnings"]) == 2
+    assert "'kidney_right'" in bad["warnings"][0] and "0.09" in bad["warnings"][0]
+    assert "worse than the fine-tuned teacher" in bad["warnings"][1]
+    nan = quality_gate(["a", "b"], [0.9, math.nan], None, None)  # a class not labelled: no verdict
+    assert nan["passed"] and nan["fit"]["b"] is None
+
+
+def test_adjacent_labelled_slices_are_flagged():
+    from TSKDLib.pipeline.run import adjacent_slices_warning
+
+    msg = adjacent_slices_warning([10, 11, 12], 40)
+    assert msg and "10-12" in msg and "adjacent" in msg
+    assert adjacent_slices_warning([10, 20, 30], 40) is None  # spread out
+    assert adjacent_slices_warning([3, 4], 40) is None  # too few to judge
+    assert adjacent_slices_warning([0, 1, 2, 3], 6) is None  # most of a short scan
