@@ -13,8 +13,10 @@
 * ``update``: ``tskd update`` of a run of the bundled CT (``bash scripts/demo.sh`` makes one in ``runs/demo/run``) after
   "correcting" 2 slices (their reference labels): wall time and Dice on those slices before/after.
 
-``--model``: a model package (default: an untrained U-Net student at S = 256, the ``fast``
-preset's architecture, exported to a temporary folder: timing does not depend on the weights).
+``--model``: a model package, e.g. the demo's trained student ``runs/demo/run/model`` (default: an
+untrained U-Net student at S = 256, the ``fast`` preset's architecture, exported to a temporary
+folder. Pessimistic: its noisy labels put most pixels on a class boundary, where the exact label
+resize of ``tskd segment`` takes its slow path; a trained model is 2-3x faster per slice).
 Timings on a shared CPU are pessimistic. Prints the figures; writes nothing in the repository.
 """
 
