@@ -48,3 +48,29 @@ def torch_threads():
     import torch
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     return torch.get_num_threads()
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a test module (``pytestmark = pytest.mark.usefixtures(...)``): on a
+    shared 2-core machine much faster than two (no oversubscription), and results do not depend
+    on the core count. The previous setting is restored after the module."""
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def ct_case():
+    """The bundled TotalSegmentator CT (DICOM, 20 slices) with its liver and spleen labels."""
+    import warnings
+
+    from TSKDLib.data.case import load_case
+    from TSKDLib.data.geometry import LabelGeometryWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", LabelGeometryWarning)
+        return load_case(TOTALSEG / "ct_dicom", TOTALSEG / "example_seg_dicom.nii.gz",
+                         TOTALSEG / "label_map_total_ct.json", classes=["liver", "spleen"])

@@ -46,16 +46,6 @@ def _entropy(model, images, valid) -> np.ndarray:
         return ((ent * valid).flatten(1).sum(1) / valid.flatten(1).sum(1).clamp_min(1)).numpy()
 
 
-def _with(slices, keep):
-    import torch
-
-    s = slices.subset(torch.arange(len(slices)))
-    flags = torch.zeros(len(s), dtype=torch.bool)
-    flags[list(keep)] = True
-    s.labels = s.labels.clone()
-    s.labels[~flags] = -1
-    s.labelled = flags
-    return s
 
 
 def run_scan(data: Path, scan: str, size: int, steps: int, ft_steps: int, seed: int,
@@ -82,7 +72,7 @@ def run_scan(data: Path, scan: str, size: int, steps: int, ft_steps: int, seed: 
     cfg = DistillConfig(method="scratch", steps=steps, finetune_steps=0, batch_size=8, min_steps=steps,
                         seed=seed, device="cpu", checkpoint_every=10**9, augment=True)
     t0 = time.perf_counter()
-    base = distill(TransferSet.build(_with(full, start)), cfg, None, "unet-s").model.eval()
+    base = distill(TransferSet.build(full.with_labelled(start)), cfg, None, "unet-s").model.eval()
     ent = _entropy(base, full.images, full.valid.float())
     scores = {i: float(ent[i]) for i in range(n)}
     suggested = rank_slices(scores, start, count=5, min_gap=2)
@@ -95,7 +85,7 @@ def run_scan(data: Path, scan: str, size: int, steps: int, ft_steps: int, seed: 
     import copy
 
     for name, extra in (("suggested", suggested), ("even", even)):
-        model = distill(TransferSet.build(_with(full, start + extra)), ft, None, copy.deepcopy(base)).model.eval()
+        model = distill(TransferSet.build(full.with_labelled(start + extra)), ft, None, copy.deepcopy(base)).model.eval()
         pred = predict_labels(model, full.images[held].float())
         d = dice_scores(pred, full.labels[held], k)
         out[name + "_dice"] = float(np.mean(d["per_class"]))

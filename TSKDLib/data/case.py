@@ -304,7 +304,19 @@ class SliceSet:
                         self.case_names, self.subjects)
 
     def labelled_subset(self) -> "SliceSet":
+        """The labelled slices only."""
         return self.subset(self.labelled)
+
+    def with_labelled(self, keep) -> "SliceSet":
+        """A copy in which only slices ``keep`` (indices into this set) stay labelled; every other
+        slice's labels become -1 (unlabelled). Benchmarks and tests hide reference labels this way."""
+        s = self.subset(torch.arange(len(self)))
+        flags = torch.zeros(len(s), dtype=torch.bool)
+        flags[list(keep)] = True
+        s.labels = s.labels.clone()
+        s.labels[~flags] = -1
+        s.labelled = flags
+        return s
 
     def save(self, path: str | Path) -> None:
         """Atomic save as a torch file (tensors + class map)."""

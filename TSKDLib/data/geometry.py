@@ -148,37 +148,11 @@ def from_canonical(canonical: sitk.Image, reference: sitk.Image) -> sitk.Image:
 #: slices, whatever its direction in the patient; the others: the patient axis closest to it.
 AXIS_CHOICES = ("acquisition", "axial", "coronal", "sagittal")
 DEFAULT_AXIS = "acquisition"
-#: Relative tolerance under which two voxel spacings count as equal.
-SPACING_EQUAL_RTOL = 1e-2
+# The stacking-axis rule is shared with the Slicer module's process (torch- and SimpleITK-free):
+from TSKDLib.data.slices import SPACING_EQUAL_RTOL, acquisition_axis  # noqa: E402,F401
 #: Two acquisition planes match when their slice normals are within this angle (degrees).
 PLANE_MATCH_DEG = 45.0
 _SCORE_TOL = 1e-6
-
-
-def acquisition_axis(size, spacing) -> int:
-    """The file's stacking axis (ITK index axis: 0 = i, 1 = j, 2 = k) from its size and spacing.
-
-    Rule, in order: an image with exactly one axis of size 1 (a 2D image as a one-slice volume)
-    stacks along that axis; isotropic voxels (all spacings equal within 1 %) -> k; two equal
-    spacings (square in-plane pixels) -> the third axis, thicker or thinner; otherwise the axis
-    with the largest spacing (ties -> k). Pure function of the header (no pixel data)."""
-    size, sp = list(size), [float(s) for s in spacing]
-    if len(size) != 3 or len(sp) != 3:
-        raise ValueError("acquisition_axis expects a 3D size and spacing")
-    ones = [a for a in range(3) if size[a] == 1]
-    if len(ones) == 1:
-        return ones[0]
-
-    def eq(a, b):
-        return abs(sp[a] - sp[b]) <= SPACING_EQUAL_RTOL * max(sp[a], sp[b])
-
-    pairs = [(a, b) for a, b in ((0, 1), (0, 2), (1, 2)) if eq(a, b)]
-    if len(pairs) == 3:
-        return 2
-    if len(pairs) == 1:
-        return ({0, 1, 2} - set(pairs[0])).pop()
-    best = max(sp)
-    return 2 if sp[2] >= best * (1 - 1e-9) else int(np.argmax(sp))
 
 
 def _best_assignment(direction: np.ndarray, file_axes, lps_candidates=None):

@@ -7,6 +7,8 @@ contract across the process boundary:
 - **A labelled slice is one holding any label** (any non-zero value, or any of the given values):
   :func:`labelled_mask` / :func:`labelled_slices`. The Slicer module writes the labelled slices
   it found; ``tskd train`` finds the same ones in the label file when none are listed.
+- **The acquisition (stacking) axis** of a volume from its header (:func:`acquisition_axis`), so
+  the module counts and numbers slices along the axis the backend slices.
 - **Slice ranges** are written ``"4,11-12,20"`` (:func:`format_slices`) and read back by
   :func:`parse_slices` (``tskd inspect/train --labelled-slices``, the module's "background slices"
   field). Indices are 0-based voxel indices along the slice axis.
@@ -75,3 +77,33 @@ def parse_slices(text: str) -> list[int]:
         else:
             out.add(int(part))
     return sorted(out)
+
+
+#: Relative tolerance under which two voxel spacings count as equal.
+SPACING_EQUAL_RTOL = 1e-2
+
+
+def acquisition_axis(size, spacing) -> int:
+    """The file's stacking axis (ITK index axis: 0 = i, 1 = j, 2 = k) from its size and spacing.
+
+    Rule, in order: an image with exactly one axis of size 1 (a 2D image as a one-slice volume)
+    stacks along that axis; isotropic voxels (all spacings equal within 1 %) -> k; two equal
+    spacings (square in-plane pixels) -> the third axis, thicker or thinner; otherwise the axis
+    with the largest spacing (ties -> k). Pure function of the header (no pixel data)."""
+    size, sp = list(size), [float(s) for s in spacing]
+    if len(size) != 3 or len(sp) != 3:
+        raise ValueError("acquisition_axis expects a 3D size and spacing")
+    ones = [a for a in range(3) if size[a] == 1]
+    if len(ones) == 1:
+        return ones[0]
+
+    def eq(a, b):
+        return abs(sp[a] - sp[b]) <= SPACING_EQUAL_RTOL * max(sp[a], sp[b])
+
+    pairs = [(a, b) for a, b in ((0, 1), (0, 2), (1, 2)) if eq(a, b)]
+    if len(pairs) == 3:
+        return 2
+    if len(pairs) == 1:
+        return ({0, 1, 2} - set(pairs[0])).pop()
+    best = max(sp)
+    return 2 if sp[2] >= best * (1 - 1e-9) else int(np.argmax(sp))

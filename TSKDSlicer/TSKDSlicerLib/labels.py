@@ -16,33 +16,13 @@ import numpy as np
 
 # The torch-free rules shared with the backend (importing TSKDSlicerLib puts TSKDLib on sys.path)
 from TSKDLib.data.slices import format_slices as compress_ranges  # noqa: F401 - this module's API
+from TSKDLib.data.slices import SPACING_EQUAL_RTOL, acquisition_axis  # noqa: F401 - this module's API
 from TSKDLib.data.slices import labelled_slices
 from TSKDLib.data.slices import parse_slices as parse_ranges  # noqa: F401 - this module's API
 from TSKDLib.data.slices import slice_runs as _runs
 
 ANATOMICAL_AXES = {"sagittal": 0, "coronal": 1, "axial": 2}  # RAS component of the slice normal
 ORIENTATIONS = ("acquisition", "axial", "coronal", "sagittal")  # the backend's --axis choices
-SPACING_EQUAL_RTOL = 1e-2
-
-
-def acquisition_axis(size, spacing) -> int:
-    """The file's stacking axis as an IJK index (0 = i, 1 = j, 2 = k): the same rule as the
-    backend's ``TSKDLib.data.geometry.acquisition_axis`` (kept in step by a test). One axis of size 1
-    -> that axis; isotropic -> k; two equal spacings -> the third; else the largest (ties -> k)."""
-    size, sp = list(size), [float(s) for s in spacing]
-    ones = [a for a in range(3) if size[a] == 1]
-    if len(ones) == 1:
-        return ones[0]
-
-    def eq(a, b):
-        return abs(sp[a] - sp[b]) <= SPACING_EQUAL_RTOL * max(sp[a], sp[b])
-
-    pairs = [(a, b) for a, b in ((0, 1), (0, 2), (1, 2)) if eq(a, b)]
-    if len(pairs) == 3:
-        return 2
-    if len(pairs) == 1:
-        return ({0, 1, 2} - set(pairs[0])).pop()
-    return 2 if sp[2] >= max(sp) * (1 - 1e-9) else int(np.argmax(sp))
 
 
 def slice_axis_for(direction_ijk_to_ras, orientation: str = "acquisition", size=None, spacing=None) -> int:

@@ -8,18 +8,15 @@ from __future__ import annotations
 
 import json
 import math
-import warnings
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import TOTALSEG
-from TSKDLib.data.case import load_case, prepare_slices
+from TSKDLib.data.case import prepare_slices
 from TSKDLib.distillation.distill import (DistillConfig, TeacherCache, TransferSet, distill, quality_gate,
                              teacher_pseudo_labels)
-from TSKDLib.data.geometry import LabelGeometryWarning
 from TSKDLib.pipeline.progress import NullProgress
 from TSKDLib.evaluation.sparse_benchmark import region_masks, score_regions, sparse_slice_indices
 
@@ -27,19 +24,8 @@ CT2 = ["liver", "spleen"]
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def ct_case():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", LabelGeometryWarning)
-        return load_case(TOTALSEG / "ct_dicom", TOTALSEG / "example_seg_dicom.nii.gz",
-                         TOTALSEG / "label_map_total_ct.json", classes=CT2)
+def _one_thread(one_torch_thread):
+    """Before any other fixture of the module (autouse): one torch thread (root conftest)."""
 
 
 @pytest.fixture(scope="module")
@@ -48,14 +34,6 @@ def full64(ct_case):
     return prepare_slices([ct_case], 64)
 
 
-def _sparse(slices, keep):
-    s = slices.subset(torch.arange(len(slices)))
-    flags = torch.zeros(len(s), dtype=torch.bool)
-    flags[list(keep)] = True
-    s.labels = s.labels.clone()
-    s.labels[~flags] = -1
-    s.labelled = flags
-    return s
 
 
 def _probs_from(labels: torch.Tensor, k1: int, conf: float = 0.95) -> np.ndarray:
@@ -102,7 +80,7 @@ def test_fill_between_slices_interpolates_real_organs(ct_case):
 def test_pseudo_labels_drop_disconnected_hallucinations(full64):
     k1 = 3
     labelled = [6, 12]
-    sl = _sparse(full64, labelled)
+    sl = full64.with_labelled(labelled)
     transfer = TransferSet.build(sl)
     ref = full64.labels.clone()
     fake = ref.clone()
@@ -133,7 +111,7 @@ def test_pseudo_distillation_learns_the_small_organ_and_stops_on_evidence(full64
     lab = full64.labels
     spleen = np.flatnonzero((lab == 2).flatten(1).any(1).numpy())
     picks = sorted({int(spleen[len(spleen) // 4]), int(spleen[len(spleen) // 2]), int(spleen[3 * len(spleen) // 4])})
-    transfer = TransferSet.build(_sparse(full64, picks))
+    transfer = TransferSet.build(full64.with_labelled(picks))
     cache = TeacherCache(_probs_from(lab, 3), None)
     cfg = DistillConfig(steps=400, finetune_steps=10, batch_size=4, lr=3e-3, seed=0, log_every=20,
                         val_every=20, min_steps=60, patience=2, fit_target=0.8, min_delta=0.01)
@@ -154,7 +132,7 @@ def test_pseudo_distillation_learns_the_small_organ_and_stops_on_evidence(full64
 
 
 def test_early_stop_state_survives_resume(full64, tmp_path):
-    transfer = TransferSet.build(_sparse(full64, [5, 10, 14]))
+    transfer = TransferSet.build(full64.with_labelled([5, 10, 14]))
     cache = TeacherCache(_probs_from(full64.labels, 3), None)
     cfg = DistillConfig(steps=12, finetune_steps=2, batch_size=2, seed=1, val_every=3, min_steps=3,
                         patience=1, fit_target=0.0, min_delta=0.5, checkpoint_every=3, log_every=1)

@@ -12,7 +12,6 @@ import json
 import os
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -23,12 +22,11 @@ import torch.nn.functional as F
 
 from conftest import HC18, ROOT, TOTALSEG
 from TSKDLib import ModelPackageError, RunExistsError
-from TSKDLib.data.case import load_2d_cases, load_case, prepare_case_slices, prepare_slices
+from TSKDLib.data.case import load_2d_cases, prepare_case_slices, prepare_slices
 from TSKDLib.distillation.distill import (DistillConfig, TransferSet, build_teacher_cache, dice_scores,
                              distill, evaluate_dice, feature_kd_loss, method_config, output_kd_loss)
 from TSKDLib.errors import CheckpointError, ConfigError
 from TSKDLib.deploy.export import export_model_package
-from TSKDLib.data.geometry import LabelGeometryWarning
 from TSKDLib.deploy.inference import (Cleanup, NumpyResizer, cleanup_labels,
                                load_model_package, segment_file, segment_image)
 from TSKDLib.data.preprocess import SliceResizer
@@ -39,32 +37,8 @@ CT2 = ["liver", "spleen"]
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One torch thread: on a shared 2-core machine this is much faster than two (no
-    oversubscription), and results do not depend on the core count."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def ct_case():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", LabelGeometryWarning)
-        return load_case(TOTALSEG / "ct_dicom", TOTALSEG / "example_seg_dicom.nii.gz",
-                         TOTALSEG / "label_map_total_ct.json", classes=CT2)
-
-
-def _with_labelled(slices, keep):
-    """Copy of a SliceSet where only slices ``keep`` stay labelled (others: label -1)."""
-    s = slices.subset(torch.arange(len(slices)))
-    flags = torch.zeros(len(s), dtype=torch.bool)
-    flags[list(keep)] = True
-    s.labels = s.labels.clone()
-    s.labels[~flags] = -1
-    s.labelled = flags
-    return s
+def _one_thread(one_torch_thread):
+    """Before any other fixture of the module (autouse): one torch thread (root conftest)."""
 
 
 def _gt_teacher(images_all, labels_all, k1):
@@ -170,7 +144,7 @@ def test_distillation_beats_scratch_on_real_slices():
     cases = load_2d_cases(HC18 / "images", HC18 / "masks", HC18 / "labels.json",
                           names=[f"{i:03d}_HC" for i in range(16)])
     full = prepare_slices(cases, 64)
-    train = _with_labelled(full, [0, 1])
+    train = full.with_labelled([0, 1])
     transfer = TransferSet.build(train)
     assert transfer.summary()["labelled"] == 2 and transfer.summary()["unlabelled"] == 14
     cache = build_teacher_cache(_gt_teacher(full.images, full.labels, 2), transfer.images)
@@ -189,7 +163,7 @@ def test_distillation_beats_scratch_on_real_slices():
 
 
 def test_task_agnostic_and_cache_requirements(ct_case):
-    slices = _with_labelled(prepare_slices([ct_case], 64), [3])
+    slices = prepare_slices([ct_case], 64).with_labelled([3])
     transfer = TransferSet.build(slices, synthetic_images=torch.rand(2, 1, 64, 64))
     assert transfer.summary() == {"slices": 22, "labelled": 1, "unlabelled": 19, "synthetic": 2, "size": 64}
     emb_only = build_teacher_cache(lambda x: torch.randn(len(x), 256, 64, 64), transfer.images, with_probs=False)
@@ -205,7 +179,7 @@ def test_task_agnostic_and_cache_requirements(ct_case):
 
 
 def test_checkpoint_resume_gives_same_weights(tmp_path, ct_case):
-    slices = _with_labelled(prepare_slices([ct_case], 64), [2, 12])
+    slices = prepare_slices([ct_case], 64).with_labelled([2, 12])
     transfer = TransferSet.build(slices)
     cache = build_teacher_cache(_gt_teacher(slices.images, prepare_slices([ct_case], 64).labels, 3), transfer.images)
     cfg = DistillConfig(steps=4, finetune_steps=2, batch_size=2, checkpoint_every=2, log_every=1, seed=3)
@@ -239,7 +213,7 @@ def test_checkpoint_resume_gives_same_weights(tmp_path, ct_case):
 def ct_package(tmp_path_factory, ct_case):
     """A briefly trained student on the CT (S = 128), exported."""
     torch.set_num_threads(1)
-    slices = _with_labelled(prepare_slices([ct_case], 128), [4, 15])
+    slices = prepare_slices([ct_case], 128).with_labelled([4, 15])
     r = distill(TransferSet.build(slices), DistillConfig(method="scratch", steps=60, finetune_steps=10,
                                                          batch_size=4, seed=1), None, "unet-s")
     _, _, _, norm = prepare_case_slices(ct_case, 128)
