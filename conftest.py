@@ -74,3 +74,23 @@ def ct_case():
         warnings.simplefilter("ignore", LabelGeometryWarning)
         return load_case(TOTALSEG / "ct_dicom", TOTALSEG / "example_seg_dicom.nii.gz",
                          TOTALSEG / "label_map_total_ct.json", classes=["liver", "spleen"])
+
+
+@pytest.fixture()
+def scene():
+    """An empty MRML scene of slicer-core (Slicer's MRML without Qt) with the segmentation
+    converter rules registered by hand and a subject hierarchy; cleared after the test. Skips
+    without slicer-core."""
+    slicer = pytest.importorskip("slicer")
+    if not hasattr(slicer, "vtkMRMLScene"):
+        pytest.skip("slicer-core is not installed (no vtkMRMLScene)")
+    import sys
+    if str(ROOT / "TSKDSlicer") not in sys.path:
+        sys.path.insert(0, str(ROOT / "TSKDSlicer"))
+    from TSKDSlicerLib import mrml_io
+
+    mrml_io.register_converter_rules()
+    s = slicer.vtkMRMLScene()
+    slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(s)
+    yield s
+    s.Clear(1)

@@ -32,15 +32,6 @@ SHAPE = (12, 20, 24)  # (K, J, I); spacing 0.8 x 0.8 x 3 mm: axial acquisition, 
 LIVER = [{"value": 1, "name": "liver", "color": (0.8, 0.3, 0.2)}]
 
 
-@pytest.fixture()
-def scene():
-    mrml_io.register_converter_rules()
-    s = slicer.vtkMRMLScene()
-    slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(s)
-    yield s
-    s.Clear(1)
-
-
 def _volume(scene, name="ct"):
     vol = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
     vol.SetSpacing(0.8, 0.8, 3.0)

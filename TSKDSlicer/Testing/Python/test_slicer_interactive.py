@@ -149,13 +149,12 @@ def package(tmp_path_factory):
     return str(out)
 
 
-@pytest.fixture()
-def scene():
-    mrml_io.register_converter_rules()
-    s = slicer.vtkMRMLScene()
-    slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(s)
-    yield s
-    s.Clear(1)
+def _labels_node(scene, vol, name="labels", segments=()):
+    """A segmentation node on ``vol``'s grid with empty segments ``(name, rgb)``; returns
+    ``(node, [segment ids])``."""
+    seg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
+    seg.SetReferenceImageGeometryParameterFromVolumeNode(vol)
+    return seg, [seg.GetSegmentation().AddEmptySegment("", n, list(c)) for n, c in segments]
 
 
 @pytest.fixture(scope="module")
@@ -240,8 +239,7 @@ def test_one_slice_equals_tskd_segment_oblique_anisotropic_under_transform(scene
 
 def test_whole_volume_progress_cancel_and_undo(scene, package, segmenter, tmp_path):
     vol = mrml_io.load_volume(scene, CT, "ct")
-    seg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "pred")
-    seg.SetReferenceImageGeometryParameterFromVolumeNode(vol)
+    seg, _ = _labels_node(scene, vol, "pred")
     n = vol.GetImageData().GetDimensions()[2]
     seen = []
     report = segmenter.segment(vol, seg, package, range(n), chunk=8, progress=lambda d, t: seen.append((d, t)))
@@ -249,8 +247,7 @@ def test_whole_volume_progress_cancel_and_undo(scene, package, segmenter, tmp_pa
     np.testing.assert_array_equal(_labels(seg, vol), _tskd_segment(package, vol, tmp_path))
     assert report["slices"] == list(range(n))
     # Cancel after the first chunk: that chunk stays, the rest is untouched, and undo restores
-    seg2 = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "pred2")
-    seg2.SetReferenceImageGeometryParameterFromVolumeNode(vol)
+    seg2, _ = _labels_node(scene, vol, "pred2")
     calls = []
     with pytest.raises(interactive.Cancelled):
         segmenter.segment(vol, seg2, package, range(n), chunk=8, cancelled=lambda: calls.append(1) or len(calls) > 1)
@@ -262,10 +259,7 @@ def test_whole_volume_progress_cancel_and_undo(scene, package, segmenter, tmp_pa
 
 def test_undo_restores_the_users_labels(scene, package, segmenter):
     vol = mrml_io.load_volume(scene, CT, "ct")
-    seg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "labels")
-    seg.SetReferenceImageGeometryParameterFromVolumeNode(vol)
-    liver = seg.GetSegmentation().AddEmptySegment("", "liver", [1, 0, 0])
-    spleen = seg.GetSegmentation().AddEmptySegment("", "spleen", [0, 1, 0])
+    seg, (liver, spleen) = _labels_node(scene, vol, segments=[("liver", (1, 0, 0)), ("spleen", (0, 1, 0))])
     truth = sitk.GetArrayFromImage(sitk.ReadImage(os.path.join(DATA, "totalseg", "example_seg.nii.gz")))
     drawn = np.zeros_like(truth, np.uint8)
     drawn[[10, 17]] = (truth[[10, 17]] == 5)
@@ -283,10 +277,7 @@ def test_undo_restores_the_users_labels(scene, package, segmenter):
 
 def test_follow_and_ranges_never_overwrite_user_slices_and_corrections_are_found(scene, package, segmenter):
     vol = mrml_io.load_volume(scene, CT, "ct")
-    seg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "labels")
-    seg.SetReferenceImageGeometryParameterFromVolumeNode(vol)
-    liver = seg.GetSegmentation().AddEmptySegment("", "liver", [1, 0, 0])
-    seg.GetSegmentation().AddEmptySegment("", "spleen", [0, 1, 0])
+    seg, (liver, _) = _labels_node(scene, vol, segments=[("liver", (1, 0, 0)), ("spleen", (0, 1, 0))])
     shape = tuple(reversed(vol.GetImageData().GetDimensions()))
     drawn = np.zeros(shape, np.uint8)
     drawn[12, 30:60, 40:80] = 1  # the user's slice
@@ -326,10 +317,7 @@ def test_follow_and_ranges_never_overwrite_user_slices_and_corrections_are_found
 
 def test_masking_is_honoured_in_the_scene(scene, package, segmenter):
     vol = mrml_io.load_volume(scene, CT, "ct")
-    seg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "labels")
-    seg.SetReferenceImageGeometryParameterFromVolumeNode(vol)
-    liver = seg.GetSegmentation().AddEmptySegment("", "liver", [1, 0, 0])
-    tumour = seg.GetSegmentation().AddEmptySegment("", "tumour", [1, 1, 0])
+    seg, (liver, tumour) = _labels_node(scene, vol, segments=[("liver", (1, 0, 0)), ("tumour", (1, 1, 0))])
     shape = tuple(reversed(vol.GetImageData().GetDimensions()))
     block = np.zeros(shape, np.uint8)
     block[17] = 1  # the tumour segment covers the whole slice
@@ -367,8 +355,7 @@ def test_modality_mismatch_warns_naming_both(scene, package):
     warnings = []
     seg_ = inprocess.InteractiveSegmenter(interactive.ModelSessionCache(threads=1), warn=warnings.append)
     vol = mrml_io.load_volume(scene, MR, "mr")
-    seg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "mr labels")
-    seg.SetReferenceImageGeometryParameterFromVolumeNode(vol)
+    seg, _ = _labels_node(scene, vol, "mr labels")
     report = seg_.segment(vol, seg, package, [3])
     assert len(warnings) == 1 and "'abdomen'" in warnings[0] and "CT" in warnings[0] and "'mr'" in warnings[0]
     assert report["warnings"] == warnings
@@ -382,8 +369,7 @@ def test_2d_image_is_one_slice(scene, package, segmenter, tmp_path):
     vol.SetSpacing(0.13, 0.13, 1.0)  # as a PNG loaded in Slicer: one slice
     slicer.util.updateVolumeFromArray(vol, png[None].astype(np.int16))
     assert vol.GetImageData().GetDimensions()[2] == 1
-    seg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "us labels")
-    seg.SetReferenceImageGeometryParameterFromVolumeNode(vol)
+    seg, _ = _labels_node(scene, vol, "us labels")
     report = segmenter.segment(vol, seg, package, [0])
     assert report["slices"] == [0]
     np.testing.assert_array_equal(_labels(seg, vol), _tskd_segment(package, vol, tmp_path))
