@@ -239,7 +239,7 @@ def _trained_methods(data: BenchmarkData, config: BenchmarkConfig, stage: dict, 
         # teacher outputs on the real transfer slices, computed once and shared
         real_cache = timed("teacher_cache", lambda: build_teacher_cache(teacher, transfer.images))
     if "task_agnostic" in config.methods:
-        cache = _task_agnostic_cache(teacher, real_cache, transfer, tcfg, timed, shared)
+        cache = task_agnostic_cache(teacher, real_cache, transfer, tcfg, timed, shared)
         res = timed("distill_task_agnostic", lambda: distill(
             transfer, method_config("task_agnostic", dcfg), cache, student=stage["student"]))
         yield "task_agnostic", student_proba(res.model)
@@ -263,7 +263,7 @@ def _finetuned_teacher(slices, tcfg, seed: int, timed: _Timer):
     return teacher
 
 
-def _task_agnostic_cache(teacher, real_cache, transfer, tcfg, timed: _Timer, shared: dict):
+def task_agnostic_cache(teacher, real_cache, transfer, tcfg, timed: _Timer, shared: dict):
     """Embeddings of the pre-trained foundation model on the transfer slices (no probabilities)."""
     from TSKDLib.distillation.distill import TeacherCache, build_teacher_cache
     from TSKDLib.teacher import TaskAgnosticTeacher, load_foundation_model

@@ -310,8 +310,8 @@ class _Scorer:
 def _run_methods(ex: _Experiment, scorer: _Scorer, cfg: SparseConfig, out: Path, timings: dict) -> None:
     """Fill between slices, the teacher and each student method of ``cfg.methods`` on one
     experiment; scores them and writes each distillation's summary JSON to ``out``."""
-    from TSKDLib.evaluation.benchmark import student_proba
     from TSKDLib.distillation.distill import TransferSet, distill, method_config
+    from TSKDLib.evaluation.benchmark import task_agnostic_cache, student_proba
     from TSKDLib.evaluation.interpolation import fill_between_slices
 
     if "fill_between" in cfg.methods:
@@ -325,11 +325,10 @@ def _run_methods(ex: _Experiment, scorer: _Scorer, cfg: SparseConfig, out: Path,
     for method in ("scratch", "task_agnostic", "tskd_nosyn", "tskd"):
         if method not in cfg.methods:
             continue
-        if method == "task_agnostic":
-            raise ConfigError("task_agnostic is not yet part of the sparse-slice protocol; "
-                              "use tskd benchmark --protocol random for it.")
         transfer = TransferSet.build(ex.slices)
         cache = None if method == "scratch" else ex.cache
+        if method == "task_agnostic":  # the pre-trained (not fine-tuned) encoder's embeddings
+            cache = task_agnostic_cache(ex.teacher, ex.cache, transfer, ex.stage["teacher"], ex._timed, {})
         if method == "tskd":
             transfer, cache = _with_synthesis(ex, transfer, cache)
         t0 = time.monotonic()

@@ -75,7 +75,7 @@ def generate(model: DiffusionModel, indices: list[int], config: SynthesisConfig,
     each image is conditioned on a random real label map from ``pool`` (``(P, R, R)``), randomly
     shifted/rotated/scaled when ``config.mask_augment``."""
     R = model.resolution
-    noises, conds, seeds, srcs, maps = [], [], [], [], []
+    noises, seeds, srcs, maps = [], [], [], []
     for i in indices:
         s = sample_seed(config.seed, i)
         g = torch.Generator().manual_seed(s)

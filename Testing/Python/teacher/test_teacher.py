@@ -222,6 +222,48 @@ def test_early_stopping_counts_only_gains_of_min_delta(monkeypatch, hc18_slices)
         TeacherConfig(min_delta=-0.1)
 
 
+def test_far_holdout_holds_out_the_slices_farthest_from_other_labels():
+    """Labelled slices 10, 11, 12, 30 of scan 0 and 5 of scan 1: the lone slice of scan 1 and
+    slice 30 are farthest from another label; a slice whose class is on no other labelled slice
+    is never held out; without positions the choice is random by seed but still covers classes."""
+    from TSKDLib.teacher.training import far_holdout
+
+    labelled = [0, 1, 2, 3, 4]
+    positions = [(0, 10), (0, 11), (0, 12), (0, 30), (1, 5)]
+    labels = torch.zeros(5, 4, 4, dtype=torch.long)
+    labels[:, 0, 0] = 1
+    assert far_holdout(labelled, positions, labels, 2, seed=0) == [3, 4]
+    assert far_holdout(labelled, positions, labels, 1, seed=3) == [4]
+    labels[4, 1, 1] = 2  # class 2 only on the lone slice of scan 1: keep it for training
+    held = far_holdout(labelled, positions, labels, 2, seed=0)
+    assert 4 not in held and 3 in held and len(held) == 2
+    assert 4 not in far_holdout(labelled, None, labels, 4, seed=1)
+    assert len(far_holdout(labelled, None, labels, 4, seed=1)) == 4
+
+
+def test_refit_trains_the_final_teacher_on_every_labelled_slice(hc18_slices):
+    """With ``refit`` the validated run chooses nothing the final teacher misses: its weights equal
+    a run on all labelled slices without validation (same seed), and the reported validation
+    figures are the held-out ones of the first run."""
+    train, _ = hc18_slices
+    data = train.subset([0, 1, 2])
+    config = _fast(steps=3, batch_size=1, val_every=1, val_fraction=0.34)
+    teacher, history = finetune_teacher(build_teacher(data.class_map.names, config), data, config, NullProgress())
+    assert len(history["val_indices"]) == 1 and len(history["train_indices"]) == 2
+    assert history["refit"]["train_indices"] == [0, 1, 2] and history["refit"]["steps_run"] == 3
+    assert teacher.validation["refit_slices"] == 3 and teacher.validation["n_slices"] == 1
+    assert teacher.validation["mean_dice"] == history["best_val_dice"] is not None
+    plain_cfg = _fast(steps=3, batch_size=1, val_every=1, val_fraction=0.0)
+    plain, plain_history = finetune_teacher(build_teacher(data.class_map.names, plain_cfg), data, plain_cfg,
+                                            NullProgress())
+    assert "refit" not in plain_history
+    a, b = teacher.trainable_state_dict(), plain.trainable_state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    no_refit = _fast(steps=3, batch_size=1, val_every=1, val_fraction=0.34, refit=False)
+    kept, h = finetune_teacher(build_teacher(data.class_map.names, no_refit), data, no_refit, NullProgress())
+    assert "refit" not in h and any(not torch.equal(a[k], v) for k, v in kept.trainable_state_dict().items())
+
+
 # -- saving -------------------------------------------------------------------------------------------
 def test_save_load_round_trip_gives_identical_predictions(tmp_path, trained, hc18_slices):
     teacher, config = trained["teacher"], trained["config"]
