@@ -48,7 +48,8 @@ def cmd_segment(args) -> int:
     progress = _reporter(args)
     outputs = segment(args.model_dir, args.images, out=args.out, fmt=args.format, cleanup=not args.no_cleanup,
                       overwrite=args.overwrite, progress=progress, device=args.device,
-                      largest_component=args.largest_component, axis=args.axis)
+                      largest_component=args.largest_component, axis=args.axis,
+                      all_components=args.all_components)
     if not args.progress_json:
         for o in outputs:
             print(f"{o['output']}  ({o['seconds']:.2f} s)")
@@ -143,9 +144,12 @@ def add_pipeline_commands(sub) -> None:
     s.add_argument("--format", default=None, choices=["nii.gz", "nrrd", "seg.nrrd"],
                    help="output format inside an output folder (default seg.nrrd)")
     s.add_argument("--no-cleanup", action="store_true",
-                   help="skip 3D clean-up (largest component, small islands, holes)")
+                   help="skip 3D clean-up (small islands, holes, largest component of one-object classes)")
     s.add_argument("--largest-component", action="store_true",
                    help="keep only the largest connected component of each class")
+    s.add_argument("--all-components", action="store_true",
+                   help="keep every connected component, also of the classes the model learnt as one "
+                        "object (model_card.json postprocessing.largest_component)")
     add_axis_argument(s, default=None, help="the model's slice axis (recorded in the model package); giving "
                       "another one is an error")
     s.set_defaults(func=cmd_segment)

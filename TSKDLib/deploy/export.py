@@ -102,7 +102,8 @@ def export_model_package(model: torch.nn.Module, out_dir: str | Path, class_map:
                          normalization: dict, input_size: int | None = None, slice_axis: str = "acquisition",
                          name: str | None = None, training: dict | None = None, validation: dict | None = None,
                          teacher: dict | None = None, student: dict | None = None, torchscript: bool = True,
-                         overwrite: bool = False, check: bool = True, acquisition: dict | None = None) -> Path:
+                         overwrite: bool = False, check: bool = True, acquisition: dict | None = None,
+                         postprocessing: dict | None = None) -> Path:
     """Write a model package directory atomically.
 
     Parameters
@@ -128,6 +129,10 @@ def export_model_package(model: torch.nn.Module, out_dir: str | Path, class_map:
     training, validation, teacher, student:
         Model-card entries (``validation`` as ``{"dice": {...}}``); ``student`` defaults to
         :func:`TSKDLib.distillation.student.describe_student`.
+    postprocessing:
+        Model-card entry ``{"largest_component": [class names]}``: the classes of which ``tskd
+        segment`` keeps the largest 3D connected component (one-object classes,
+        :func:`TSKDLib.distillation.distill.single_object_classes`).
     overwrite:
         Replace an existing package (the old one is removed only after the new one is in place).
     check:
@@ -167,6 +172,7 @@ def export_model_package(model: torch.nn.Module, out_dir: str | Path, class_map:
             _check_onnx(tmp / "model.onnx", probe, ref, out_dir)
         card = _model_card(name or out_dir.name, class_map, size, slice_axis, acquisition, normalization,
                            student, training, validation, teacher)
+        card["postprocessing"] = _jsonable(postprocessing or {"largest_component": []})
         card["files"] = {f.name: sha256_file(f) for f in sorted(tmp.iterdir()) if f.is_file()}
         (tmp / "model_card.json").write_text(json.dumps(card, indent=1))
     return out_dir

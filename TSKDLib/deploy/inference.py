@@ -86,6 +86,14 @@ class ModelPackage:
         return self.class_map.num_classes
 
     @property
+    def single_object_classes(self) -> tuple[int, ...]:
+        """Class indices (1..K) that were one 3D object in the training scans (the card's
+        ``postprocessing.largest_component`` names): ``tskd segment`` keeps their largest
+        connected component. Empty for packages that do not record it."""
+        names = ((self.card.get("postprocessing") or {}).get("largest_component")) or []
+        return tuple(i + 1 for i, n in enumerate(self.class_map.names) if n in names)
+
+    @property
     def providers(self) -> list[str]:
         return list(self.session.get_providers())
 
@@ -349,6 +357,9 @@ class Cleanup:
         Remove connected components (6-connected) smaller than this volume in mm^3 (0: off).
     largest_component:
         Keep only the largest connected component of each class.
+    single_object:
+        Class indices (1..K) of which only the largest connected component is kept (the model's
+        one-object classes, :attr:`ModelPackage.single_object_classes`).
     fill_holes:
         Fill cavities fully enclosed by a class (``BinaryFillhole``, 3D) where they are background.
     """
@@ -356,14 +367,15 @@ class Cleanup:
     min_island_mm3: float = 0.0
     largest_component: bool = False
     fill_holes: bool = False
+    single_object: tuple[int, ...] = ()
 
     @property
     def active(self) -> bool:
-        return self.min_island_mm3 > 0 or self.largest_component or self.fill_holes
+        return self.min_island_mm3 > 0 or self.largest_component or self.fill_holes or bool(self.single_object)
 
     def to_dict(self) -> dict:
         return {"min_island_mm3": self.min_island_mm3, "largest_component": self.largest_component,
-                "fill_holes": self.fill_holes}
+                "fill_holes": self.fill_holes, "single_object": list(self.single_object)}
 
 
 def cleanup_labels(labels: np.ndarray, num_classes: int, spacing_zyx=(1.0, 1.0, 1.0),
@@ -402,10 +414,11 @@ def cleanup_labels(labels: np.ndarray, num_classes: int, spacing_zyx=(1.0, 1.0, 
         img = sitk.GetImageFromArray(sub)
         img.SetSpacing([float(s) for s in spacing_zyx[::-1]])
         keep = img
-        if min_vox or opts.largest_component:
+        largest = opts.largest_component or k in opts.single_object
+        if min_vox or largest:
             cc = sitk.ConnectedComponent(img, False)
             cc = sitk.RelabelComponent(cc, minimumObjectSize=min_vox, sortByObjectSize=True)
-            keep = (cc == 1) if opts.largest_component else (cc > 0)
+            keep = (cc == 1) if largest else (cc > 0)
         if opts.fill_holes:
             keep = sitk.BinaryFillhole(sitk.Cast(keep, sitk.sitkUInt8), fullyConnected=False, foregroundValue=1)
         new = sitk.GetArrayViewFromImage(keep).astype(bool)

@@ -467,7 +467,11 @@ def teacher_pseudo_labels(probs: np.ndarray, transfer: TransferSet, threshold: f
     Returns
     -------
     ``(targets, info)``: ``targets`` ``(N, S, S)`` int16 in ``-1..K`` (``-1`` = ignore; padding is
-    ``-1``); ``info`` counts the pixels removed by the 3D filter and ignored by the threshold.
+    ``-1``); ``info`` counts the pixels removed by the 3D filter and ignored by the threshold, and
+    ``objects`` gives per class the largest number, over the scans where the class is labelled,
+    of the teacher's 3D objects that the user's labels touch (0: never labelled). A class whose
+    labels touch one object in every scan is one object (liver, a kidney): see
+    :func:`single_object_classes`.
     """
     from scipy import ndimage
 
@@ -482,6 +486,7 @@ def teacher_pseudo_labels(probs: np.ndarray, transfer: TransferSet, threshold: f
         targets[start:start + batch] = t
     ignored = int((targets < 0).sum())
     removed = {name: 0 for name in range(1, k + 1)}
+    objects = {name: 0 for name in range(1, k + 1)}
     if consistency_3d and transfer.case_index is not None:
         cases = sorted({int(c) for c in transfer.case_index.tolist() if c >= 0})
         for c in cases:
@@ -497,6 +502,7 @@ def teacher_pseudo_labels(probs: np.ndarray, transfer: TransferSet, threshold: f
                 drawn = lab == cls
                 if drawn.any():
                     keep_ids = [int(i) for i in np.unique(comp[drawn & mask]) if i > 0]
+                    objects[cls] = max(objects[cls], len(keep_ids))
                 else:  # no label of this class in this scan: its largest object
                     keep_ids = [int(np.argmax(np.bincount(comp.ravel())[1:])) + 1]
                 drop = mask & ~np.isin(comp, keep_ids)
@@ -509,7 +515,19 @@ def teacher_pseudo_labels(probs: np.ndarray, transfer: TransferSet, threshold: f
     lab_rows = transfer.labelled
     targets[lab_rows] = transfer.labels[lab_rows].to(torch.int16)
     targets[~transfer.valid] = -1
-    return targets, {"ignored_pixels": ignored, "removed_by_3d_filter": removed}
+    return targets, {"ignored_pixels": ignored, "removed_by_3d_filter": removed, "objects": objects}
+
+
+def single_object_classes(pseudo_info: dict | None) -> list[int]:
+    """Classes (indices ``1..K``) that are one 3D object in the training scans: in every scan
+    where the user labelled the class, the labels touch exactly one connected object of the
+    teacher's prediction (``objects == 1`` in :func:`teacher_pseudo_labels`' info). For these,
+    ``tskd segment`` keeps only the largest connected component (as nnU-Net's post-processing
+    keeps it for classes where that helps on validation, Isensee et al., Nat Methods 2021); on
+    CHAOS MR it removes the false organs a model paints on other scans (benchmarks/RESULTS.md,
+    section 6). Empty without pseudo-label info (e.g. a student trained from labels only)."""
+    objects = (pseudo_info or {}).get("objects") or {}
+    return sorted(int(c) for c, n in objects.items() if int(n) == 1)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -17,6 +17,11 @@ Scores, per class, Dice and HD95 (mm):
 - ``other``: on every slice of each held-out scan, after training on one scan (one experiment per
   training scan) or on several (``--train-groups``).
 
+Each model's prediction is also scored after the 3D clean-up ``tskd segment`` applies by default
+(islands under 50 mm^3 removed, holes filled, the largest component kept for the classes the
+training run finds to be one object: :func:`TSKDLib.distillation.distill.single_object_classes`),
+as method ``<method>+post``: what the user gets from the exported model.
+
 One experiment = (training scans, seed). Its teacher, teacher outputs and prepared slices are kept
 in ``WORK/`` (``--work-dir``), so a rerun with other distillation settings reuses them (the
 teacher is the slow part on a CPU). HD95 on the unlabelled slices is computed on the volume with
@@ -285,6 +290,13 @@ class _Scorer:
         self.group_name = "+".join(c.name for c in self.train_cases)
         self.dataset, self.tests, self.seed, self.cfg, self.rows = dataset, tests, seed, cfg, rows
         self.k, self.names = class_map.num_classes, class_map.names
+        self.post_classes: tuple[int, ...] | None = None  # set: also score "<method>+post"
+
+    def _post(self, pred: np.ndarray, case) -> np.ndarray:
+        """``tskd segment``'s default 3D clean-up of a ``(N, H, W)`` prediction."""
+        from TSKDLib.deploy.inference import Cleanup, cleanup_labels
+        return cleanup_labels(pred, self.k, _spacing(case),
+                              Cleanup(min_island_mm3=50.0, fill_holes=True, single_object=self.post_classes))
 
     def add(self, method: str, case, region: str, scores: dict) -> None:
         for cls, s in scores.items():
@@ -297,14 +309,22 @@ class _Scorer:
         for ci, case in enumerate(self.train_cases):
             pred = predict_case_fn(ci, case)
             masks = region_masks(case.num_slices, self.picks[case.name])
-            for region, scores in score_regions(pred, case.label_slices(), self.k, _spacing(case), masks).items():
-                self.add(method, case, region, scores)
+            for name, p in self._variants(method, pred, case):
+                for region, scores in score_regions(p, case.label_slices(), self.k, _spacing(case), masks).items():
+                    self.add(name, case, region, scores)
 
     def other(self, method: str, proba: Callable) -> None:
         """``proba``: a slice-batch probability function, run on each other scan."""
         for case in self.tests:
-            self.add(method, case, "other",
-                     dice_hd95(_predict(proba, case, self.cfg.size), case.label_slices(), self.k, _spacing(case)))
+            for name, p in self._variants(method, _predict(proba, case, self.cfg.size), case):
+                self.add(name, case, "other", dice_hd95(p, case.label_slices(), self.k, _spacing(case)))
+
+    def _variants(self, method: str, pred: np.ndarray, case) -> list[tuple[str, np.ndarray]]:
+        """The raw prediction, and (models only, when ``post_classes`` is set) the clean-up ``tskd
+        segment`` applies by default, scored as ``<method>+post``."""
+        if self.post_classes is None or method == "fill_between":
+            return [(method, pred)]
+        return [(method, pred), (f"{method}+post", self._post(pred, case))]
 
 
 def _run_methods(ex: _Experiment, scorer: _Scorer, cfg: SparseConfig, out: Path, timings: dict) -> None:
@@ -317,11 +337,15 @@ def _run_methods(ex: _Experiment, scorer: _Scorer, cfg: SparseConfig, out: Path,
     if "fill_between" in cfg.methods:
         scorer.within("fill_between", lambda ci, case: fill_between_slices(case.label_slices(),
                                                                              scorer.picks[case.name]))
+    dcfg = ex.stage["distillation"]
+    if set(cfg.methods) & {"teacher", "task_agnostic", "tskd_nosyn", "tskd"}:  # one-object classes, as training finds them
+        from TSKDLib.distillation.distill import single_object_classes, teacher_pseudo_labels
+        info = teacher_pseudo_labels(ex.cache.probs, TransferSet.build(ex.slices), dcfg.pseudo_threshold)[1]
+        scorer.post_classes = tuple(single_object_classes(info))
     if "teacher" in cfg.methods:
         scorer.within("teacher", lambda ci, case: _predict(ex.teacher_proba_for_case(ci), case, cfg.size))
         if cfg.teacher_other:
             scorer.other("teacher", lambda x: ex.teacher.predict_proba(x))
-    dcfg = ex.stage["distillation"]
     for method in ("scratch", "task_agnostic", "tskd_nosyn", "tskd"):
         if method not in cfg.methods:
             continue
@@ -380,8 +404,9 @@ def _write(out: Path, rows: list[dict], timings: dict, name: str) -> None:
     write_csv(out / "results.csv", rows)
     s = summarise_sparse(rows)
     classes = list(dict.fromkeys(r["class"] for r in rows))
-    methods = [m for m in SPARSE_METHODS if any(k[0] == m for k in s)]
-    lines = [f"# {name}: sparse-slice benchmark", ""]
+    methods = [m + post for m in SPARSE_METHODS for post in ("", "+post") if any(k[0] == m + post for k in s)]
+    lines = [f"# {name}: sparse-slice benchmark", "",
+             "`+post`: after the 3D clean-up `tskd segment` applies by default (the exported model's output).", ""]
     for region in REGIONS:
         if not any(k[1] == region for k in s):
             continue

@@ -572,7 +572,8 @@ class _Job:
             meta = _model_metadata(cfg, run, prepared, teacher.meta, summary)
             export_model_package(student, run.model_dir, prepared.slices.class_map, prepared.info["normalization"],
                                  input_size=prepared.slices.size, slice_axis=cfg.data.axis, overwrite=True,
-                                 acquisition=_acquisition_of(prepared.info), **meta)
+                                 acquisition=_acquisition_of(prepared.info),
+                                 postprocessing=_postprocessing(prepared.slices.class_map.names, summary), **meta)
             progress.update(1)
             progress.stage_end({})
         self._stage("export", [run.model_dir / "model_card.json"], produce, lambda: None)
@@ -582,6 +583,16 @@ class _Job:
             st["finished"] = True
             run.write_state(st)
         self.distributed.run_on_main(finish)
+
+
+def _postprocessing(names: Sequence[str], summary: dict) -> dict:
+    """The model card's ``postprocessing`` entry: the one-object classes (the user's labels touch
+    one 3D object of the teacher in every scan), whose largest component ``tskd segment`` keeps."""
+    from TSKDLib.distillation.distill import single_object_classes
+    single = single_object_classes((summary.get("metrics") or {}).get("pseudo_labels"))
+    return {"largest_component": [names[c - 1] for c in single],
+            "note": "tskd segment keeps only the largest 3D connected component of these classes "
+                    "(--all-components keeps every component)"}
 
 
 def _teacher_val_per_class(meta: dict) -> list[float] | None:
@@ -727,7 +738,8 @@ def resolve_model_dir(path: str | Path) -> Path:
 
 def segment(model_dir: str | Path, images: Sequence[str | Path], out: str | Path, fmt: str | None = None,
             cleanup: bool = True, overwrite: bool = False, progress: ProgressReporter | None = None,
-            device: str | None = None, largest_component: bool = False, axis: str | None = None) -> list[dict]:
+            device: str | None = None, largest_component: bool = False, axis: str | None = None,
+            all_components: bool = False) -> list[dict]:
     """Segment scans with an exported student (onnxruntime; no PyTorch needed).
 
     Parameters
@@ -740,8 +752,10 @@ def segment(model_dir: str | Path, images: Sequence[str | Path], out: str | Path
         One image: an output file (``.nii.gz``, ``.nrrd``, ``.seg.nrrd``) or a folder. Several
         images: a folder; files are named ``<input name>.<fmt>`` (default ``seg.nrrd``).
     cleanup:
-        3D clean-up per class: remove islands under 50 mm^3 and fill enclosed holes
-        (``largest_component`` also keeps only the largest component of each class).
+        3D clean-up per class: remove islands under 50 mm^3, fill enclosed holes, and keep only the
+        largest connected component of the model's one-object classes (the card's
+        ``postprocessing.largest_component``; ``all_components`` keeps every component;
+        ``largest_component`` keeps only the largest one of every class).
     device:
         ``cpu`` forces the CPU provider; ``auto``/``cuda`` use CUDA when onnxruntime has it.
     axis:
@@ -765,7 +779,8 @@ def segment(model_dir: str | Path, images: Sequence[str | Path], out: str | Path
     out = Path(out)
     single_file = len(images) == 1 and out.name.lower().endswith(OUTPUT_SUFFIXES)
     fmt = (fmt or "seg.nrrd").lstrip(".")
-    clean = Cleanup(min_island_mm3=50.0, largest_component=largest_component, fill_holes=True) if cleanup else None
+    clean = Cleanup(min_island_mm3=50.0, largest_component=largest_component, fill_holes=True,
+                    single_object=() if all_components else pkg.single_object_classes) if cleanup else None
     results = []
     progress.stage_start("segment", len(images))
     for i, image in enumerate(images):

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from TSKDLib.data.case import prepare_slices
 from TSKDLib.distillation.distill import (DistillConfig, TeacherCache, TransferSet, distill, quality_gate,
-                             teacher_pseudo_labels)
+                                         single_object_classes, teacher_pseudo_labels)
 from TSKDLib.pipeline.progress import NullProgress
 from TSKDLib.evaluation.sparse_benchmark import region_masks, score_regions, sparse_slice_indices
 
@@ -103,6 +103,16 @@ def test_pseudo_labels_drop_disconnected_hallucinations(full64):
     off, _ = teacher_pseudo_labels(probs, transfer, threshold=0.9, consistency_3d=False)
     if organ_free:
         assert (off[far, 2:8, 2:8] == 2).all()
+    # the user's labels of each organ touch one object of the teacher: both are one-object classes
+    assert info["objects"] == {1: 1, 2: 1} and single_object_classes(info) == [1, 2]
+    # the user labels a second, separate spleen on a labelled slice: the spleen is not one object
+    two = full64.labels.clone()
+    two[6, 1:4, 1:4] = 2
+    assert not (ref[5:8, 0:5, 0:5] > 0).any()
+    sl2 = full64.with_labelled(labelled)
+    sl2.labels = torch.where(sl2.labels >= 0, two, sl2.labels)
+    _, info2 = teacher_pseudo_labels(_probs_from(two, k1), TransferSet.build(sl2), threshold=0.9)
+    assert info2["objects"][2] == 2 and single_object_classes(info2) == [1]
 
 
 def test_pseudo_distillation_learns_the_small_organ_and_stops_on_evidence(full64, tmp_path):
@@ -190,7 +200,7 @@ def test_sparse_benchmark_runs_every_student_method_on_a_real_scan(ct_case, tmp_
                                      "batch_size": 2})
     out = run_sparse_benchmark([ct_case], cfg, tmp_path / "out", NullProgress())
     rows = list(csv.DictReader((tmp_path / "out" / "results.csv").open()))
-    assert rows and {r["method"] for r in rows} == set(methods)
+    assert rows and {r["method"] for r in rows} == set(methods) | {m + "+post" for m in methods if m != "fill_between"}
     assert {r["region"] for r in rows} == {"within", "between", "outside"}
     assert {r["class"] for r in rows} == {"liver", "spleen"}
     dice = {(r["method"], r["region"], r["class"]): float(r["dice"]) for r in rows}

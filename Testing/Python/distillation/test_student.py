@@ -398,3 +398,10 @@ def test_cleanup_removes_islands_keeps_largest_fills_holes(ct_case):
     assert (out[5:7, 10:13, 10:13] == 0).all() and out[cz, cy, cx] == 1
     assert np.array_equal(out == 2, gt == 2)  # other class untouched
     assert cleanup_labels(noisy, 2, spacing, None) is noisy
+    island = noisy.copy()
+    sz, sy, sx = (int(np.median(v)) for v in np.nonzero(gt == 2))
+    island[5:7, 10:13, 10:13] = 1
+    island[0:2, 0:3, 0:3] = 2  # a spleen island in a corner
+    out = cleanup_labels(island, 2, spacing, Cleanup(single_object=(1,)))  # liver is one object
+    assert (out[5:7, 10:13, 10:13] == 0).all() and (out[0:2, 0:3, 0:3] == 2).all()
+    assert out[sz, sy, sx] == 2 and Cleanup(single_object=(1,)).active
