@@ -3,8 +3,9 @@
 Liang et al. (arXiv 2503.06976) fine-tune the foundation model on the target task with LoRA
 before distillation, supervised by the few labelled images. Here: Dice + cross-entropy on the
 K+1 class probabilities of :func:`~TSKDLib.teacher.model.class_probabilities`, AdamW, linear
-warm-up then cosine decay, validation Dice on a held-out part of the labelled slices with early
-stopping, and resumable checkpoints.
+warm-up then cosine decay, validation Dice on the labelled slices farthest from the others with
+early stopping, then a refit on every labelled slice (``TeacherConfig.refit``), and resumable
+checkpoints.
 """
 
 from __future__ import annotations
@@ -424,6 +425,9 @@ def finetune_teacher(teacher: TaskSpecificTeacher, train_samples, config: Teache
     ``best_val_dice``, ``stopped_early``,
     ``steps_run``, ``seconds_per_step``, ``cached_embeddings``, ``train_indices``,
     ``val_indices``, ``resumed_from``. ``teacher.validation`` receives the best figures.
+    With ``config.refit`` (and held-out slices, no explicit ``val_samples``) the returned teacher
+    is the refit on every labelled slice; ``history["refit"]`` is that run's history and
+    ``teacher.validation`` adds ``refit_slices`` and ``refit_steps``.
 
     Raises
     ------
