@@ -469,9 +469,11 @@ def teacher_pseudo_labels(probs: np.ndarray, transfer: TransferSet, threshold: f
     ``(targets, info)``: ``targets`` ``(N, S, S)`` int16 in ``-1..K`` (``-1`` = ignore; padding is
     ``-1``); ``info`` counts the pixels removed by the 3D filter and ignored by the threshold, and
     ``objects`` gives per class the largest number, over the scans where the class is labelled,
-    of the teacher's 3D objects that the user's labels touch (0: never labelled). A class whose
-    labels touch one object in every scan is one object (liver, a kidney): see
-    :func:`single_object_classes`.
+    of 3D objects (6-connected components of the user's labels joined with the teacher's argmax
+    of the class) that hold the user's labels (0: never labelled). A class whose labels form one
+    object in every scan is one object (liver, a kidney): see :func:`single_object_classes`.
+    (Joined with the labels, the specks of the teacher's argmax on a labelled slice do not count
+    as objects of their own.)
     """
     from scipy import ndimage
 
@@ -495,14 +497,15 @@ def teacher_pseudo_labels(probs: np.ndarray, transfer: TransferSet, threshold: f
             arg = np.stack([np.asarray(probs[int(r)], dtype=np.float32).argmax(0) for r in rows])
             lab = transfer.labels[rows].numpy()
             for cls in range(1, k + 1):
-                mask = arg == cls
+                mask, drawn = arg == cls, lab == cls
+                if drawn.any():  # objects: the user's labels joined through the teacher's prediction
+                    joined = ndimage.label(mask | drawn)[0]
+                    objects[cls] = max(objects[cls], int(np.count_nonzero(np.unique(joined[drawn]))))
                 if not mask.any():
                     continue
                 comp, m = ndimage.label(mask)
-                drawn = lab == cls
                 if drawn.any():
                     keep_ids = [int(i) for i in np.unique(comp[drawn & mask]) if i > 0]
-                    objects[cls] = max(objects[cls], len(keep_ids))
                 else:  # no label of this class in this scan: its largest object
                     keep_ids = [int(np.argmax(np.bincount(comp.ravel())[1:])) + 1]
                 drop = mask & ~np.isin(comp, keep_ids)
@@ -520,8 +523,8 @@ def teacher_pseudo_labels(probs: np.ndarray, transfer: TransferSet, threshold: f
 
 def single_object_classes(pseudo_info: dict | None) -> list[int]:
     """Classes (indices ``1..K``) that are one 3D object in the training scans: in every scan
-    where the user labelled the class, the labels touch exactly one connected object of the
-    teacher's prediction (``objects == 1`` in :func:`teacher_pseudo_labels`' info). For these,
+    where the user labelled the class, its labels joined through the teacher's prediction form
+    exactly one connected object (``objects == 1`` in :func:`teacher_pseudo_labels`' info). For these,
     ``tskd segment`` keeps only the largest connected component (as nnU-Net's post-processing
     keeps it for classes where that helps on validation, Isensee et al., Nat Methods 2021); on
     CHAOS MR it removes the false organs a model paints on other scans (benchmarks/RESULTS.md,
