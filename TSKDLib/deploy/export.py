@@ -131,7 +131,7 @@ def export_model_package(model: torch.nn.Module, out_dir: str | Path, class_map:
         :func:`TSKDLib.distillation.student.describe_student`.
     postprocessing:
         Model-card entry ``{"largest_component": [class names]}``: the classes of which ``tskd
-        segment`` keeps the largest 3D connected component (one-object classes,
+        segment`` removes the components under a fifth of the largest one (one-object classes,
         :func:`TSKDLib.distillation.distill.single_object_classes`).
     overwrite:
         Replace an existing package (the old one is removed only after the new one is in place).

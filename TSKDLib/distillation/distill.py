@@ -525,10 +525,10 @@ def single_object_classes(pseudo_info: dict | None) -> list[int]:
     """Classes (indices ``1..K``) that are one 3D object in the training scans: in every scan
     where the user labelled the class, its labels joined through the teacher's prediction form
     exactly one connected object (``objects == 1`` in :func:`teacher_pseudo_labels`' info). For these,
-    ``tskd segment`` keeps only the largest connected component (as nnU-Net's post-processing
-    keeps it for classes where that helps on validation, Isensee et al., Nat Methods 2021); on
-    CHAOS MR it removes the false organs a model paints on other scans (benchmarks/RESULTS.md,
-    section 6). Empty without pseudo-label info (e.g. a student trained from labels only)."""
+    ``tskd segment`` removes the components smaller than a fifth of the largest one (in the spirit
+    of nnU-Net's post-processing, which keeps the largest component of classes where that helps
+    on validation, Isensee et al., Nat Methods 2021); on CHAOS MR it removes the false organ
+    fragments a model paints (benchmarks/RESULTS.md, section 6). Empty without pseudo-label info (e.g. a student trained from labels only)."""
     objects = (pseudo_info or {}).get("objects") or {}
     return sorted(int(c) for c, n in objects.items() if int(n) == 1)
 

@@ -18,8 +18,8 @@ Scores, per class, Dice and HD95 (mm):
   training scan) or on several (``--train-groups``).
 
 Each model's prediction is also scored after the 3D clean-up ``tskd segment`` applies by default
-(islands under 50 mm^3 removed, holes filled, the largest component kept for the classes the
-training run finds to be one object: :func:`TSKDLib.distillation.distill.single_object_classes`),
+(islands under 50 mm^3 removed, holes filled, components under a fifth of the largest removed
+for the classes the training run finds to be one object: :func:`TSKDLib.distillation.distill.single_object_classes`),
 as method ``<method>+post``: what the user gets from the exported model.
 
 One experiment = (training scans, seed). Its teacher, teacher outputs and prepared slices are kept

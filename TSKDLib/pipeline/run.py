@@ -587,12 +587,13 @@ class _Job:
 
 def _postprocessing(names: Sequence[str], summary: dict) -> dict:
     """The model card's ``postprocessing`` entry: the one-object classes (the user's labels touch
-    one 3D object of the teacher in every scan), whose largest component ``tskd segment`` keeps."""
+    one 3D object of the teacher in every scan): ``tskd segment`` removes their components smaller
+    than a fifth of the largest one."""
     from TSKDLib.distillation.distill import single_object_classes
     single = single_object_classes((summary.get("metrics") or {}).get("pseudo_labels"))
     return {"largest_component": [names[c - 1] for c in single],
-            "note": "tskd segment keeps only the largest 3D connected component of these classes "
-                    "(--all-components keeps every component)"}
+            "note": "one 3D object each in the training scans: tskd segment removes their connected "
+                    "components smaller than a fifth of the largest one (--all-components keeps all)"}
 
 
 def _teacher_val_per_class(meta: dict) -> list[float] | None:
@@ -753,7 +754,7 @@ def segment(model_dir: str | Path, images: Sequence[str | Path], out: str | Path
         images: a folder; files are named ``<input name>.<fmt>`` (default ``seg.nrrd``).
     cleanup:
         3D clean-up per class: remove islands under 50 mm^3, fill enclosed holes, and keep only the
-        largest connected component of the model's one-object classes (the card's
+        components under a fifth of the largest one of the model's one-object classes (the card's
         ``postprocessing.largest_component``; ``all_components`` keeps every component;
         ``largest_component`` keeps only the largest one of every class).
     device:

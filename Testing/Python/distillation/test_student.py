@@ -405,3 +405,12 @@ def test_cleanup_removes_islands_keeps_largest_fills_holes(ct_case):
     out = cleanup_labels(island, 2, spacing, Cleanup(single_object=(1,)))  # liver is one object
     assert (out[5:7, 10:13, 10:13] == 0).all() and (out[0:2, 0:3, 0:3] == 2).all()
     assert out[sz, sy, sx] == 2 and Cleanup(single_object=(1,)).active
+    # a second part of at least a fifth of the largest stays (it may be the real organ)
+    big = island.copy()
+    side = int(np.ceil(np.sqrt(0.3 * int((gt == 1).sum()) / gt.shape[0])))  # a slab of 30 % of the liver
+    big[:, -side:, -side:] = 1
+    assert not (gt[:, -side - 1:, -side - 1:] == 1).any()
+    out = cleanup_labels(big, 2, spacing, Cleanup(single_object=(1,)))
+    assert (out[:, -side:, -side:] == 1).all() and (out[5:7, 10:13, 10:13] == 0).all()
+    out = cleanup_labels(big, 2, spacing, Cleanup(single_object=(1,), single_object_fraction=0.5))
+    assert (out[:, -side:, -side:] == 0).all()
