@@ -149,7 +149,7 @@ def add_pipeline_commands(sub) -> None:
                    help="keep only the largest connected component of each class")
     s.add_argument("--all-components", action="store_true",
                    help="keep every connected component, also of the classes the model learnt as one "
-                        "object (model_card.json postprocessing.largest_component)")
+                        "object (model_card.json postprocessing.one_object)")
     add_axis_argument(s, default=None, help="the model's slice axis (recorded in the model package); giving "
                       "another one is an error")
     s.set_defaults(func=cmd_segment)

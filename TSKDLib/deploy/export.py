@@ -130,7 +130,7 @@ def export_model_package(model: torch.nn.Module, out_dir: str | Path, class_map:
         Model-card entries (``validation`` as ``{"dice": {...}}``); ``student`` defaults to
         :func:`TSKDLib.distillation.student.describe_student`.
     postprocessing:
-        Model-card entry ``{"largest_component": [class names]}``: the classes of which ``tskd
+        Model-card entry ``{"one_object": [class names], ...}``: the classes of which ``tskd
         segment`` removes the components under a fifth of the largest one (one-object classes,
         :func:`TSKDLib.distillation.distill.single_object_classes`).
     overwrite:
@@ -172,7 +172,7 @@ def export_model_package(model: torch.nn.Module, out_dir: str | Path, class_map:
             _check_onnx(tmp / "model.onnx", probe, ref, out_dir)
         card = _model_card(name or out_dir.name, class_map, size, slice_axis, acquisition, normalization,
                            student, training, validation, teacher)
-        card["postprocessing"] = _jsonable(postprocessing or {"largest_component": []})
+        card["postprocessing"] = _jsonable(postprocessing or {"one_object": []})
         card["files"] = {f.name: sha256_file(f) for f in sorted(tmp.iterdir()) if f.is_file()}
         (tmp / "model_card.json").write_text(json.dumps(card, indent=1))
     return out_dir

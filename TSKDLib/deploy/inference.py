@@ -86,12 +86,17 @@ class ModelPackage:
         return self.class_map.num_classes
 
     @property
+    def one_object_fraction(self) -> float:
+        """The card's ``postprocessing.min_fraction`` (default :data:`ONE_OBJECT_MIN_FRACTION`)."""
+        return float((self.card.get("postprocessing") or {}).get("min_fraction", ONE_OBJECT_MIN_FRACTION))
+
+    @property
     def single_object_classes(self) -> tuple[int, ...]:
         """Class indices (1..K) that were one 3D object in the training scans (the card's
-        ``postprocessing.largest_component`` names): ``tskd segment`` removes their components
+        ``postprocessing.one_object`` names): ``tskd segment`` removes their components
         smaller than a fifth of the largest (:class:`Cleanup`). Empty for packages that do not
         record it."""
-        names = ((self.card.get("postprocessing") or {}).get("largest_component")) or []
+        names = ((self.card.get("postprocessing") or {}).get("one_object")) or []
         return tuple(i + 1 for i, n in enumerate(self.class_map.names) if n in names)
 
     @property
@@ -348,6 +353,11 @@ class NumpyResizer:
 # ------------------------------------------------------------------------------------------------
 # 3D clean-up
 # ------------------------------------------------------------------------------------------------
+#: One-object classes: components smaller than this fraction of the class's largest are removed
+#: (benchmarks/RESULTS.md, section 6; :class:`Cleanup`).
+ONE_OBJECT_MIN_FRACTION = 0.2
+
+
 @dataclass
 class Cleanup:
     """Per-class 3D post-processing (SimpleITK), applied in this order.
@@ -376,7 +386,7 @@ class Cleanup:
     largest_component: bool = False
     fill_holes: bool = False
     single_object: tuple[int, ...] = ()
-    single_object_fraction: float = 0.2
+    single_object_fraction: float = ONE_OBJECT_MIN_FRACTION
 
     @property
     def active(self) -> bool:

@@ -586,12 +586,13 @@ class _Job:
 
 
 def _postprocessing(names: Sequence[str], summary: dict) -> dict:
-    """The model card's ``postprocessing`` entry: the one-object classes (the user's labels touch
-    one 3D object of the teacher in every scan): ``tskd segment`` removes their components smaller
-    than a fifth of the largest one."""
+    """The model card's ``postprocessing`` entry: the one-object classes (the user's labels, joined
+    through the teacher's prediction, form one 3D object in every scan): ``tskd segment`` removes
+    their components smaller than a fifth (``min_fraction``) of the largest one."""
+    from TSKDLib.deploy.inference import ONE_OBJECT_MIN_FRACTION
     from TSKDLib.distillation.distill import single_object_classes
     single = single_object_classes((summary.get("metrics") or {}).get("pseudo_labels"))
-    return {"largest_component": [names[c - 1] for c in single],
+    return {"one_object": [names[c - 1] for c in single], "min_fraction": ONE_OBJECT_MIN_FRACTION,
             "note": "one 3D object each in the training scans: tskd segment removes their connected "
                     "components smaller than a fifth of the largest one (--all-components keeps all)"}
 
@@ -753,9 +754,9 @@ def segment(model_dir: str | Path, images: Sequence[str | Path], out: str | Path
         One image: an output file (``.nii.gz``, ``.nrrd``, ``.seg.nrrd``) or a folder. Several
         images: a folder; files are named ``<input name>.<fmt>`` (default ``seg.nrrd``).
     cleanup:
-        3D clean-up per class: remove islands under 50 mm^3, fill enclosed holes, and keep only the
+        3D clean-up per class: remove islands under 50 mm^3, fill enclosed holes, and remove the
         components under a fifth of the largest one of the model's one-object classes (the card's
-        ``postprocessing.largest_component``; ``all_components`` keeps every component;
+        ``postprocessing.one_object``; ``all_components`` keeps every component;
         ``largest_component`` keeps only the largest one of every class).
     device:
         ``cpu`` forces the CPU provider; ``auto``/``cuda`` use CUDA when onnxruntime has it.
@@ -781,7 +782,8 @@ def segment(model_dir: str | Path, images: Sequence[str | Path], out: str | Path
     single_file = len(images) == 1 and out.name.lower().endswith(OUTPUT_SUFFIXES)
     fmt = (fmt or "seg.nrrd").lstrip(".")
     clean = Cleanup(min_island_mm3=50.0, largest_component=largest_component, fill_holes=True,
-                    single_object=() if all_components else pkg.single_object_classes) if cleanup else None
+                    single_object=() if all_components else pkg.single_object_classes,
+                    single_object_fraction=pkg.one_object_fraction) if cleanup else None
     results = []
     progress.stage_start("segment", len(images))
     for i, image in enumerate(images):

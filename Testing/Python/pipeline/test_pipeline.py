@@ -103,7 +103,7 @@ def test_train_segment_reload(finished_run, tmp_path):
     assert gate["passed"] is False and card["validation"]["warnings"] == gate["warnings"]
     assert any("fits the labelled slices of 'liver' poorly" in w for w in gate["warnings"])
     # one-object classes: no 3D component under a fifth of the largest, unless --all-components
-    single = card["postprocessing"]["largest_component"]
+    single = card["postprocessing"]["one_object"]
     assert set(single) <= set(CLASSES)
     from scipy import ndimage
     values = {c["name"]: c["value"] for c in card["classes"]}
