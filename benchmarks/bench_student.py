@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -128,7 +127,7 @@ t_start = time.perf_counter()
 import TSKDLib.deploy.inference as inf
 t_imp = time.perf_counter()
 timings = {}
-inf.segment_file(sys.argv[1], sys.argv[2], sys.argv[3], overwrite=True, cleanup=inf.Cleanup(min_island_mm3=50.0, fill_holes=True),
+inf.segment_file(sys.argv[1], sys.argv[2], sys.argv[3], overwrite=True, cleanup=inf.Cleanup.segment_default(),
                  timings=timings)
 t_end = time.perf_counter()
 print(json.dumps({"seconds": t_end - t_imp, "seconds_with_imports": t_end - t_start, "timings": timings,

@@ -388,6 +388,16 @@ class Cleanup:
     single_object: tuple[int, ...] = ()
     single_object_fraction: float = ONE_OBJECT_MIN_FRACTION
 
+    @classmethod
+    def segment_default(cls, single_object: tuple[int, ...] = (),
+                        single_object_fraction: float = ONE_OBJECT_MIN_FRACTION,
+                        largest_component: bool = False) -> "Cleanup":
+        """The clean-up ``tskd segment`` applies unless ``--no-cleanup``: islands under 50 mm^3
+        removed, enclosed holes filled, and the one-object classes' small parts removed (the
+        sparse-slice benchmark's ``+post`` scores use it too)."""
+        return cls(min_island_mm3=50.0, largest_component=largest_component, fill_holes=True,
+                   single_object=tuple(single_object), single_object_fraction=single_object_fraction)
+
     @property
     def active(self) -> bool:
         return self.min_island_mm3 > 0 or self.largest_component or self.fill_holes or bool(self.single_object)

@@ -524,11 +524,12 @@ def teacher_pseudo_labels(probs: np.ndarray, transfer: TransferSet, threshold: f
 def single_object_classes(pseudo_info: dict | None) -> list[int]:
     """Classes (indices ``1..K``) that are one 3D object in the training scans: in every scan
     where the user labelled the class, its labels joined through the teacher's prediction form
-    exactly one connected object (``objects == 1`` in :func:`teacher_pseudo_labels`' info). For these,
-    ``tskd segment`` removes the components smaller than a fifth of the largest one (in the spirit
+    exactly one connected object (``objects == 1`` in :func:`teacher_pseudo_labels`' info). For
+    these, ``tskd segment`` removes the components smaller than a fifth of the largest one (in the spirit
     of nnU-Net's post-processing, which keeps the largest component of classes where that helps
     on validation, Isensee et al., Nat Methods 2021); on CHAOS MR it removes the false organ
-    fragments a model paints (benchmarks/RESULTS.md, section 6). Empty without pseudo-label info (e.g. a student trained from labels only)."""
+    fragments a model paints (benchmarks/RESULTS.md, section 6). Empty without pseudo-label info
+    (e.g. a student trained from labels only)."""
     objects = (pseudo_info or {}).get("objects") or {}
     return sorted(int(c) for c, n in objects.items() if int(n) == 1)
 

@@ -295,8 +295,7 @@ class _Scorer:
     def _post(self, pred: np.ndarray, case) -> np.ndarray:
         """``tskd segment``'s default 3D clean-up of a ``(N, H, W)`` prediction."""
         from TSKDLib.deploy.inference import Cleanup, cleanup_labels
-        return cleanup_labels(pred, self.k, _spacing(case),
-                              Cleanup(min_island_mm3=50.0, fill_holes=True, single_object=self.post_classes))
+        return cleanup_labels(pred, self.k, _spacing(case), Cleanup.segment_default(self.post_classes))
 
     def add(self, method: str, case, region: str, scores: dict) -> None:
         for cls, s in scores.items():

@@ -781,9 +781,8 @@ def segment(model_dir: str | Path, images: Sequence[str | Path], out: str | Path
     out = Path(out)
     single_file = len(images) == 1 and out.name.lower().endswith(OUTPUT_SUFFIXES)
     fmt = (fmt or "seg.nrrd").lstrip(".")
-    clean = Cleanup(min_island_mm3=50.0, largest_component=largest_component, fill_holes=True,
-                    single_object=() if all_components else pkg.single_object_classes,
-                    single_object_fraction=pkg.one_object_fraction) if cleanup else None
+    clean = Cleanup.segment_default(() if all_components else pkg.single_object_classes, pkg.one_object_fraction,
+                                    largest_component) if cleanup else None
     results = []
     progress.stage_start("segment", len(images))
     for i, image in enumerate(images):
