@@ -104,7 +104,6 @@ def main(argv=None) -> int:
         K = slices.class_map.num_classes
         _, real_stats = label_images(slices.images, proba, K, 8)
         real_fg = float((real_stats["foreground_fraction"] > 0.002).float().mean())
-        half = len(slices) // 2
         ref = intensity_histogram_distance(slices.images[::2], slices.images[1::2])
         print(f"\n[{ds}] {len(slices)} real slices, K={K}; teacher {args.teacher}, fine-tune {t_teacher:.0f} s; "
               f"real-vs-real histogram TV {ref['tv']:.3f} W1 {ref['w1']:.4f}; teacher confidence on real "
