@@ -1115,14 +1115,15 @@ class TSKDSlicerLogic(ScriptedLoadableModuleLogic):
 
     def segmentRange(self, volumeNode, modelDir: str, first: int | None = None, last: int | None = None,
                      segmentationNode=None, segmentIds=None, masking=None, protect: bool = True,
-                     progress=None, cancelled=None, visibleIds=None) -> dict:
+                     progress=None, cancelled=None, visibleIds=None, cleanup=None) -> dict:
         """Segment slices ``first..last`` (model slice axis) in-process, in chunks.
 
         ``first``/``last`` None: the extent between the first and last slice labelled in the
         target segments. ``protect``: slices the user labelled or corrected are left as they are.
         ``progress(done, total)``, ``cancelled()``: see
-        :meth:`TSKDSlicerLib.inprocess.InteractiveSegmenter.segment`. One undo state. Returns its
-        report (``slices`` written, ``skipped``, ``warnings``)."""
+        :meth:`TSKDSlicerLib.inprocess.InteractiveSegmenter.segment`, as is ``cleanup`` (a
+        ``TSKDLib.deploy.inference.Cleanup`` applied in 3D to the range; default none). One undo
+        state. Returns its report (``slices`` written, ``skipped``, ``warnings``)."""
         from TSKDSlicerLib import interactive
 
         seg = self._targetSegmentation(volumeNode, modelDir, segmentationNode)
@@ -1137,15 +1138,27 @@ class TSKDSlicerLogic(ScriptedLoadableModuleLogic):
             first, last = last, first
         return self.interactive.segment(volumeNode, seg, modelDir, range(int(first), int(last) + 1),
                                         segmentIds=segmentIds, masking=masking, protect=protect,
-                                        progress=progress, cancelled=cancelled, visibleIds=visibleIds)
+                                        progress=progress, cancelled=cancelled, visibleIds=visibleIds,
+                                        cleanup=cleanup)
 
     def segmentWholeVolume(self, volumeNode, modelDir: str, segmentationNode=None, segmentIds=None, masking=None,
-                           protect: bool = True, progress=None, cancelled=None, visibleIds=None) -> dict:
-        """Every slice of the volume in-process (chunks, ``progress``/``cancelled`` as in
-        :meth:`segmentRange`); user-labelled and corrected slices are kept when ``protect``."""
-        pred = self.interactive.predictor(volumeNode, modelDir)
+                           protect: bool = True, progress=None, cancelled=None, visibleIds=None,
+                           cleanup: bool = True) -> dict:
+        """Every slice of the volume in-process (``progress``/``cancelled`` as in
+        :meth:`segmentRange`); user-labelled and corrected slices are kept when ``protect``.
+
+        ``cleanup``: the 3D clean-up ``tskd segment`` applies by default (islands under 50 mm^3,
+        enclosed holes, the model card's one-object classes:
+        ``TSKDLib.deploy.inference.Cleanup.segment_default``), so the labels equal ``tskd
+        segment``'s; every slice is predicted before anything is written (a Cancel writes
+        nothing). False: the model's raw labels, written chunk by chunk."""
+        pred = self.interactive.predictor(volumeNode, modelDir)  # also puts TSKDLib on sys.path
+        from TSKDLib.deploy.inference import Cleanup
+
+        pkg = self.interactive.package(modelDir)
+        clean = Cleanup.segment_default(pkg.single_object_classes, pkg.one_object_fraction) if cleanup else None
         return self.segmentRange(volumeNode, modelDir, 0, pred.num_slices - 1, segmentationNode, segmentIds,
-                                 masking, protect, progress, cancelled, visibleIds)
+                                 masking, protect, progress, cancelled, visibleIds, cleanup=clean)
 
     def undoLast(self, segmentationNode, volumeNode) -> str | None:
         """Undo the last in-process write into ``segmentationNode``; returns what was undone."""

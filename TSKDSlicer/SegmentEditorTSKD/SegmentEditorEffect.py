@@ -56,7 +56,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         return _("<html>Segment with a TSKD student trained on your slices (TSKD module). "
                  "<b>This slice</b> segments the slice shown in the Red view; <b>Range</b> the slices "
                  "from-to (empty: between the first and last labelled slice); <b>Whole volume</b> every "
-                 "slice. Only the selected segment is written (or every segment named like a model class), "
+                 "slice, with the 3D clean-up of tskd segment. Only the selected segment is written (or every segment named like a model class), "
                  "under the masking settings below; Ctrl+Z undoes. Slices you labelled or corrected are "
                  "never overwritten by Range, Whole volume or <b>Follow</b> (segments each slice you scroll "
                  "to). <b>Label next</b> jumps to the slice where the student is least sure. "
@@ -255,9 +255,10 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
 
         try:
             return fn(progress, lambda: dialog.wasCanceled)
-        except Cancelled:
-            return {"slices": [], "skipped": [], "warnings": [_("Cancelled: the slices done so far were kept "
-                                                                 "(Ctrl+Z removes them).")]}
+        except Cancelled as exc:
+            text = (_("Cancelled: the slices done so far were kept (Ctrl+Z removes them).") if exc.kept
+                    else _("Cancelled before anything was written: the segmentation is unchanged."))
+            return {"slices": [], "skipped": [], "warnings": [text]}
         finally:
             dialog.close()
 

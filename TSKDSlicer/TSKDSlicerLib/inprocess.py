@@ -295,7 +295,7 @@ class InteractiveSegmenter:
                 segmentIds: Sequence[str] | None = None, masking: Masking | None = None,
                 visibleIds: Sequence[str] | None = None, protect: bool = False, chunk: int = 16,
                 progress: Callable[[int, int], None] | None = None,
-                cancelled: Callable[[], bool] | None = None, label: str = "") -> dict:
+                cancelled: Callable[[], bool] | None = None, label: str = "", cleanup=None) -> dict:
         """Segment ``slices`` (indices along the model's slice axis) into ``segmentationNode``.
 
         Only ``segmentIds`` (default: every segment named like a model class) are written, each on
@@ -304,6 +304,13 @@ class InteractiveSegmenter:
         corrected are left untouched ("follow", ranges). Runs in slabs of ``chunk`` slices;
         ``progress(done, total)`` after each, :class:`Cancelled` when ``cancelled()`` (the
         slabs written so far stay and are part of the undo state). One undo state per call.
+
+        ``cleanup``: a :class:`TSKDLib.deploy.inference.Cleanup` (``tskd segment``'s default is
+        ``Cleanup.segment_default`` with the model card's one-object classes). Every slice is then
+        predicted first and each run of consecutive slices is cleaned in 3D before anything is
+        written, so the whole volume gets exactly the labels of ``tskd segment`` with the same
+        clean-up; ``progress`` counts the predicted slices, and a Cancel writes nothing
+        (:class:`Cancelled` with ``kept=False``; segments this call created are removed).
 
         Returns ``{"slices": written, "skipped": protected slices left alone, "axis",
         "segments": {segmentId: class}, "warnings"}``. Raises :class:`InteractiveError` (nothing
@@ -331,13 +338,23 @@ class InteractiveSegmenter:
         volume_array = pred.array
         need_others = masking is not None and (masking.editable != "everywhere" or masking.overwrite != "all") \
             or len(all_ids) > len(mapping)
+        cleaned = None
+        if cleanup is not None and cleanup.active:
+            try:
+                cleaned = self._predictCleaned(pred, slices, cleanup, progress, cancelled)
+            except Cancelled:
+                for sid in created:
+                    segmentation.RemoveSegment(sid)
+                raise Cancelled("Cancelled before anything was written: the segmentation is unchanged.",
+                                kept=False) from None
+            progress = None  # it counted the predictions; writing is quick
         try:
             done = 0
             for lo, hi in _runs(slices, chunk):
                 if cancelled is not None and cancelled():
                     raise Cancelled("cancelled")
                 run = list(range(lo, hi + 1))
-                labels_by_slice = pred.predict(run, batch_size=8)
+                labels_by_slice = cleaned if cleaned is not None else pred.predict(run, batch_size=8)
                 current = {sid: read_slab(segmentationNode, volumeNode, sid, axis, lo, hi)
                            for sid in (all_ids if need_others else mapping)}
                 predicted = {sid: np.stack([labels_by_slice[s] == k for s in run], axis=axis)
@@ -382,6 +399,34 @@ class InteractiveSegmenter:
                 self.undoStack(segmentationNode).push(undo)
         return {"slices": written, "skipped": skipped, "axis": axis, "segments": mapping,
                 "warnings": list(self.last_warnings)}
+
+    @staticmethod
+    def _predictCleaned(pred: interactive.SlicePredictor, slices: Sequence[int], cleanup,
+                        progress: Callable[[int, int], None] | None,
+                        cancelled: Callable[[], bool] | None) -> dict[int, np.ndarray]:
+        """Labels of ``slices`` (``{s: (rows, cols)}``, volume slice orientation) with ``cleanup``
+        applied in 3D to each run of consecutive slices, stacked on the volume grid ``(K, J, I)``
+        (connected components and hole filling do not depend on the axis order; the spacing,
+        mm, is the volume's). Raises :class:`Cancelled` when ``cancelled()``."""
+        from TSKDLib.deploy.inference import cleanup_labels
+
+        num_classes = len(pred.package.class_map.names)
+        sx, sy, sz = (float(v) for v in pred.image.GetSpacing())
+        out: dict[int, np.ndarray] = {}
+        done = 0
+        for lo, hi in _runs(slices, len(slices)):
+            run = list(range(lo, hi + 1))
+
+            def step(d, _t, base=done):
+                if progress is not None:
+                    progress(base + d, len(slices))
+
+            by_slice = pred.predict(run, batch_size=8, progress=step, cancelled=cancelled)
+            volume = cleanup_labels(np.stack([by_slice[s] for s in run], axis=pred.axis), num_classes,
+                                    (sz, sy, sx), cleanup)
+            out.update({s: np.take(volume, n, axis=pred.axis) for n, s in enumerate(run)})
+            done += len(run)
+        return out
 
     def _isProtected(self, tracker: CorrectionTracker, s: int, masks_now: dict) -> bool:
         if s in tracker.protected():

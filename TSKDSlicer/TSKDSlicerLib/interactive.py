@@ -33,7 +33,14 @@ class InteractiveError(RuntimeError):
 
 
 class Cancelled(RuntimeError):
-    """The user pressed Cancel; nothing after the last finished chunk was written."""
+    """The user pressed Cancel; nothing after the last finished chunk was written.
+
+    ``kept``: False when the operation stopped before writing anything (a whole-volume run with
+    3D clean-up predicts every slice before it writes), True when finished chunks were kept."""
+
+    def __init__(self, message: str = "cancelled", kept: bool = True):
+        super().__init__(message)
+        self.kept = kept
 
 
 def ensure_backend_importable(module_dir: str | None = None) -> None:

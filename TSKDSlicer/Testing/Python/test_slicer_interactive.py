@@ -257,6 +257,37 @@ def test_whole_volume_progress_cancel_and_undo(scene, package, segmenter, tmp_pa
     assert seg2.GetSegmentation().GetNumberOfSegments() == 0  # the segments it created are gone too
 
 
+def test_whole_volume_with_cleanup_equals_tskd_segment_and_cancel_writes_nothing(scene, package, segmenter,
+                                                                                 tmp_path):
+    """The effect's Whole volume (logic.segmentWholeVolume) cleans in 3D like ``tskd segment``:
+    oblique anisotropic volume under a transform, both classes one-object (a strong clean-up)."""
+    from TSKDLib.deploy.inference import Cleanup, segment_image
+
+    vol = _oblique_volume(scene)
+    clean = Cleanup.segment_default(single_object=(1, 2))
+    path = mrml_io.write_volume(vol, str(tmp_path / "vol.nrrd"))
+    ref = sitk.GetArrayFromImage(segment_image(package, path, cleanup=clean))
+    raw = sitk.GetArrayFromImage(segment_image(package, path))
+    assert np.count_nonzero(ref != raw) > 100, "the clean-up must change this model's labels"
+    n = segmenter.predictor(vol, package).num_slices
+    seg, _ = _labels_node(scene, vol, "cleaned")
+    seen = []
+    report = segmenter.segment(vol, seg, package, range(n), chunk=8, cleanup=clean,
+                               progress=lambda d, t: seen.append((d, t)))
+    assert report["slices"] == list(range(n)) and seen[-1] == (n, n)
+    np.testing.assert_array_equal(_labels(seg, vol), ref)
+    # Cancel during the predictions: nothing written, the segments it created are gone, no undo state
+    seg2, _ = _labels_node(scene, vol, "cancelled")
+    calls = []
+    depth = len(segmenter.undoStack(seg2))
+    with pytest.raises(interactive.Cancelled) as info:
+        segmenter.segment(vol, seg2, package, range(n), chunk=8, cleanup=clean,
+                          cancelled=lambda: calls.append(1) or len(calls) > 1)
+    assert info.value.kept is False
+    assert seg2.GetSegmentation().GetNumberOfSegments() == 0
+    assert len(segmenter.undoStack(seg2)) == depth
+
+
 def test_undo_restores_the_users_labels(scene, package, segmenter):
     vol = mrml_io.load_volume(scene, CT, "ct")
     seg, (liver, spleen) = _labels_node(scene, vol, segments=[("liver", (1, 0, 0)), ("spleen", (0, 1, 0))])
