@@ -275,6 +275,10 @@ class SliceSet:
     valid: ``(N, S, S)`` bool, False on padding.
     labelled: ``(N,)`` bool.
     case_index, slice_index: ``(N,)`` int64, which case and which canonical slice.
+    intensity: the :class:`~TSKDLib.data.preprocess.Normalization` kind of every scan in the set,
+        ``"window"`` (CT, HU window) or ``"percentile"`` (MR, ultrasound); None when unknown or
+        mixed. The distillation's MR intensity augmentation follows it
+        (:attr:`TSKDLib.distillation.distill.DistillConfig.mr_augment`).
     """
 
     images: torch.Tensor
@@ -286,6 +290,7 @@ class SliceSet:
     class_map: ClassMap
     case_names: list[str]
     subjects: list[str]
+    intensity: str | None = None
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -301,7 +306,7 @@ class SliceSet:
             idx = torch.nonzero(idx, as_tuple=False).flatten()
         return SliceSet(self.images[idx], self.labels[idx], self.valid[idx], self.labelled[idx],
                         self.case_index[idx], self.slice_index[idx], self.class_map,
-                        self.case_names, self.subjects)
+                        self.case_names, self.subjects, self.intensity)
 
     def labelled_subset(self) -> "SliceSet":
         """The labelled slices only."""
@@ -322,14 +327,15 @@ class SliceSet:
         """Atomic save as a torch file (tensors + class map)."""
         from TSKDLib.data.io import atomic_write
         payload = {k: getattr(self, k) for k in ("images", "labels", "valid", "labelled", "case_index", "slice_index")}
-        payload.update(class_map=self.class_map.to_json_dict(), case_names=self.case_names, subjects=self.subjects)
+        payload.update(class_map=self.class_map.to_json_dict(), case_names=self.case_names, subjects=self.subjects,
+                       intensity=self.intensity)
         atomic_write(Path(path), lambda tmp: torch.save(payload, tmp), overwrite=True)
 
     @classmethod
     def load(cls, path: str | Path) -> "SliceSet":
         p = torch.load(path, map_location="cpu", weights_only=False)
         return cls(p["images"], p["labels"], p["valid"], p["labelled"], p["case_index"], p["slice_index"],
-                   ClassMap.from_json_dict(p["class_map"]), p["case_names"], p["subjects"])
+                   ClassMap.from_json_dict(p["class_map"]), p["case_names"], p["subjects"], p.get("intensity"))
 
 
 @dataclass
@@ -419,7 +425,17 @@ def prepare_slices(cases: Sequence[Case], size: int = 256,
     if not parts["images"]:
         raise LabelError("no labelled slice in any case.", fix="Label at least one slice.")
     return SliceSet(**{k: torch.cat(v) for k, v in parts.items()}, class_map=cmap,
-                    case_names=[c.name for c in cases], subjects=[c.subject for c in cases])
+                    case_names=[c.name for c in cases], subjects=[c.subject for c in cases],
+                    intensity=normalization_kind(cases, normalization))
+
+
+def normalization_kind(cases: Sequence[Case], normalization: Normalization | str | None = None) -> str | None:
+    """The :class:`~TSKDLib.data.preprocess.Normalization` kind :func:`prepare_slices` gives
+    ``cases``: ``"window"`` (CT) or ``"percentile"`` (MR, ultrasound); None when they differ."""
+    if isinstance(normalization, str):
+        normalization = Normalization.preset(normalization)
+    kinds = {(normalization or Normalization.for_modality(c.modality, c.image_slices())).kind for c in cases}
+    return kinds.pop() if len(kinds) == 1 else None
 
 
 def check_label_coverage(cases: Sequence[Case]) -> list[str]:

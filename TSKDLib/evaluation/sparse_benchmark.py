@@ -181,10 +181,12 @@ class _Experiment:
     @property
     def slices(self):
         if self._slices is None:
-            from TSKDLib.data.case import SliceSet, prepare_slices
+            from TSKDLib.data.case import SliceSet, normalization_kind, prepare_slices
             p = self.work / "slices.pt" if self.work else None
             if p is not None and p.is_file():
                 self._slices = SliceSet.load(p)
+                if self._slices.intensity is None:  # saved before SliceSet.intensity existed
+                    self._slices.intensity = normalization_kind(self.cases)
             else:
                 self._slices = prepare_slices(self.cases, self.cfg.size)
                 if p is not None:

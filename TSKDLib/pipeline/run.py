@@ -455,7 +455,11 @@ class _Job:
             return {"slices": len(slices), "labelled": int(slices.labelled.sum())}
 
         def load():
-            return _Prepared(SliceSet.load(folder / "slices.pt"), json.loads((folder / "cases.json").read_text()))
+            info = json.loads((folder / "cases.json").read_text())
+            slices = SliceSet.load(folder / "slices.pt")
+            if slices.intensity is None:  # prepared before SliceSet.intensity existed
+                slices.intensity = info.get("normalization", {}).get("kind")
+            return _Prepared(slices, info)
         return self._stage("prepare", [folder / "slices.pt", folder / "cases.json"], produce, load)
 
     # -- 2. teacher (every rank: DDP) ---------------------------------------------------------------

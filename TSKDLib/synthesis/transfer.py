@@ -243,7 +243,7 @@ class SyntheticTransferSet:
                         case_index=torch.cat([real.case_index, syn.case_index + ci]),
                         slice_index=torch.cat([real.slice_index, syn.slice_index]),
                         class_map=real.class_map, case_names=list(real.case_names) + ["synthetic"],
-                        subjects=list(real.subjects) + ["synthetic"])
+                        subjects=list(real.subjects) + ["synthetic"], intensity=real.intensity)
 
     # -- persistence -----------------------------------------------------------------------------
     def save(self, directory: str | Path) -> Path:

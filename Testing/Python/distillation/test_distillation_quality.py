@@ -211,3 +211,62 @@ def test_sparse_benchmark_runs_every_student_method_on_a_real_scan(ct_case, tmp_
     n_labelled = len(sparse_slice_indices(ct_case.label_slices(), 2, 3))
     assert meta["validation"]["refit_slices"] == n_labelled and meta["validation"]["n_slices"] >= 1
     assert (tmp_path / "out" / "dice_per_organ.png").is_file() and out["summary"]
+
+
+# ------------------------------------------------------------------------------------------------
+# MR intensity augmentation (issue 15: new scans)
+# ------------------------------------------------------------------------------------------------
+def test_mr_intensity_augment_is_a_smooth_field_and_a_window(full64):
+    from TSKDLib.distillation.distill import mr_intensity_augment
+
+    img = full64.images[8:12].clone().clamp(min=0.05)  # real CT slices, no zero to divide by
+    out = mr_intensity_augment(torch.Generator().manual_seed(0), img, window_low=0.0, window_high=0.0, p=1.0)
+    assert out.shape == img.shape and out.min() >= 0 and out.max() <= 1
+    ratio = (out / img)[..., 8:56, 8:56]  # the bias field exp(f), where nothing was clamped
+    inside = (out[..., 8:56, 8:56] < 1) & (out[..., 8:56, 8:56] > 0)
+    step = (ratio[..., 1:, :] - ratio[..., :-1, :]).abs()[inside[..., 1:, :] & inside[..., :-1, :]]
+    assert ratio[inside].std() > 0.05, "a bias field varies across the slice"
+    assert step.median() < 0.02, "... smoothly (a 4 x 4 grid, bicubic)"
+    again = mr_intensity_augment(torch.Generator().manual_seed(0), img, window_low=0.0, window_high=0.0, p=1.0)
+    assert torch.equal(out, again)  # drawn from the step's generator only (resume gives the same batches)
+    win = mr_intensity_augment(torch.Generator().manual_seed(1), img, bias_sd=0.0, p=1.0)
+    a = img[img < 0.6]
+    b = win[img < 0.6]
+    slope = ((a - a.mean()) * (b - b.mean())).sum() / ((a - a.mean()) ** 2).sum()
+    assert abs(float(slope) - 1) > 0.01, "the window changes contrast"
+
+
+def test_mr_augment_follows_the_scans_normalisation(data_dir, ct_case):
+    """On for percentile-normalised scans (MR), off for CT windows, unless set; the slice set
+    keeps the normalisation kind through save/load and subsets."""
+    import warnings
+
+    from TSKDLib.data.case import load_case
+    from TSKDLib.data.geometry import LabelGeometryWarning
+
+    ts = data_dir / "totalseg"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", LabelGeometryWarning)
+        mr_case = load_case(ts / "example_mr_sm.nii.gz", ts / "example_seg_mr.nii.gz",
+                            ts / "label_map_total_mr.json", classes=["liver", "spleen"])
+    mr = prepare_slices([mr_case], 32).with_labelled([8, 12])
+    ct = prepare_slices([ct_case], 32).with_labelled([8, 12])
+    assert (mr.intensity, ct.intensity) == ("percentile", "window")
+    got = {}
+    for name, slices in (("mr", mr), ("ct", ct)):
+        for setting in (None, False, True):
+            cfg = DistillConfig(method="scratch", steps=2, finetune_steps=1, batch_size=2, val_every=1,
+                                min_steps=1, mr_augment=setting)
+            res = distill(TransferSet.build(slices), cfg, student="unet-s", progress=NullProgress())
+            got[name, setting] = res.metrics["mr_augment"]
+    assert got == {("mr", None): True, ("mr", False): False, ("mr", True): True,
+                   ("ct", None): False, ("ct", False): False, ("ct", True): True}
+    assert mr.subset([0, 1]).intensity == "percentile"
+
+
+def test_slice_set_keeps_its_normalisation_kind(ct_case, tmp_path):
+    from TSKDLib.data.case import SliceSet
+
+    s = prepare_slices([ct_case], 32)
+    s.save(tmp_path / "slices.pt")
+    assert SliceSet.load(tmp_path / "slices.pt").intensity == "window"
