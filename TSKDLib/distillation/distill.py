@@ -474,7 +474,9 @@ def teacher_pseudo_labels(probs: np.ndarray, transfer: TransferSet, threshold: f
         labelled none of the class in this scan, the largest one); the other components become
         background. Rationale: the fine-tuned teacher paints confident organs on organ-free
         slices it never saw (``../shared/notes/kd-ablation-chaos.md``), while an organ is one
-        object through neighbouring slices. Synthetic slices are left as they are.
+        object through neighbouring slices. Beyond the outermost labelled slices of a class,
+        what widens again after the organ narrowed to its tip becomes background too
+        (:func:`beyond_organ_ends`). Synthetic slices are left as they are.
 
     Returns
     -------
@@ -521,6 +523,8 @@ def teacher_pseudo_labels(probs: np.ndarray, transfer: TransferSet, threshold: f
                 else:  # no label of this class in this scan: its largest object
                     keep_ids = [int(np.argmax(np.bincount(comp.ravel())[1:])) + 1]
                 drop = mask & ~np.isin(comp, keep_ids)
+                if drawn.any():
+                    drop |= beyond_organ_ends(mask & ~drop, drawn)
                 if drop.any():
                     removed[cls] += int(drop.sum())
                     for j, r in enumerate(rows.tolist()):
@@ -531,6 +535,44 @@ def teacher_pseudo_labels(probs: np.ndarray, transfer: TransferSet, threshold: f
     targets[lab_rows] = transfer.labels[lab_rows].to(torch.int16)
     targets[~transfer.valid] = -1
     return targets, {"ignored_pixels": ignored, "removed_by_3d_filter": removed, "objects": objects}
+
+
+#: :func:`beyond_organ_ends`: the mask "widens again" when a slice's area exceeds this many times
+#: the narrowest area so far plus ``ORGAN_END_SLACK`` of the largest labelled area (noise margin)
+ORGAN_END_RATIO = 2.0
+ORGAN_END_SLACK = 0.05
+
+
+def beyond_organ_ends(mask: np.ndarray, drawn: np.ndarray) -> np.ndarray:
+    """The part of a class's pseudo-label beyond an organ's end: ``(Z, H, W)`` bool to remove.
+
+    ``mask``: ``(Z, H, W)`` bool, the teacher's prediction of one class on one scan's slices in
+    slice order (after the 3D filter); ``drawn``: the same class on the user's labelled slices.
+    Outward from the first and from the last slice holding the user's label, an organ narrows
+    to its end. Walking outward, the narrowest area so far is tracked; once a slice's area exceeds
+    ``ORGAN_END_RATIO`` x that area + ``ORGAN_END_SLACK`` x the largest labelled area, the
+    prediction has widened again into something joined to the organ's tip (bowel below the
+    liver, heart above it: CHAOS MR scan 31, benchmarks/RESULTS.md, section 6) and everything
+    from the narrowest slice on is returned. The walk stops where the prediction ends (area 0).
+    Slices between the first and last labelled slice are never touched."""
+    out = np.zeros_like(mask)
+    labelled = np.flatnonzero(drawn.any(axis=(1, 2)))
+    if len(labelled) == 0:
+        return out
+    area = mask.sum(axis=(1, 2)).astype(np.float64)
+    slack = ORGAN_END_SLACK * float(drawn.sum(axis=(1, 2)).max())
+    for start, step in ((int(labelled[0]), -1), (int(labelled[-1]), 1)):
+        narrowest, at = float(drawn[start].sum()), start
+        z = start + step
+        while 0 <= z < len(area) and area[z] > 0:
+            if area[z] < narrowest:
+                narrowest, at = area[z], z
+            elif area[z] > ORGAN_END_RATIO * narrowest + slack:
+                part = slice(at + 1, None) if step > 0 else slice(0, at)
+                out[part] = mask[part]
+                break
+            z += step
+    return out
 
 
 def single_object_classes(pseudo_info: dict | None) -> list[int]:

@@ -115,6 +115,53 @@ def test_pseudo_labels_drop_disconnected_hallucinations(full64):
     assert info2["objects"][2] == 2 and single_object_classes(info2) == [1]
 
 
+def test_pseudo_labels_stop_where_the_organ_ends(data_dir):
+    """The bundled MR's right kidney (it ends inside the scan), labelled on the sparse protocol's
+    slices: beyond the outermost labelled slice the teacher's mask narrows with the organ and is
+    kept; a part that widens again past the tip is removed (background); no real organ voxel is."""
+    import warnings
+
+    from TSKDLib.data.case import load_case
+    from TSKDLib.data.geometry import LabelGeometryWarning
+    from TSKDLib.distillation.distill import beyond_organ_ends
+
+    ts = data_dir / "totalseg"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", LabelGeometryWarning)
+        case = load_case(ts / "example_mr_sm.nii.gz", ts / "example_seg_mr.nii.gz", ts / "label_map_total_mr.json",
+                         classes=["liver", "kidney_right"])
+    full = prepare_slices([case], 64)
+    ref = full.labels.numpy()
+    labelled = sparse_slice_indices(ref, 2, 3)
+    drawn = np.zeros_like(ref, bool)
+    drawn[labelled] = ref[labelled] == 2
+    for k in (1, 2):  # real organs: nothing is cut
+        d = np.zeros_like(ref, bool)
+        d[labelled] = ref[labelled] == k
+        assert not beyond_organ_ends(ref == k, d).any()
+    z = np.flatnonzero((ref == 2).any(axis=(1, 2)))
+    tip = int(z[-1]) if len(ref) - 1 - z[-1] >= 2 else int(z[0])
+    out = 1 if tip == z[-1] else -1
+    assert not (ref[tip + out] == 2).any() and not (ref[tip + 2 * out] == 2).any()
+    fake = ref.copy()
+    y, x = np.nonzero(ref[tip] == 2)
+    cy, cx = int(y.mean()), int(x.mean())
+    for n, zz in enumerate((tip + out, tip + 2 * out)):  # wider and wider past the tip: not the kidney
+        r = 4 + 3 * n
+        fake[zz, max(cy - r, 0):cy + r, max(cx - r, 0):cx + r] = 2
+    mask = fake == 2
+    cut = beyond_organ_ends(mask, drawn)
+    assert cut[tip + 2 * out].sum() == mask[tip + 2 * out].sum(), "the widening part is removed"
+    assert not cut[min(labelled):max(labelled) + 1].any(), "never between the labelled slices"
+    assert not (cut & (ref == 2)).any()
+    targets, info = teacher_pseudo_labels(_probs_from(torch.from_numpy(fake), 3),
+                                          TransferSet.build(full.with_labelled(labelled)), threshold=0.9)
+    assert (targets[tip + 2 * out][torch.from_numpy(mask[tip + 2 * out])] == 0).all()
+    assert info["removed_by_3d_filter"][2] >= int(mask[tip + 2 * out].sum())
+    real = torch.from_numpy(ref == 2)
+    assert (targets[real] == 2).float().mean() > 0.99
+
+
 def test_pseudo_distillation_learns_the_small_organ_and_stops_on_evidence(full64, tmp_path):
     """Teacher = the reference labels (a perfect teacher); 3 labelled slices. The student must
     fit the labels and agree with the teacher on the unlabelled slices, for the spleen too."""
