@@ -489,8 +489,6 @@ def teacher_pseudo_labels(probs: np.ndarray, transfer: TransferSet, threshold: f
     (Joined with the labels, the specks of the teacher's argmax on a labelled slice do not count
     as objects of their own.)
     """
-    from scipy import ndimage
-
     n = len(transfer)
     k = transfer.num_classes
     targets = torch.empty((n, transfer.size, transfer.size), dtype=torch.int16)
@@ -511,21 +509,9 @@ def teacher_pseudo_labels(probs: np.ndarray, transfer: TransferSet, threshold: f
             arg = np.stack([np.asarray(probs[int(r)], dtype=np.float32).argmax(0) for r in rows])
             lab = transfer.labels[rows].numpy()
             for cls in range(1, k + 1):
-                mask, drawn = arg == cls, lab == cls
-                if drawn.any():  # objects: the user's labels joined through the teacher's prediction
-                    joined = ndimage.label(mask | drawn)[0]
-                    objects[cls] = max(objects[cls], int(np.count_nonzero(np.unique(joined[drawn]))))
-                if not mask.any():
-                    continue
-                comp, m = ndimage.label(mask)
-                if drawn.any():
-                    keep_ids = [int(i) for i in np.unique(comp[drawn & mask]) if i > 0]
-                else:  # no label of this class in this scan: its largest object
-                    keep_ids = [int(np.argmax(np.bincount(comp.ravel())[1:])) + 1]
-                drop = mask & ~np.isin(comp, keep_ids)
-                if drawn.any():
-                    drop |= beyond_organ_ends(mask & ~drop, drawn)
-                if drop.any():
+                drop, n_objects = _outside_the_labelled_object(arg == cls, lab == cls)
+                objects[cls] = max(objects[cls], n_objects)
+                if drop is not None and drop.any():
                     removed[cls] += int(drop.sum())
                     for j, r in enumerate(rows.tolist()):
                         if drop[j].any() and not bool(transfer.labelled[r]):
@@ -535,6 +521,30 @@ def teacher_pseudo_labels(probs: np.ndarray, transfer: TransferSet, threshold: f
     targets[lab_rows] = transfer.labels[lab_rows].to(torch.int16)
     targets[~transfer.valid] = -1
     return targets, {"ignored_pixels": ignored, "removed_by_3d_filter": removed, "objects": objects}
+
+
+def _outside_the_labelled_object(mask: np.ndarray, drawn: np.ndarray) -> tuple[np.ndarray | None, int]:
+    """One class on one scan's slices in order (``(Z, H, W)`` bool: the teacher's argmax ``mask``,
+    the user's labels ``drawn``): the teacher's voxels to turn into background (None: none
+    predicted), and the number of 3D objects holding the user's labels (0: none drawn).
+    See :func:`teacher_pseudo_labels` (``consistency_3d``)."""
+    from scipy import ndimage
+
+    n_objects = 0
+    if drawn.any():  # objects: the user's labels joined through the teacher's prediction
+        joined = ndimage.label(mask | drawn)[0]
+        n_objects = int(np.count_nonzero(np.unique(joined[drawn])))
+    if not mask.any():
+        return None, n_objects
+    comp, _ = ndimage.label(mask)
+    if drawn.any():
+        keep_ids = [int(i) for i in np.unique(comp[drawn & mask]) if i > 0]
+    else:  # no label of this class in this scan: its largest object
+        keep_ids = [int(np.argmax(np.bincount(comp.ravel())[1:])) + 1]
+    drop = mask & ~np.isin(comp, keep_ids)
+    if drawn.any():
+        drop |= beyond_organ_ends(mask & ~drop, drawn)
+    return drop, n_objects
 
 
 #: :func:`beyond_organ_ends`: the mask "widens again" when a slice's area exceeds this many times
