@@ -160,6 +160,9 @@ def test_pseudo_labels_stop_where_the_organ_ends(data_dir):
     assert info["removed_by_3d_filter"][2] >= int(mask[tip + 2 * out].sum())
     real = torch.from_numpy(ref == 2)
     assert (targets[real] == 2).float().mean() > 0.99
+    kept, _ = teacher_pseudo_labels(_probs_from(torch.from_numpy(fake), 3),
+                                    TransferSet.build(full.with_labelled(labelled)), threshold=0.9, organ_ends=False)
+    assert (kept[tip + 2 * out][torch.from_numpy(mask[tip + 2 * out])] == 2).all()  # off: kept
 
 
 def test_pseudo_distillation_learns_the_small_organ_and_stops_on_evidence(full64, tmp_path):
