@@ -407,11 +407,13 @@ def prepare_slices(cases: Sequence[Case], size: int = 256,
             raise LabelError(f"case {c.name} has classes {c.class_map.names}, others {cmap.names}.",
                              c.labels_path, "Use one class map for all scans of a task.")
     parts = {k: [] for k in ("images", "labels", "valid", "labelled", "case_index", "slice_index")}
+    kinds = set()
     for ci, case in enumerate(cases):
         sel = case.labelled_indices() if only_labelled else None
         if sel is not None and not sel:
             continue
-        imgs, labels, resizer, _ = prepare_case_slices(case, size, normalization, sel)
+        imgs, labels, resizer, norm = prepare_case_slices(case, size, normalization, sel)
+        kinds.add(norm["kind"])
         n = imgs.shape[0]
         idx = torch.arange(case.num_slices) if sel is None else torch.as_tensor(sel)
         if labels is None:
@@ -426,12 +428,13 @@ def prepare_slices(cases: Sequence[Case], size: int = 256,
         raise LabelError("no labelled slice in any case.", fix="Label at least one slice.")
     return SliceSet(**{k: torch.cat(v) for k, v in parts.items()}, class_map=cmap,
                     case_names=[c.name for c in cases], subjects=[c.subject for c in cases],
-                    intensity=normalization_kind(cases, normalization))
+                    intensity=kinds.pop() if len(kinds) == 1 else None)
 
 
 def normalization_kind(cases: Sequence[Case], normalization: Normalization | str | None = None) -> str | None:
     """The :class:`~TSKDLib.data.preprocess.Normalization` kind :func:`prepare_slices` gives
-    ``cases``: ``"window"`` (CT) or ``"percentile"`` (MR, ultrasound); None when they differ."""
+    ``cases``, without preparing them (for a :class:`SliceSet` saved before it recorded
+    ``intensity``): ``"window"`` (CT) or ``"percentile"`` (MR, ultrasound); None when they differ."""
     if isinstance(normalization, str):
         normalization = Normalization.preset(normalization)
     kinds = {(normalization or Normalization.for_modality(c.modality, c.image_slices())).kind for c in cases}
