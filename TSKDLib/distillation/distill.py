@@ -843,9 +843,8 @@ class _Monitor:
     the user's labels) and agreement with the teacher's pseudo-labels on the real unlabelled
     slices (per-class Dice; pixels the pseudo-labels ignore are left out)."""
 
-    def __init__(self, transfer: TransferSet, pseudo: torch.Tensor | None, device, max_slices: int = 32):
+    def __init__(self, transfer: TransferSet, pseudo: torch.Tensor | None, max_slices: int = 32):
         self.k = transfer.num_classes
-        self.device = device
         lab = torch.nonzero(transfer.labelled).flatten()
         self.lab_images, self.lab_labels = transfer.images[lab], transfer.labels[lab]
         self.unl_images = self.unl_targets = None
@@ -858,13 +857,13 @@ class _Monitor:
 
     def check(self, model: nn.Module, step: int) -> dict:
         rec: dict = {"step": step}
-        fit = dice_scores(predict_labels(model, self.lab_images, device=self.device), self.lab_labels, self.k)
+        fit = dice_scores(predict_labels(model, self.lab_images), self.lab_labels, self.k)
         rec["fit"] = fit["per_class"]
         finite = [v for v in fit["per_class"] if not math.isnan(v)]
         rec["fit_mean"] = fit["mean"]
         rec["fit_min"] = min(finite) if finite else 1.0
         if self.unl_images is not None:
-            pred = predict_labels(model, self.unl_images, device=self.device)
+            pred = predict_labels(model, self.unl_images)
             ign = self.unl_targets < 0
             pred = pred.clone()
             pred[ign] = 0
@@ -1006,7 +1005,7 @@ class _Distillation:
         self.pseudo_dice = MaskedDiceLoss(to_onehot_y=True, softmax=True, include_background=False, batch=True)
         #: the MR intensity augmentation, resolved from the scans' normalisation when not set
         self.mr_augment = bool(cfg.mr_augment if cfg.mr_augment is not None else transfer.intensity == "percentile")
-        self.monitor = _Monitor(transfer, self.pseudo, self.device) if cfg.steps > 0 else None
+        self.monitor = _Monitor(transfer, self.pseudo) if cfg.steps > 0 else None
         self.ckdir = Path(checkpoint_dir) if checkpoint_dir is not None else None
         if self.ckdir is not None and self.main:
             self.ckdir.mkdir(parents=True, exist_ok=True)
@@ -1056,6 +1055,8 @@ class _Distillation:
             images, labels, valid, probs, emb = out_aug[:5]
             if targets is not None:
                 targets = out_aug[5]
+        if targets is not None:
+            targets = targets.to(self.device)
         return images.to(self.device), labels.to(self.device), valid.to(self.device), probs, emb, targets
 
     def _train_step(self, step: int) -> torch.Tensor:
@@ -1071,7 +1072,7 @@ class _Distillation:
             loss = loss + self.w_sup * sup
             parts["sup"] = float(sup.detach())
         if targets is not None and bool((~lab).any()):
-            t = targets[~lab].to(device)
+            t = targets[~lab]
             known = (t >= 0)[:, None].float()
             pl = self.pseudo_dice(logits[~lab], t.clamp(min=0)[:, None], mask=known) + \
                 F.cross_entropy(logits[~lab], t, ignore_index=-1) if bool(known.any()) else None
@@ -1145,7 +1146,7 @@ class _Distillation:
             entry.update({"fit": self.rec["fit_mean"], "agreement": self.rec["agreement_mean"]})
         self.running = {}
         if last and self.val is not None:
-            entry["val_dice"] = evaluate_dice(self.model, *self.val, device=self.device)["mean"]
+            entry["val_dice"] = evaluate_dice(self.model, *self.val)["mean"]
             self.model.train()
         self.history.append(entry)
         self.progress.update(step, {k: v for k, v in entry.items() if k not in ("step",)})
@@ -1220,10 +1221,14 @@ def _validation_tensors(validation):
 # ------------------------------------------------------------------------------------------------
 @torch.no_grad()
 def predict_labels(model: nn.Module, images: torch.Tensor, batch_size: int = 8,
-                   device: torch.device | str = "cpu") -> torch.Tensor:
-    """Argmax labelmaps ``(N, S, S)`` int64 of ``(N, 1, S, S)`` slices."""
+                   device: torch.device | str | None = None) -> torch.Tensor:
+    """Argmax labelmaps ``(N, S, S)`` int64 (on the CPU) of ``(N, 1, S, S)`` slices (any device).
+    ``device``: where the slices go, None = the model's own device (so a model moved to the CPU
+    after CUDA training is scored where it is)."""
     was = model.training
     model.eval()
+    if device is None:
+        device = next(model.parameters()).device
     out = []
     for i in range(0, len(images), batch_size):
         out.append(model(images[i:i + batch_size].float().to(device)).argmax(1).cpu())
@@ -1232,9 +1237,10 @@ def predict_labels(model: nn.Module, images: torch.Tensor, batch_size: int = 8,
 
 
 def evaluate_dice(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, per_slice: bool = False,
-                  device: torch.device | str = "cpu", num_classes: int | None = None) -> dict:
+                  device: torch.device | str | None = None, num_classes: int | None = None) -> dict:
     """Dice of a model's argmax on ``(N,1,S,S)`` images against ``(N,S,S)`` labels (see
-    :func:`dice_scores`). K defaults to the model's output channels - 1."""
+    :func:`dice_scores`), computed on ``device`` (None: the model's). K defaults to the model's
+    output channels - 1."""
     pred = predict_labels(model, images, device=device)
     k = num_classes if num_classes is not None else int(getattr(getattr(model, "config", None), "num_classes", 0) or
                                                          int(labels.max()))
