@@ -330,7 +330,8 @@ class _Scorer:
 
 def _run_methods(ex: _Experiment, scorer: _Scorer, cfg: SparseConfig, out: Path, timings: dict) -> None:
     """Fill between slices, the teacher and each student method of ``cfg.methods`` on one
-    experiment; scores them and writes each distillation's summary JSON to ``out``."""
+    experiment; scores them and writes each distillation's summary JSON to ``out``. The tables are
+    rewritten after each method, so a run stopped part-way keeps the methods it finished."""
     from TSKDLib.distillation.distill import TransferSet, distill, method_config
     from TSKDLib.evaluation.benchmark import task_agnostic_cache, student_proba
     from TSKDLib.evaluation.interpolation import fill_between_slices
@@ -347,6 +348,7 @@ def _run_methods(ex: _Experiment, scorer: _Scorer, cfg: SparseConfig, out: Path,
         scorer.within("teacher", lambda ci, case: _predict(ex.teacher_proba_for_case(ci), case, cfg.size))
         if cfg.teacher_other:
             scorer.other("teacher", lambda x: ex.teacher.predict_proba(x))
+        _write(out, scorer.rows, timings, scorer.dataset)
     for method in ("scratch", "task_agnostic", "tskd_nosyn", "tskd"):
         if method not in cfg.methods:
             continue
@@ -367,6 +369,7 @@ def _run_methods(ex: _Experiment, scorer: _Scorer, cfg: SparseConfig, out: Path,
                                                     "stopped_by", "final_check")}
         (out / f"distill_{scorer.group_name}_seed{ex.seed}_{method}.json").write_text(
             json.dumps(summary, indent=1, default=str))
+        _write(out, scorer.rows, timings, scorer.dataset)
 
 
 def _with_synthesis(ex: _Experiment, transfer, cache):

@@ -263,6 +263,27 @@ def test_sparse_benchmark_runs_every_student_method_on_a_real_scan(ct_case, tmp_
     assert (tmp_path / "out" / "dice_per_organ.png").is_file() and out["summary"]
 
 
+def test_sparse_benchmark_keeps_the_methods_it_finished_when_stopped(ct_case, tmp_path, monkeypatch):
+    """A run stopped during a student's distillation (a deadline, a lost GPU lease) still has the
+    teacher's rows in results.csv / results.md: the tables are written after each method."""
+    import csv
+
+    import TSKDLib.distillation.distill as distill_module
+    from TSKDLib.evaluation.sparse_benchmark import SparseConfig, run_sparse_benchmark
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(distill_module, "distill", stopped)
+    cfg = SparseConfig(methods=["teacher", "tskd_nosyn"], size=64, other_scans=False,
+                       teacher={"steps": 2, "val_every": 1, "batch_size": 2})
+    with pytest.raises(KeyboardInterrupt):
+        run_sparse_benchmark([ct_case], cfg, tmp_path / "out", NullProgress())
+    rows = list(csv.DictReader((tmp_path / "out" / "results.csv").open()))
+    assert {r["method"] for r in rows} == {"teacher", "teacher+post"}
+    assert "| teacher |" in (tmp_path / "out" / "results.md").read_text()
+
+
 # ------------------------------------------------------------------------------------------------
 # MR intensity augmentation (issue 15: new scans)
 # ------------------------------------------------------------------------------------------------
