@@ -128,7 +128,8 @@ def add_pipeline_commands(sub) -> None:
     t.add_argument("--threads", type=int, help="CPU threads for PyTorch")
     syn = t.add_mutually_exclusive_group()
     syn.add_argument("--synthesis", action="store_true",
-                     help="run the diffusion synthesis stage (default: only on a CUDA GPU)")
+                     help="run the diffusion synthesis stage (off by default: no synthetic slice passed the "
+                          "teacher check at the fast or balanced budgets, CPU or GPU; benchmarks/RESULTS.md)")
     syn.add_argument("--no-synthesis", action="store_true", help="skip the diffusion synthesis stage")
     from TSKDLib.cli.args import add_axis_argument
     add_axis_argument(t, default=None, help="slice axis: acquisition (default: each scan's own slices, the voxel "

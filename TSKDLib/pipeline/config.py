@@ -41,17 +41,6 @@ def tiny_config() -> dict:
     }
 
 
-def synthesis_default(device: str) -> bool:
-    """Whether stage 2 runs when the user did not say: only on a CUDA device (``auto`` resolves
-    to CUDA when PyTorch sees a GPU). Evidence: at CPU (``fast``) budgets the 64 px synthetic
-    slices lowered the student's Dice on HC18 and on a second CT patient, and the teacher agrees
-    with its generating mask on few of them (benchmarks/RESULTS.md, sections 1, 3 and 6)."""
-    if device == "auto":
-        import torch
-        return bool(torch.cuda.is_available())
-    return str(device).startswith("cuda")
-
-
 @dataclass
 class DataConfig:
     """Inputs. ``labelled_slices[i]`` lists labelled slice indices of ``images[i]`` (the file's own
@@ -82,9 +71,11 @@ class PipelineConfig:
         overriding the preset). ``distillation["init_student"]``: a model package or run directory
         whose student is the starting point (retraining after corrections) instead of a new one.
     synthesis_enabled: run stage 2 (diffusion synthesis); off = "TS-KD without synthesis". None
-        (default) = decided by the device when the run starts (:func:`synthesis_default`): on with
-        a CUDA GPU, off on a CPU, where the synthetic slices cost minutes and did not help at CPU
-        budgets (benchmarks/RESULTS.md, sections 1, 3 and 6).
+        (default) = off, on every device (recorded as False in config.json): at the ``fast``
+        budgets on a CPU and at the ``balanced`` budgets on an H200 GPU no synthetic slice passed
+        the teacher-agreement check (0 of 32, and 0 of 200 on each of 4 scans; condition Dice
+        0.00-0.32), so the stage cost minutes and added nothing (benchmarks/RESULTS.md, sections
+        1, 3, 6 and 8). ``quality``'s synthesis (10 000 steps, 96 px) is unmeasured.
     device: ``auto`` | ``cpu`` | ``cuda`` | ``cuda:N``.
     threads: CPU threads for PyTorch (None: PyTorch's default).
     seed: seeds every stage.

@@ -240,9 +240,8 @@ def _effective_config(config: PipelineConfig | str | Path | None, preset: str | 
     cfg.threads = given["threads"] or cfg.threads
     if given["synthesis"] is not None:
         cfg.synthesis_enabled = bool(given["synthesis"])
-    if cfg.synthesis_enabled is None:  # recorded in config.json as decided
-        from TSKDLib.pipeline.config import synthesis_default
-        cfg.synthesis_enabled = synthesis_default(cfg.device)
+    if cfg.synthesis_enabled is None:  # off unless asked (PipelineConfig); recorded in config.json
+        cfg.synthesis_enabled = False
     d.images = [str(Path(p).resolve()) for p in d.images]
     d.labels = [str(Path(p).resolve()) for p in d.labels]
     if d.class_map:

@@ -45,7 +45,8 @@ CONFIG_KEYS = {
 
 @dataclass
 class AdvancedSettings:
-    """Optional overrides of the preset. Empty/zero values mean "the preset's value"."""
+    """Optional overrides of the preset. Empty/zero values mean "the preset's value";
+    ``num_synthetic`` > 0 also turns the synthesis stage on (``tskd train`` runs it only when asked)."""
 
     foundation_model: str = "default"
     checkpoint: str = ""
@@ -70,6 +71,8 @@ class AdvancedSettings:
                 continue
             section, name = CONFIG_KEYS[key]
             config.setdefault(section, {})[name] = value
+        if self.num_synthetic:  # asking for synthetic slices turns the stage on (off by default)
+            config["synthesis_enabled"] = True
         return config
 
 

@@ -156,7 +156,7 @@ def test_advanced_settings_only_changed_values():
     cfg = training.AdvancedSettings(foundation_model="sam_vit_b", lora_rank=4, num_synthetic=200,
                                     student="unet_small", checkpoint="/w.pth").overrides()
     assert cfg == {"teacher": {"backend": "sam_vit_b", "lora_rank": 4, "checkpoint": "/w.pth"},
-                   "synthesis": {"num_images": 200}, "student": {"arch": "unet_small"}}
+                   "synthesis": {"num_images": 200}, "student": {"arch": "unet_small"}, "synthesis_enabled": True}
 
 
 def test_train_request_roundtrip_and_resume_args(tmp_path):

@@ -113,6 +113,21 @@ def test_explicit_preset_wins_and_the_callers_config_is_not_changed(tmp_path):
     assert mine.preset == "quality" and mine.data.images == [] and mine.synthesis_enabled is None
 
 
+def test_synthesis_runs_only_when_asked_on_every_device(tmp_path):
+    """Stage 2 is off unless asked, also on a GPU (no synthetic slice passed the teacher check at
+    the fast or balanced budgets: benchmarks/RESULTS.md section 8); --synthesis or the config turn it on."""
+    from TSKDLib.pipeline.run import _effective_config
+
+    given = dict(images=[HC18 / "images" / "000_HC.png"], labels=None, class_map=None, classes=None,
+                 labelled_slices=None, threads=None, axis=None)
+    for device in ("cpu", "cuda", "auto"):
+        assert _effective_config(PipelineConfig(), None, device=device, synthesis=None, **given).synthesis_enabled is False
+    assert _effective_config(PipelineConfig(), None, device="cuda", synthesis=True, **given).synthesis_enabled is True
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"synthesis_enabled": True}))
+    assert _effective_config(path, None, device="cpu", synthesis=None, **given).synthesis_enabled is True
+
+
 def _two_scans(tmp_path, second_mask: np.ndarray | None):
     masks = [HC18 / "masks" / "000_HC_Annotation.png"]
     if second_mask is not None:
