@@ -102,14 +102,16 @@ class Case:
         return self.frame.num_slices
 
     def image_slices(self) -> np.ndarray:
-        """Raw intensities as ``(N, H, W)`` float32 slices along ``axis`` (slice frame)."""
-        return sitk.GetArrayViewFromImage(self.canonical_image)
+        """Raw intensities as ``(N, H, W)`` slices along ``axis`` (slice frame), read-only. The
+        array keeps its image alive, so it stays valid after the case is gone."""
+        return _array_view(self.canonical_image)
 
     def label_slices(self) -> np.ndarray | None:
-        """Class indices as ``(N, H, W)`` uint8/uint16 slices along ``axis``, or None."""
+        """Class indices as ``(N, H, W)`` uint8/uint16 slices along ``axis`` (read-only, valid
+        after the case is gone), or None."""
         if self.labels is None:
             return None
-        return sitk.GetArrayViewFromImage(self.canonical_labels)
+        return _array_view(self.canonical_labels)
 
     def slice_spacing(self) -> tuple[float, float]:
         """Pixel spacing ``(row_mm, col_mm)`` of the slices returned by :meth:`image_slices`."""
@@ -264,6 +266,27 @@ def load_2d_cases(images_dir: str | Path, masks_dir: str | Path | None, class_ma
 # ------------------------------------------------------------------------------------------------
 # Prepared slices at model size
 # ------------------------------------------------------------------------------------------------
+
+
+class _ImageBuffer:
+    """Exposes a SimpleITK image's voxel buffer to NumPy while holding the image: an array made
+    from it (its ``base``) keeps the image alive. ``sitk.GetArrayViewFromImage`` alone does not,
+    so its view read freed memory once the image was collected (seen: ``load_case(...).label_slices()``
+    returned other data after a garbage collection)."""
+
+    def __init__(self, image: sitk.Image):
+        self.image = image
+        self.__array_interface__ = sitk.GetArrayViewFromImage(image).__array_interface__
+
+
+def _array_view(image: sitk.Image) -> np.ndarray:
+    """Read-only ``(k, j, i)`` array of ``image``'s voxels without a copy, valid as long as the
+    array lives (it references the image)."""
+    arr = np.asarray(_ImageBuffer(image))
+    arr.flags.writeable = False
+    return arr
+
+
 @dataclass
 class SliceSet:
     """All 2D slices of some cases at the model input size ``S``, ready for training.

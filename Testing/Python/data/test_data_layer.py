@@ -64,6 +64,23 @@ def test_small_ct_and_mr_cases_same_grid_no_warning():
         assert np.nonzero(lab == 1)[2].mean() < np.nonzero(lab == 2)[2].mean()
 
 
+def test_slices_stay_valid_after_the_case_is_gone():
+    """``load_case(...).label_slices()`` (no case kept): the arrays hold their images, so they
+    still read the scan after a garbage collection and new allocations (a bare SimpleITK view
+    read freed memory there)."""
+    import gc
+
+    args = (TOTALSEG / "example_mr_sm.nii.gz", TOTALSEG / "example_seg_mr.nii.gz", TOTALSEG / "label_map_total_mr.json")
+    case = load_case(*args)
+    want_labels, want_image = np.array(case.label_slices()), np.array(case.image_slices())
+    del case
+    labels, image = load_case(*args).label_slices(), load_case(*args).image_slices()
+    gc.collect()
+    junk = [np.full(labels.size * 4, 7, np.uint8) for _ in range(20)]  # reuse the freed memory
+    assert np.array_equal(labels, want_labels) and np.array_equal(image, want_image) and junk
+    assert not labels.flags.writeable and not image.flags.writeable
+
+
 def test_hc18_folder_pairs_and_subjects(hc18_dir):
     cases = load_2d_cases(hc18_dir / "images", hc18_dir / "masks", hc18_dir / "labels.json")
     assert len(cases) == 40 and len({c.subject for c in cases}) >= 20
