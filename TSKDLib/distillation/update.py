@@ -241,7 +241,8 @@ def _write_package(updated, out: Path, card: dict, base, run_dir: Path, model_ax
                          input_size=int(card.get("input_size", base.size)),
                          slice_axis=model_axis, name=f"{card.get('name') or 'model'} (updated)",
                          training=training, validation=validation, teacher=card.get("teacher") or {},
-                         torchscript=False, overwrite=overwrite, acquisition=card.get("acquisition") or {})
+                         torchscript=False, overwrite=overwrite, acquisition=card.get("acquisition") or {},
+                         postprocessing=card.get("postprocessing"))
     save_student(updated, out / "student.pt")
     new_card = json.loads((out / "model_card.json").read_text())
     new_card["files"]["student.pt"] = sha256_file(out / "student.pt")

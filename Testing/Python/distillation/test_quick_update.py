@@ -65,7 +65,8 @@ def run_dir(tmp_path_factory) -> Path:
     save_student(res.model, run / "distillation" / "student.pt")
     _, _, _, norm = prepare_case_slices(case, 64)
     export_model_package(res.model, run / "model", slices.class_map, norm, input_size=64, torchscript=False,
-                         name="ct_small", acquisition={"planes": ["axial"], "directions": [[0, 0, 1]]})
+                         name="ct_small", acquisition={"planes": ["axial"], "directions": [[0, 0, 1]]},
+                         postprocessing={"one_object": [CLASSES[0]], "min_fraction": 0.2})
     (run / "state.json").write_text(json.dumps({"stages": {"prepare": {"done": True}}, "finished": True}))
     return run
 
@@ -92,6 +93,9 @@ def test_quick_update_raises_dice_on_corrected_slices_and_keeps_the_previous(run
     qu = pkg.card["training"]["quick_updates"][-1]
     assert qu["slices"] == CORRECTED and qu["dice_after"] == result["dice_after"]
     assert pkg.card["training"]["run_dir"] == str(run_dir.resolve())
+    # tskd segment's clean-up of the one-object classes carries over to the updated model
+    assert pkg.card["postprocessing"] == json.loads(before_card)["postprocessing"]
+    assert pkg.single_object_classes == (1,)
     assert (run_dir / "model" / "model_card.json").read_text() == before_card  # previous model untouched
     # a second update starts from the updated package (its student.pt), found through its card
     r2 = _update(tmp_path / "v2", tmp_path / "v3", slices=[14])
