@@ -1,0 +1,76 @@
+"""Issue 15: where a model trained on some CHAOS MR scans goes wrong on a new scan, slice by slice.
+
+    python benchmarks/new_scan_slices.py --train 31 32 33 --test 36 [--seed 0] \
+        [--data ../shared/data/chaos_mr_t2_dev] [--work-dir bench/work_noval] [--out bench/new_scan]
+
+Runs the sparse-slice protocol (3 labelled slices per organ on each training scan, ``fast``
+preset, teacher with ``val_fraction 0`` as ``tskd train``'s refit; ``teacher`` and
+``tskd_nosyn``), keeps the raw predictions on the test scans, and prints for each slice of
+``--test`` and each organ the reference area, the predicted area and their overlap (pixels), for
+the teacher and the student, plus what the student calls the reference's voxels of each organ.
+Scores go to ``--out`` (results.md). Results: benchmarks/RESULTS.md, section 6, "What limits new
+scans".
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import TSKDLib.evaluation.sparse_benchmark as sparse
+from TSKDLib.data.case import load_case
+
+SCANS = (31, 32, 33, 34, 36)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--train", type=int, nargs="+", default=[31, 32, 33])
+    ap.add_argument("--test", type=int, default=36)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--data", default=str(Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+                                          / "chaos_mr_t2_dev"))
+    ap.add_argument("--work-dir", default="bench/work_noval")
+    ap.add_argument("--out", default="bench/new_scan")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    d = Path(args.data)
+    scans = [load_case(d / "images" / f"image_{i}.nii.gz", d / "labels" / f"label_{i}.nii.gz", d / "labels.json")
+             for i in SCANS]
+    kept: dict[tuple[str, str], np.ndarray] = {}
+    score = sparse._Scorer._variants
+
+    def keep(self, method, pred, case):  # every raw prediction passes here before it is scored
+        kept[(method, case.name)] = np.array(pred)
+        return score(self, method, pred, case)
+
+    sparse._Scorer._variants = keep
+    cfg = sparse.SparseConfig(seeds=[args.seed], train_groups=[[SCANS.index(i) for i in args.train]], preset="fast",
+                              methods=["teacher", "tskd_nosyn"], work_dir=args.work_dir, teacher_other=True,
+                              other_scans=True, teacher={"val_fraction": 0.0})
+    sparse.run_sparse_benchmark(scans, cfg, args.out)
+    case = scans[SCANS.index(args.test)]
+    ref = case.label_slices()
+    names = case.class_map.names
+    for method in ("teacher", "tskd_nosyn"):
+        pred = kept[(method, case.name)]
+        print(f"== {method} on image_{args.test}: per slice, organ: reference / predicted / overlap (pixels)")
+        for z in range(len(ref)):
+            cells = []
+            for k, name in enumerate(names, start=1):
+                r, p = ref[z] == k, pred[z] == k
+                cells.append(f"{name} {int(r.sum()):5d}/{int(p.sum()):5d}/{int((r & p).sum()):5d}")
+            calls = {names[k - 1]: {("bg" if j == 0 else names[j - 1]): int(((ref[z] == k) & (pred[z] == j)).sum())
+                                    for j in range(len(names) + 1) if j != k and ((ref[z] == k) & (pred[z] == j)).any()}
+                     for k in range(1, len(names) + 1)}
+            calls = {k: v for k, v in calls.items() if v}
+            print(f"{z:3d} " + " | ".join(cells) + (f"   reference called: {calls}" if calls else ""))
+    print((Path(args.out) / "results.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
