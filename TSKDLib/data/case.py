@@ -263,11 +263,6 @@ def load_2d_cases(images_dir: str | Path, masks_dir: str | Path | None, class_ma
     return cases
 
 
-# ------------------------------------------------------------------------------------------------
-# Prepared slices at model size
-# ------------------------------------------------------------------------------------------------
-
-
 class _ImageBuffer:
     """Exposes a SimpleITK image's voxel buffer to NumPy while holding the image: an array made
     from it (its ``base``) keeps the image alive. ``sitk.GetArrayViewFromImage`` alone does not,
@@ -287,6 +282,9 @@ def _array_view(image: sitk.Image) -> np.ndarray:
     return arr
 
 
+# ------------------------------------------------------------------------------------------------
+# Prepared slices at model size
+# ------------------------------------------------------------------------------------------------
 @dataclass
 class SliceSet:
     """All 2D slices of some cases at the model input size ``S``, ready for training.
