@@ -11,8 +11,8 @@ upper bounds for a GPU of one's own), each a ``tskd`` command of the product:
 - ``smoke``: the sparse-slice benchmark on the bundled TotalSegmentator MR with the ``balanced``
   preset and tiny budgets (teacher with encoder LoRA, synthesis, distillation on the device). With
   ``--stop-on-smoke-failure`` every other job is stopped when it fails (a defect of the CUDA path).
-- ``demo_balanced``: ``tskd demo --preset balanced`` (train, export, segment; synthesis is on by
-  default on a GPU).
+- ``demo_balanced``: ``tskd demo --preset balanced`` (train, export, segment; without synthesis,
+  off by default on every device since this script's first run: RESULTS.md section 8).
 - ``bal_N`` / ``qual_N``: CHAOS MR scan N alone, 3 labelled slices per organ, scored within the scan
   (``--within-only``): teacher, TS-KD without synthesis and (``balanced``) TS-KD with synthesis.
 - ``bal_g012`` / ``qual_g012``: trained on scans 31-33 together, scored within them and on 34/36.
