@@ -20,18 +20,15 @@ import functools
 from pathlib import Path
 
 import torch
+from chaos import DEFAULT_DIR, SCANS, load_scan
 
 import TSKDLib.distillation.distill as distill_module
-from TSKDLib.data.case import load_case
 from TSKDLib.evaluation.sparse_benchmark import SparseConfig, run_sparse_benchmark
-
-SCANS = (31, 32, 33, 34, 36)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--data", default=str(Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
-                                          / "chaos_mr_t2_dev"))
+    ap.add_argument("--data", default=str(DEFAULT_DIR))
     ap.add_argument("--bias-sd", type=float, default=0.25, help="SD of the 4 x 4 log bias field")
     ap.add_argument("--window", type=float, nargs=2, default=(0.1, 0.25), metavar=("LOW", "HIGH"),
                     help="range of the window's low end (+-LOW) and high end (1 +- HIGH)")
@@ -48,9 +45,7 @@ def main() -> None:
         distill_module.mr_intensity_augment, bias_sd=args.bias_sd, window_low=args.window[0],
         window_high=args.window[1], p=args.p)
     torch.set_num_threads(args.threads)
-    d = Path(args.data)
-    scans = [load_case(d / "images" / f"image_{i}.nii.gz", d / "labels" / f"label_{i}.nii.gz", d / "labels.json")
-             for i in SCANS]
+    scans = [load_scan(args.data, i) for i in SCANS]
     groups = [[int(i) for i in g.split(",")] for g in args.groups.split(";")]
     cfg = SparseConfig(seeds=[0], train_groups=groups, preset="fast", methods=["tskd_nosyn"], work_dir=args.work_dir,
                        teacher_other=False, other_scans=not args.within_only, teacher={"val_fraction": 0.0},

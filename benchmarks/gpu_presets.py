@@ -49,8 +49,9 @@ import threading
 import time
 from pathlib import Path
 
+from chaos import DEFAULT_DIR, SCANS, scan_files
+
 ROOT = Path(__file__).resolve().parents[1]
-SCANS = (31, 32, 33, 34, 36)
 
 
 #: what the jobs import (module -> the package to install or carry)
@@ -77,7 +78,7 @@ def preflight() -> list[str]:
 
 
 def _volumes(data: Path) -> list[str]:
-    return [f"{data}/images/image_{i}.nii.gz::{data}/labels/label_{i}.nii.gz" for i in SCANS]
+    return ["::".join(str(f) for f in scan_files(data, i)) for i in SCANS]
 
 
 def _sparse(data: Path, preset: str, groups: list[str], methods: list[str], work: Path, out: Path,
@@ -251,7 +252,7 @@ def pack(work: Path, dest: Path) -> Path:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--data", default=str(ROOT / ".." / "shared" / "data" / "chaos_mr_t2_dev"),
+    ap.add_argument("--data", default=str(DEFAULT_DIR),
                     help="CHAOS MR T2 folder: images/image_N.nii.gz, labels/label_N.nii.gz, labels.json")
     ap.add_argument("--out", help="work and result folder (replaced); required unless --preflight")
     ap.add_argument("--preflight", action="store_true", help="only check the packages the jobs need")

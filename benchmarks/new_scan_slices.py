@@ -19,11 +19,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from chaos import DEFAULT_DIR, SCANS, load_scan
 
 import TSKDLib.evaluation.sparse_benchmark as sparse
-from TSKDLib.data.case import load_case
-
-SCANS = (31, 32, 33, 34, 36)
 
 
 def main(argv=None) -> None:
@@ -31,16 +29,13 @@ def main(argv=None) -> None:
     ap.add_argument("--train", type=int, nargs="+", default=[31, 32, 33])
     ap.add_argument("--test", type=int, default=36)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--data", default=str(Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
-                                          / "chaos_mr_t2_dev"))
+    ap.add_argument("--data", default=str(DEFAULT_DIR))
     ap.add_argument("--work-dir", default="bench/work_noval")
     ap.add_argument("--out", default="bench/new_scan")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    d = Path(args.data)
-    scans = [load_case(d / "images" / f"image_{i}.nii.gz", d / "labels" / f"label_{i}.nii.gz", d / "labels.json")
-             for i in SCANS]
+    scans = [load_scan(args.data, i) for i in SCANS]
     kept: dict[tuple[str, str], np.ndarray] = {}
     score = sparse._Scorer._variants
 
@@ -64,10 +59,12 @@ def main(argv=None) -> None:
             for k, name in enumerate(names, start=1):
                 r, p = ref[z] == k, pred[z] == k
                 cells.append(f"{name} {int(r.sum()):5d}/{int(p.sum()):5d}/{int((r & p).sum()):5d}")
-            calls = {names[k - 1]: {("bg" if j == 0 else names[j - 1]): int(((ref[z] == k) & (pred[z] == j)).sum())
-                                    for j in range(len(names) + 1) if j != k and ((ref[z] == k) & (pred[z] == j)).any()}
-                     for k in range(1, len(names) + 1)}
-            calls = {k: v for k, v in calls.items() if v}
+            calls = {}  # reference organ -> {what the model calls its pixels instead: count}
+            for k, name in enumerate(names, start=1):
+                wrong = np.bincount(pred[z][ref[z] == k].ravel(), minlength=len(names) + 1)
+                wrong[k] = 0
+                if wrong.any():
+                    calls[name] = {("bg" if j == 0 else names[j - 1]): int(c) for j, c in enumerate(wrong) if c}
             print(f"{z:3d} " + " | ".join(cells) + (f"   reference called: {calls}" if calls else ""))
     print((Path(args.out) / "results.md").read_text())
 

@@ -20,8 +20,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from chaos import DEFAULT_DIR, load_scan
 
-from TSKDLib.data.case import SliceSet, load_case
+from TSKDLib.data.case import SliceSet
 from TSKDLib.distillation.distill import TransferSet, teacher_pseudo_labels
 
 
@@ -56,17 +57,13 @@ def removed_by_organ_ends(work: Path, reference) -> dict[tuple[str, str], tuple[
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("work", nargs="+", help="experiment folders of the benchmark's --work-dir")
-    ap.add_argument("--data", default=str(Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
-                                          / "chaos_mr_t2_dev"))
+    ap.add_argument("--data", default=str(DEFAULT_DIR))
     args = ap.parse_args(argv)
-    d = Path(args.data)
     cases = {}
 
     def reference(name: str) -> np.ndarray:
         if name not in cases:  # keep the case: its arrays are views of its images
-            i = name.split("_")[-1]
-            cases[name] = load_case(d / "images" / f"image_{i}.nii.gz", d / "labels" / f"label_{i}.nii.gz",
-                                    d / "labels.json")
+            cases[name] = load_scan(args.data, int(name.split("_")[-1]))
         return cases[name].label_slices()
 
     total_true = total_other = 0
