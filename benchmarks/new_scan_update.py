@@ -1,0 +1,118 @@
+"""Issue 15: what a radiologist does when a model fails on a new scan: correct a few slices and
+run ``tskd update``. How much of the new scan does that fix, and in how long?
+
+    python benchmarks/new_scan_update.py [--train 31 32 33] [--test 36 34] [--corrected 3] \
+        [--data ../shared/data/chaos_mr_t2_dev] [--out bench/new_scan_update]
+
+1. ``tskd train --preset fast`` on the training scans, each with 3 labelled slices per organ (the
+   slices at 25/50/75 % of its extent, every organ labelled on them: the sparse-slice protocol);
+   product defaults otherwise. Reused when ``--out``/train/model exists.
+2. ``tskd segment`` of each test scan with that model (default 3D clean-up).
+3. The user corrects the ``--corrected`` worst slices: those with the most voxels where the
+   prediction differs from the reference, at least 3 slices apart (their full reference labels
+   stand in for the correction).
+4. ``tskd update`` with those slices (default 150 + 40 steps), then ``tskd segment`` again.
+
+Prints per test scan the Dice per organ on the slices nobody corrected, before and after, the
+corrected slice numbers and the update's wall time. Results: benchmarks/RESULTS.md, section 6,
+"Other scans: which three scans train, and correcting a new scan". CHAOS data stay outside the
+project (SOURCE.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from chaos import DEFAULT_DIR, load_scan, scan_files
+
+from TSKDLib.data.case import load_case
+from TSKDLib.evaluation.sparse_benchmark import sparse_slice_indices
+
+
+def _tskd(*args: str) -> float:
+    """Run one ``tskd`` command (this interpreter), raise on failure; returns its wall seconds."""
+    t0 = time.perf_counter()
+    quiet = ["--quiet"] if args[0] != "update" else []  # tskd update has no --quiet
+    done = subprocess.run([sys.executable, "-m", "TSKDLib", *args, *quiet], check=False, capture_output=True,
+                          text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"tskd {args[0]} failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    return time.perf_counter() - t0
+
+
+def _dice(pred: np.ndarray, ref: np.ndarray, k: int) -> float:
+    p, r = pred == k, ref == k
+    total = int(p.sum() + r.sum())
+    return float("nan") if total == 0 else 2.0 * int((p & r).sum()) / total
+
+
+def worst_slices(pred: np.ndarray, ref: np.ndarray, n: int, gap: int = 3) -> list[int]:
+    """The ``n`` slices ``(Z, Y, X)`` with the most voxels where ``pred`` and ``ref`` disagree, at
+    least ``gap`` slices apart (the ones a user would correct first), sorted."""
+    errors = (pred != ref).reshape(len(ref), -1).sum(1)
+    chosen: list[int] = []
+    for z in np.argsort(-errors, kind="stable"):
+        if len(chosen) == n or errors[z] == 0:
+            break
+        if all(abs(int(z) - c) >= gap for c in chosen):
+            chosen.append(int(z))
+    return sorted(chosen)
+
+
+def _score(data, scan: int, pred_file: Path, skip: list[int], names) -> dict:
+    ref = load_scan(data, scan).label_slices()
+    pred = load_case(scan_files(data, scan)[0], pred_file, Path(data) / "labels.json").label_slices()
+    keep = np.setdiff1d(np.arange(len(ref)), skip)
+    per = {name: _dice(pred[keep], ref[keep], k) for k, name in enumerate(names, start=1)}
+    return {"per_class": per, "mean": float(np.nanmean(list(per.values()))), "pred": np.asarray(pred),
+            "ref": np.asarray(ref)}
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--train", type=int, nargs="+", default=[31, 32, 33])
+    ap.add_argument("--test", type=int, nargs="+", default=[36, 34])
+    ap.add_argument("--corrected", type=int, default=3, help="slices the user corrects per test scan")
+    ap.add_argument("--data", default=str(DEFAULT_DIR))
+    ap.add_argument("--out", default="bench/new_scan_update")
+    ap.add_argument("--threads", default="2")
+    args = ap.parse_args(argv)
+    out, data = Path(args.out), Path(args.data)
+    class_map = str(data / "labels.json")
+    model = out / "train" / "model"
+    if not (model / "model_card.json").is_file():
+        cmd = ["train", *[str(scan_files(data, s)[0]) for s in args.train], "--labels",
+               *[str(scan_files(data, s)[1]) for s in args.train], "--class-map", class_map]
+        for s in args.train:
+            case = load_scan(data, s)
+            idx = sparse_slice_indices(case.label_slices(), case.class_map.num_classes)
+            cmd += ["--labelled-slices", ",".join(map(str, idx))]
+        seconds = _tskd(*cmd, "--out", str(out / "train"), "--preset", "fast", "--threads", args.threads)
+        print(f"tskd train on {args.train}: {seconds:.0f} s")
+    names = load_scan(data, args.test[0]).class_map.names
+    for scan in args.test:
+        image, labels = (str(p) for p in scan_files(data, scan))
+        before_file, after_file = out / f"seg_{scan}_before.nii.gz", out / f"seg_{scan}_after.nii.gz"
+        _tskd("segment", str(model), image, "--out", str(before_file), "--overwrite")
+        first = _score(data, scan, before_file, [], names)
+        fix = worst_slices(first["pred"], first["ref"], args.corrected)
+        update_dir = out / f"model_{scan}_updated"
+        seconds = _tskd("update", str(model), "--image", image, "--labels", labels, "--class-map", class_map,
+                        "--slices", ",".join(map(str, fix)), "--out", str(update_dir), "--overwrite",
+                        "--threads", args.threads)
+        _tskd("segment", str(update_dir), image, "--out", str(after_file), "--overwrite")
+        before, after = _score(data, scan, before_file, fix, names), _score(data, scan, after_file, fix, names)
+        print(f"image_{scan}: corrected slices {fix}; tskd update {seconds:.0f} s; Dice on the other "
+              f"{len(first['ref']) - len(fix)} slices")
+        for name in names:
+            print(f"  {name:14s} {before['per_class'][name]:.3f} -> {after['per_class'][name]:.3f}")
+        print(f"  {'mean':14s} {before['mean']:.3f} -> {after['mean']:.3f}")
+
+
+if __name__ == "__main__":
+    main()
