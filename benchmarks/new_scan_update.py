@@ -13,6 +13,10 @@ run ``tskd update``. How much of the new scan does that fix, and in how long?
    stand in for the correction).
 4. ``tskd update`` with those slices (default 150 + 40 steps), then ``tskd segment`` again.
 
+Slice numbers are the files' own k indices, which on these axial CHAOS files are also the order of
+``Case.label_slices()`` (checked on all five scans: no flip), so one index serves ``tskd`` and
+the scoring.
+
 Prints per test scan the Dice per organ on the slices nobody corrected, before and after, the
 corrected slice numbers and the update's wall time. Results: benchmarks/RESULTS.md, section 6,
 "Other scans: which three scans train, and correcting a new scan". CHAOS data stay outside the
