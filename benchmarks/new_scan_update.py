@@ -35,6 +35,7 @@ import numpy as np
 from chaos import DEFAULT_DIR, load_scan, scan_files
 
 from TSKDLib.data.case import load_case
+from TSKDLib.evaluation.metrics import dice_scores
 from TSKDLib.evaluation.sparse_benchmark import sparse_slice_indices
 
 
@@ -47,12 +48,6 @@ def _tskd(*args: str) -> float:
     if done.returncode != 0:
         raise SystemExit(f"tskd {args[0]} failed ({done.returncode}):\n{done.stderr[-3000:]}")
     return time.perf_counter() - t0
-
-
-def _dice(pred: np.ndarray, ref: np.ndarray, k: int) -> float:
-    p, r = pred == k, ref == k
-    total = int(p.sum() + r.sum())
-    return float("nan") if total == 0 else 2.0 * int((p & r).sum()) / total
 
 
 def worst_slices(pred: np.ndarray, ref: np.ndarray, n: int, gap: int = 3) -> list[int]:
@@ -68,13 +63,15 @@ def worst_slices(pred: np.ndarray, ref: np.ndarray, n: int, gap: int = 3) -> lis
     return sorted(chosen)
 
 
-def _score(data, scan: int, pred_file: Path, skip: list[int], names) -> dict:
-    ref = load_scan(data, scan).label_slices()
-    pred = load_case(scan_files(data, scan)[0], pred_file, Path(data) / "labels.json").label_slices()
+def _labels(data: Path, scan: int, label_file: Path) -> np.ndarray:
+    """``(Z, Y, X)`` class indices of ``label_file`` on CHAOS scan ``scan``'s grid, in slice order."""
+    return np.asarray(load_case(scan_files(data, scan)[0], label_file, data / "labels.json").label_slices())
+
+
+def _scores(pred: np.ndarray, ref: np.ndarray, skip: list[int], num_classes: int) -> dict:
+    """Volume Dice per class (:func:`TSKDLib.evaluation.metrics.dice_scores`) on the slices not in ``skip``."""
     keep = np.setdiff1d(np.arange(len(ref)), skip)
-    per = {name: _dice(pred[keep], ref[keep], k) for k, name in enumerate(names, start=1)}
-    return {"per_class": per, "mean": float(np.nanmean(list(per.values()))), "pred": np.asarray(pred),
-            "ref": np.asarray(ref)}
+    return dice_scores(pred[keep], ref[keep], num_classes)
 
 
 def main(argv=None) -> None:
@@ -98,23 +95,25 @@ def main(argv=None) -> None:
             cmd += ["--labelled-slices", ",".join(map(str, idx))]
         seconds = _tskd(*cmd, "--out", str(out / "train"), "--preset", "fast", "--threads", args.threads)
         print(f"tskd train on {args.train}: {seconds:.0f} s")
-    names = load_scan(data, args.test[0]).class_map.names
     for scan in args.test:
+        case = load_scan(data, scan)
+        names, ref = case.class_map.names, np.asarray(case.label_slices())
         image, labels = (str(p) for p in scan_files(data, scan))
         before_file, after_file = out / f"seg_{scan}_before.nii.gz", out / f"seg_{scan}_after.nii.gz"
         _tskd("segment", str(model), image, "--out", str(before_file), "--overwrite")
-        first = _score(data, scan, before_file, [], names)
-        fix = worst_slices(first["pred"], first["ref"], args.corrected)
+        first = _labels(data, scan, before_file)
+        fix = worst_slices(first, ref, args.corrected)
         update_dir = out / f"model_{scan}_updated"
         seconds = _tskd("update", str(model), "--image", image, "--labels", labels, "--class-map", class_map,
                         "--slices", ",".join(map(str, fix)), "--out", str(update_dir), "--overwrite",
                         "--threads", args.threads)
         _tskd("segment", str(update_dir), image, "--out", str(after_file), "--overwrite")
-        before, after = _score(data, scan, before_file, fix, names), _score(data, scan, after_file, fix, names)
+        before = _scores(first, ref, fix, len(names))
+        after = _scores(_labels(data, scan, after_file), ref, fix, len(names))
         print(f"image_{scan}: corrected slices {fix}; tskd update {seconds:.0f} s; Dice on the other "
-              f"{len(first['ref']) - len(fix)} slices")
-        for name in names:
-            print(f"  {name:14s} {before['per_class'][name]:.3f} -> {after['per_class'][name]:.3f}")
+              f"{len(ref) - len(fix)} slices")
+        for name, b, a in zip(names, before["per_class"], after["per_class"]):
+            print(f"  {name:14s} {b:.3f} -> {a:.3f}")
         print(f"  {'mean':14s} {before['mean']:.3f} -> {after['mean']:.3f}")
 
 

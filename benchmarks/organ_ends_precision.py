@@ -59,12 +59,12 @@ def main(argv=None) -> None:
     ap.add_argument("work", nargs="+", help="experiment folders of the benchmark's --work-dir")
     ap.add_argument("--data", default=str(DEFAULT_DIR))
     args = ap.parse_args(argv)
-    cases = {}
+    labels: dict[str, np.ndarray] = {}
 
     def reference(name: str) -> np.ndarray:
-        if name not in cases:  # keep the case: its arrays are views of its images
-            cases[name] = load_scan(args.data, int(name.split("_")[-1]))
-        return cases[name].label_slices()
+        if name not in labels:  # each scan read once; the array keeps its image (Case.label_slices)
+            labels[name] = load_scan(args.data, int(name.split("_")[-1])).label_slices()
+        return labels[name]
 
     total_true = total_other = 0
     for w in args.work:
