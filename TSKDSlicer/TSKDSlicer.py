@@ -1220,8 +1220,10 @@ class TSKDSlicerLogic(ScriptedLoadableModuleLogic):
 
         ``slices``: default :meth:`trainingSlices`. The new student is added to the model library
         as a new version (``<name> vN``; the previous one stays and can be selected again).
-        Returns ``{"model_dir", "name", "dice_before", "dice_after", "slices", "seconds"}`` (Dice
-        per class on the given slices, before and after). Raises ``RuntimeError`` with the
+        Returns ``{"model_dir", "name", "dice_before", "dice_after", "slices", "seconds", "review"}``
+        (Dice per class on the given slices, before and after; ``review``: per class whose
+        segmentation of this volume's other slices changed most, up to three slice numbers to
+        check, see :func:`TSKDLib.distillation.update.changes_elsewhere`). Raises ``RuntimeError`` with the
         backend's message on failure, :class:`TSKDSlicerLib.interactive.InteractiveError` when
         there is no slice to learn from."""
         from TSKDSlicerLib import interactive
@@ -1266,7 +1268,7 @@ class TSKDSlicerLogic(ScriptedLoadableModuleLogic):
             shutil.rmtree(tmp, ignore_errors=True)
         return {"model_dir": info.path, "name": info.name, "dice_before": result.get("dice_before"),
                 "dice_after": result.get("dice_after"), "slices": slices,
-                "seconds": time.monotonic() - start}
+                "seconds": time.monotonic() - start, "review": result.get("review") or {}}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -130,13 +130,28 @@ def cmd_update(args) -> int:
         text = json.dumps(result, indent=1)
         atomic_write(Path(args.report), lambda tmp: tmp.write_text(text), overwrite=True)
     if args.progress_json:
-        progress.done({"dice_before": result["dice_before"], "dice_after": result["dice_after"]}, result["model_dir"])
+        progress.done({"dice_before": result["dice_before"], "dice_after": result["dice_after"],
+                       "review": result["review"]}, result["model_dir"])
     else:
         fmt = (lambda d: ", ".join(f"{k} {v:.3f}" for k, v in d.items()))
         print(f"new model: {result['model_dir']} ({result['seconds']:.0f} s)")
         print(f"Dice on slices {result['slices']}: before {fmt(result['dice_before'])}; "
               f"after {fmt(result['dice_after'])}")
+        print(review_text(result))
     return 0
+
+
+def review_text(result: dict) -> str:
+    """What ``tskd update`` says about the slices nobody corrected (:func:`TSKDLib.distillation.update.changes_elsewhere`)."""
+    changes, review = result.get("changes") or {}, result.get("review") or {}
+    if not changes:
+        return "every slice of the scan was corrected: nothing else to review."
+    agree = ", ".join(f"{k} {v['agreement']:.2f}" for k, v in changes.items())
+    text = f"elsewhere on this scan the updated model agrees with the previous one: {agree} (Dice)."
+    if review:
+        where = "; ".join(f"{k} on slices {', '.join(map(str, s))}" for k, s in review.items())
+        text += f"\nreview where it changed most (not checked against any label): {where}."
+    return text
 
 
 def _report_error(args, exc: TSKDError) -> int:

@@ -10,7 +10,10 @@ slices are trained on the user's labels anyway, :func:`TSKDLib.distillation.dist
 The student starts from the current weights (``student.pt`` of the package, or of the run) and
 runs a short :func:`TSKDLib.distillation.distill.distill` (``fast`` preset, ``steps`` + ``finetune_steps``,
 half of every batch from labelled slices). The result is a new model package (never the input
-one) with its Dice on the corrected slices before and after (model grid, per class).
+one) with its Dice on the corrected slices before and after (model grid, per class), and where it
+changed the scan's *other* slices (:func:`changes_elsewhere`): nobody has checked those, so the
+user is told which to review (on CHAOS MR an update that fixed its corrected slices lowered the
+spleen elsewhere, 0.84 -> 0.77; benchmarks/RESULTS.md section 6).
 
 Nothing here changes :mod:`TSKDLib.distillation.distill` or :mod:`TSKDLib.pipeline.run`; it calls their functions.
 """
@@ -26,6 +29,12 @@ from typing import Sequence
 import numpy as np
 
 from TSKDLib.errors import ConfigError, InputError, ModelPackageError
+
+#: a class whose masks from the previous and the updated model agree less than this (Dice) on the
+#: slices nobody corrected is reported with the slices that changed most ("review these")
+REVIEW_AGREEMENT = 0.95
+#: how many of a class's most-changed slices are named
+REVIEW_SLICES = 3
 
 #: default length of a quick update (optimiser steps; ~30-60 s on a 2-core CPU at S = 256)
 DEFAULT_STEPS = 150
@@ -94,9 +103,10 @@ def quick_update(model: str | Path, image: str | Path, labels: str | Path, slice
     -------
     dict
         ``{"model_dir", "dice_before": {class: Dice}, "dice_after": {...}, "mean_before",
-        "mean_after", "slices", "seconds", "steps", "run_dir"}``: Dice on the corrected slices at
-        the model's input grid (``(S, S)`` after resize), classes absent from both prediction and
-        labels count as 1.
+        "mean_after", "slices", "seconds", "steps", "run_dir", "changes", "review"}``: Dice on
+        the corrected slices at the model's input grid (``(S, S)`` after resize), classes absent
+        from both prediction and labels count as 1; ``changes`` and ``review`` as
+        :func:`changes_elsewhere` on the scan's other slices.
 
     Raises
     ------
@@ -104,7 +114,7 @@ def quick_update(model: str | Path, image: str | Path, labels: str | Path, slice
         Run or weights not found, axis or classes that differ from the model's, no slice.
     """
     from TSKDLib.data.case import SliceSet
-    from TSKDLib.distillation.distill import DistillConfig, distill, evaluate_dice
+    from TSKDLib.distillation.distill import distill, evaluate_dice
     from TSKDLib.distillation.student import load_student
 
     t0 = time.monotonic()
@@ -121,31 +131,29 @@ def quick_update(model: str | Path, image: str | Path, labels: str | Path, slice
         raise InputError("no corrected slice given.", labels, "List the slices you corrected with --slices.")
     base = SliceSet.load(run_dir / "prepare" / "slices.pt")
     names = list(base.class_map.names)
-    new = _corrected_slices(image, labels, slices, class_map, card, base, model_axis)
+    case, new, norm = _corrected_slices(image, labels, slices, class_map, card, base, model_axis)
     ext, ext_cache = _extended_transfer(run_dir, base, new, len(names))
 
     student = load_student(_student_weights(package, run_dir))
     before = evaluate_dice(student, new.images.float(), new.labels, num_classes=len(names))
-    cfg = DistillConfig.preset("fast", steps=int(steps), finetune_steps=int(finetune_steps),
-                               min_steps=min(int(steps), 100), max_seconds=None, w_feat=0.0,
-                               lr=1e-3, warmup_steps=min(20, max(int(steps) // 5, 1)), seed=seed,
-                               device=device, threads=threads, checkpoint_every=10**9)
-    res = distill(ext, cfg, ext_cache, student=student, progress=progress,
-                  validation=(new.images.float(), new.labels))
+    elsewhere = _Elsewhere(case, base.size, norm, names, student)  # the previous model on the other slices
+    res = distill(ext, _update_config(steps, finetune_steps, seed, device, threads), ext_cache, student=student,
+                  progress=progress, validation=(new.images.float(), new.labels))
     updated = res.model.eval().cpu()
     after = evaluate_dice(updated, new.images.float(), new.labels, num_classes=len(names))
+    changes, review = elsewhere.report(updated)
 
     dice_before = dict(zip(names, [float(v) for v in before["per_class"]]))
     dice_after = dict(zip(names, [float(v) for v in after["per_class"]]))
     record = {"image": str(image), "slices": slices, "steps": int(steps), "finetune_steps": int(finetune_steps),
-              "dice_before": dice_before, "dice_after": dice_after,
+              "dice_before": dice_before, "dice_after": dice_after, "changes": changes, "review": review,
               "from": card.get("name"), "seconds": round(time.monotonic() - t0, 1)}
     _write_package(updated, out, card, base, run_dir, model_axis, record, overwrite)
     mean = (lambda d: float(np.mean(list(d.values()))) if d else None)
     return {"model_dir": str(out), "dice_before": dice_before, "dice_after": dice_after,
             "mean_before": mean(dice_before), "mean_after": mean(dice_after), "slices": slices,
             "seconds": time.monotonic() - t0, "steps": int(steps) + int(finetune_steps),
-            "run_dir": str(run_dir)}
+            "run_dir": str(run_dir), "changes": changes, "review": review}
 
 
 def _read_card(package: Path | None, run_dir: Path, axis: str | None) -> tuple[dict, str]:
@@ -164,9 +172,10 @@ def _read_card(package: Path | None, run_dir: Path, axis: str | None) -> tuple[d
 
 
 def _corrected_slices(image, labels, slices: list[int], class_map, card: dict, base, model_axis: str):
-    """The corrected ``slices`` of ``image``/``labels`` as a :class:`~TSKDLib.data.case.SliceSet`
-    on the model's grid (``base.size``) with the model's normalisation. InputError when the classes
-    differ from the model's or no slice holds a label."""
+    """``(case, new, normalization)``: the scan as a :class:`~TSKDLib.data.case.Case` (``slices``
+    flagged labelled), its corrected slices as a :class:`~TSKDLib.data.case.SliceSet` on the
+    model's grid (``base.size``) and the model's normalisation. InputError when the classes differ
+    from the model's or no slice holds a label."""
     from TSKDLib.data.case import load_case, prepare_slices
     from TSKDLib.data.preprocess import Normalization
 
@@ -181,7 +190,84 @@ def _corrected_slices(image, labels, slices: list[int], class_map, card: dict, b
     new = prepare_slices([case], base.size, norm, only_labelled=True)
     if len(new) == 0:
         raise InputError("none of the given slices holds a label.", labels, "Check --slices.")
-    return new
+    return case, new, norm
+
+
+def _update_config(steps: int, finetune_steps: int, seed: int, device: str, threads: int | None):
+    """The ``fast`` distillation settings of a quick update (no feature term: the corrected slices
+    have no teacher embedding; no wall-clock cap; no checkpoint)."""
+    from TSKDLib.distillation.distill import DistillConfig
+
+    return DistillConfig.preset("fast", steps=int(steps), finetune_steps=int(finetune_steps),
+                                min_steps=min(int(steps), 100), max_seconds=None, w_feat=0.0,
+                                lr=1e-3, warmup_steps=min(20, max(int(steps) // 5, 1)), seed=seed,
+                                device=device, threads=threads, checkpoint_every=10**9)
+
+
+class _Elsewhere:
+    """The slices of the corrected scan that nobody corrected (model grid, the model's
+    normalisation) and the previous student's labels there, taken before the update trains it."""
+
+    def __init__(self, case, size: int, norm, names: Sequence[str], previous_model):
+        from TSKDLib.data.case import prepare_case_slices
+        from TSKDLib.distillation.distill import predict_labels
+
+        flags = case.labelled if case.labelled is not None else np.zeros(case.num_slices, bool)
+        rest = [i for i in range(case.num_slices) if not flags[i]]
+        self.names = list(names)
+        self.file_slices = [case.frame.frame_to_file_slice(i) for i in rest]
+        self.images = prepare_case_slices(case, size, norm, rest)[0] if rest else None
+        self.previous = predict_labels(previous_model, self.images) if rest else None
+
+    def report(self, updated_model) -> tuple[dict, dict]:
+        """``(changes, review)``: :func:`changes_elsewhere` of the previous and the updated model,
+        and ``{class: slices}`` for the classes that agree less than :data:`REVIEW_AGREEMENT`."""
+        from TSKDLib.distillation.distill import predict_labels
+
+        if self.images is None:
+            return {}, {}
+        changes = changes_elsewhere(self.previous, predict_labels(updated_model, self.images), self.file_slices,
+                                    self.names)
+        review = {n: c["slices"] for n, c in changes.items() if c["agreement"] < REVIEW_AGREEMENT and c["slices"]}
+        return changes, review
+
+
+def changes_elsewhere(previous, updated, file_slices: Sequence[int], names: Sequence[str]) -> dict:
+    """Where an update changed a scan's segmentation outside the slices the user corrected.
+
+    Parameters
+    ----------
+    previous, updated:
+        ``(n, S, S)`` class indices ``0..K`` of the previous and the updated model on the same
+        slices (model grid), in slice order.
+    file_slices:
+        ``(n,)`` the file's own slice numbers of those slices (along the model's slice axis).
+    names:
+        The K class names.
+
+    Returns
+    -------
+    dict
+        ``{name: {"agreement", "changed_pixels", "slices"}}``: Dice between the class's masks of
+        the two models over the n slices (1.0 when neither paints it), the pixels that changed
+        class membership, and up to :data:`REVIEW_SLICES` file slice numbers with the most change
+        (most first; only slices that changed). The references are unknown there, so this says
+        *where* to look, not whether the change is right.
+    """
+    import torch
+
+    previous, updated = torch.as_tensor(previous), torch.as_tensor(updated)
+    out = {}
+    for k, name in enumerate(names, start=1):
+        a, b = previous == k, updated == k
+        total = int(a.sum() + b.sum())
+        agreement = 2.0 * int((a & b).sum()) / total if total else 1.0
+        per_slice = (a ^ b).flatten(1).sum(1)
+        order = [int(i) for i in torch.argsort(per_slice, descending=True, stable=True)[:REVIEW_SLICES]
+                 if int(per_slice[i]) > 0]
+        out[name] = {"agreement": round(agreement, 4), "changed_pixels": int(per_slice.sum()),
+                     "slices": [int(file_slices[i]) for i in order]}
+    return out
 
 
 def _extended_transfer(run_dir: Path, base, new, num_classes: int):

@@ -284,9 +284,14 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
             paths = [m.path for m in self._models]
             if result["model_dir"] in paths:
                 self.modelComboBox.currentIndex = paths.index(result["model_dir"])
-            self.statusLabel.text = _("New model {name}: Dice on your {n} slice(s) {before} -> {after}.").format(
+            text = _("New model {name}: Dice on your {n} slice(s) {before} -> {after}.").format(
                 name=result["name"], n=len(result["slices"]), before=_fmt(result["dice_before"]),
                 after=_fmt(result["dice_after"]))
+            review = result.get("review") or {}
+            if review:
+                text += " " + _("It changed other slices most here, review them: {where}.").format(
+                    where="; ".join("{0} {1}".format(name, ", ".join(str(s) for s in sl)) for name, sl in review.items()))
+            self.statusLabel.text = text
 
     def _updateCorrections(self):
         try:

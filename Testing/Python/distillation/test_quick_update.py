@@ -88,10 +88,18 @@ def test_quick_update_raises_dice_on_corrected_slices_and_keeps_the_previous(run
     assert result["slices"] == CORRECTED and set(result["dice_before"]) == set(CLASSES)
     assert result["mean_after"] > result["mean_before"], result
     assert "Dice on slices [12, 16]: before" in r.stdout
+    # where the update changed the slices nobody corrected: every class, named slices outside the corrected
+    assert set(result["changes"]) == set(CLASSES), result["changes"]
+    for name, change in result["changes"].items():
+        assert 0.0 <= change["agreement"] <= 1.0 and change["changed_pixels"] >= 0
+        assert set(change["slices"]) <= set(range(30)) - set(CORRECTED) and len(change["slices"]) <= 3
+        assert (name in result["review"]) == (change["agreement"] < 0.95 and bool(change["slices"]))
+    assert "elsewhere on this scan the updated model agrees with the previous one: liver" in r.stdout
     pkg = load_model_package(tmp_path / "v2", verify=True)  # checksums, student.pt included
     assert "student.pt" in pkg.card["files"]
     qu = pkg.card["training"]["quick_updates"][-1]
     assert qu["slices"] == CORRECTED and qu["dice_after"] == result["dice_after"]
+    assert qu["changes"] == result["changes"] and qu["review"] == result["review"]
     assert pkg.card["training"]["run_dir"] == str(run_dir.resolve())
     # tskd segment's clean-up of the one-object classes carries over to the updated model
     assert pkg.card["postprocessing"] == json.loads(before_card)["postprocessing"]
