@@ -1220,8 +1220,10 @@ class TSKDSlicerLogic(ScriptedLoadableModuleLogic):
 
         ``slices``: default :meth:`trainingSlices`. The new student is added to the model library
         as a new version (``<name> vN``; the previous one stays and can be selected again).
-        Returns ``{"model_dir", "name", "dice_before", "dice_after", "slices", "seconds", "review"}``
-        (Dice per class on the given slices, before and after; ``review``: per class whose
+        Returns ``{"model_dir", "name", "dice_before", "dice_after", "slices", "seconds", "review",
+        "painted_before", "painted_after"}`` (Dice per class on the given slices, before and after;
+        painted: pixels per class on those of the slices that hold none of it, see
+        :func:`TSKDLib.distillation.update.corrected_slice_scores`; ``review``: per class whose
         segmentation of this volume's other slices changed most, up to three slice numbers to
         check, see :func:`TSKDLib.distillation.update.changes_elsewhere`). Raises ``RuntimeError`` with the
         backend's message on failure, :class:`TSKDSlicerLib.interactive.InteractiveError` when
@@ -1268,7 +1270,8 @@ class TSKDSlicerLogic(ScriptedLoadableModuleLogic):
             shutil.rmtree(tmp, ignore_errors=True)
         return {"model_dir": info.path, "name": info.name, "dice_before": result.get("dice_before"),
                 "dice_after": result.get("dice_after"), "slices": slices,
-                "seconds": time.monotonic() - start, "review": result.get("review") or {}}
+                "seconds": time.monotonic() - start, "review": result.get("review") or {},
+                "painted_before": result.get("painted_before") or {}, "painted_after": result.get("painted_after") or {}}
 
 
 # ---------------------------------------------------------------------------------------------

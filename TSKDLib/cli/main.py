@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -133,10 +134,15 @@ def cmd_update(args) -> int:
         progress.done({"dice_before": result["dice_before"], "dice_after": result["dice_after"],
                        "review": result["review"]}, result["model_dir"])
     else:
-        fmt = (lambda d: ", ".join(f"{k} {v:.3f}" for k, v in d.items()))
+        fmt = (lambda d: ", ".join(f"{k} {v:.3f}" for k, v in d.items() if not math.isnan(v)))
         print(f"new model: {result['model_dir']} ({result['seconds']:.0f} s)")
-        print(f"Dice on slices {result['slices']}: before {fmt(result['dice_before'])}; "
-              f"after {fmt(result['dice_after'])}")
+        if not all(math.isnan(v) for v in result["dice_before"].values()):
+            print(f"Dice on slices {result['slices']}: before {fmt(result['dice_before'])}; "
+                  f"after {fmt(result['dice_after'])}")
+        erased = [(k, v, result["painted_after"][k]) for k, v in result["painted_before"].items() if v]
+        if erased:
+            print(f"pixels painted on slices {result['slices']} where you drew none of the class, before -> after: "
+                  + ", ".join(f"{k} {b} -> {a}" for k, b, a in erased))
         print(review_text(result))
     return 0
 

@@ -103,10 +103,10 @@ def quick_update(model: str | Path, image: str | Path, labels: str | Path, slice
     -------
     dict
         ``{"model_dir", "dice_before": {class: Dice}, "dice_after": {...}, "mean_before",
-        "mean_after", "slices", "seconds", "steps", "run_dir", "changes", "review"}``: Dice on
-        the corrected slices at the model's input grid (``(S, S)`` after resize), classes absent
-        from both prediction and labels count as 1; ``changes`` and ``review`` as
-        :func:`changes_elsewhere` on the scan's other slices.
+        "mean_after", "slices", "seconds", "steps", "run_dir", "painted_before", "painted_after",
+        "changes", "review"}``: Dice and painted pixels on the corrected slices as
+        :func:`corrected_slice_scores` (Dice NaN for a class on none of them; the means skip
+        NaN); ``changes`` and ``review`` as :func:`changes_elsewhere` on the scan's other slices.
 
     Raises
     ------
@@ -114,7 +114,7 @@ def quick_update(model: str | Path, image: str | Path, labels: str | Path, slice
         Run or weights not found, axis or classes that differ from the model's, no slice.
     """
     from TSKDLib.data.case import SliceSet
-    from TSKDLib.distillation.distill import distill, evaluate_dice
+    from TSKDLib.distillation.distill import distill
     from TSKDLib.distillation.student import load_student
 
     t0 = time.monotonic()
@@ -135,25 +135,25 @@ def quick_update(model: str | Path, image: str | Path, labels: str | Path, slice
     ext, ext_cache = _extended_transfer(run_dir, base, new, len(names))
 
     student = load_student(_student_weights(package, run_dir))
-    before = evaluate_dice(student, new.images.float(), new.labels, num_classes=len(names))
+    dice_before, painted_before = corrected_slice_scores(student, new.images, new.labels, names)
     elsewhere = _Elsewhere(case, base.size, norm, names, student)  # the previous model on the other slices
     res = distill(ext, _update_config(steps, finetune_steps, seed, device, threads), ext_cache, student=student,
                   progress=progress, validation=(new.images.float(), new.labels))
     updated = res.model.eval().cpu()
-    after = evaluate_dice(updated, new.images.float(), new.labels, num_classes=len(names))
+    dice_after, painted_after = corrected_slice_scores(updated, new.images, new.labels, names)
     changes, review = elsewhere.report(updated)
 
-    dice_before = dict(zip(names, [float(v) for v in before["per_class"]]))
-    dice_after = dict(zip(names, [float(v) for v in after["per_class"]]))
     record = {"image": str(image), "slices": slices, "steps": int(steps), "finetune_steps": int(finetune_steps),
-              "dice_before": dice_before, "dice_after": dice_after, "changes": changes, "review": review,
+              "dice_before": dice_before, "dice_after": dice_after, "painted_before": painted_before,
+              "painted_after": painted_after, "changes": changes, "review": review,
               "from": card.get("name"), "seconds": round(time.monotonic() - t0, 1)}
     _write_package(updated, out, card, base, run_dir, model_axis, record, overwrite)
-    mean = (lambda d: float(np.mean(list(d.values()))) if d else None)
+    mean = (lambda d: float(np.nanmean(list(d.values()))) if d and not all(np.isnan(list(d.values()))) else None)
     return {"model_dir": str(out), "dice_before": dice_before, "dice_after": dice_after,
             "mean_before": mean(dice_before), "mean_after": mean(dice_after), "slices": slices,
             "seconds": time.monotonic() - t0, "steps": int(steps) + int(finetune_steps),
-            "run_dir": str(run_dir), "changes": changes, "review": review}
+            "run_dir": str(run_dir), "changes": changes, "review": review, "painted_before": painted_before,
+            "painted_after": painted_after}
 
 
 def _read_card(package: Path | None, run_dir: Path, axis: str | None) -> tuple[dict, str]:
@@ -230,6 +230,26 @@ class _Elsewhere:
                                     self.names)
         review = {n: c["slices"] for n, c in changes.items() if c["agreement"] < REVIEW_AGREEMENT and c["slices"]}
         return changes, review
+
+
+def corrected_slice_scores(model, images, labels, names: Sequence[str]) -> tuple[dict, dict]:
+    """How a student does on the corrected slices (model grid).
+
+    ``images (n, 1, S, S)`` in [0, 1] and ``labels (n, S, S)`` class indices ``0..K``. Returns
+    ``(dice, painted)``: per class name, the Dice over the n slices pooled
+    (:func:`TSKDLib.evaluation.metrics.dice_scores`; NaN where the class is on none of them), and
+    the pixels the model gives the class on those slices whose labels hold none of it (what a
+    correction that erases an organ asks the model to stop painting)."""
+    from TSKDLib.distillation.distill import predict_labels
+    from TSKDLib.evaluation.metrics import dice_scores
+
+    pred = predict_labels(model, images.float())
+    dice = dice_scores(pred, labels, len(names))["per_class"]
+    painted = {}
+    for k, name in enumerate(names, start=1):
+        absent = ~(labels == k).flatten(1).any(1)
+        painted[name] = int((pred[absent] == k).sum())
+    return dict(zip(names, [float(v) for v in dice])), painted
 
 
 def changes_elsewhere(previous, updated, file_slices: Sequence[int], names: Sequence[str]) -> dict:

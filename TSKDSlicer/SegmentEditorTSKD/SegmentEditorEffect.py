@@ -10,6 +10,7 @@ scripted-effect convention.
 """
 
 import logging
+import math
 import os
 
 import qt
@@ -287,10 +288,15 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
             text = _("New model {name}: Dice on your {n} slice(s) {before} -> {after}.").format(
                 name=result["name"], n=len(result["slices"]), before=_fmt(result["dice_before"]),
                 after=_fmt(result["dice_after"]))
+            erased = {k: (v, (result.get("painted_after") or {}).get(k)) for k, v in
+                      (result.get("painted_before") or {}).items() if v}
+            if erased:
+                text += " " + _("Pixels painted where you drew none of the segment: {what}.").format(
+                    what="; ".join(f"{k} {b} -> {a}" for k, (b, a) in erased.items()))
             review = result.get("review") or {}
             if review:
                 text += " " + _("It changed other slices most here, review them: {where}.").format(
-                    where="; ".join("{0} {1}".format(name, ", ".join(str(s) for s in sl)) for name, sl in review.items()))
+                    where="; ".join(f"{name} {', '.join(str(s) for s in sl)}" for name, sl in review.items()))
             self.statusLabel.text = text
 
     def _updateCorrections(self):
@@ -389,5 +395,6 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
 
 def _fmt(dice):
     if isinstance(dice, dict):
-        return ", ".join(f"{k} {v:.3f}" for k, v in dice.items() if isinstance(v, (int, float)))
+        return ", ".join(f"{k} {v:.3f}" for k, v in dice.items()
+                         if isinstance(v, (int, float)) and not math.isnan(v)) or "-"
     return "-" if dice is None else f"{dice:.3f}"

@@ -25,3 +25,30 @@ def test_changes_elsewhere_measures_agreement_and_names_the_changed_slices():
     assert out["liver"]["slices"] == [14, 18]  # most changed first, only slices that changed
     assert out["spleen"] == {"agreement": 0.0, "changed_pixels": 1, "slices": [12]}
     assert out["kidney"] == {"agreement": 1.0, "changed_pixels": 0, "slices": []}  # neither model paints it
+
+
+class _Fixed(torch.nn.Module):
+    """A stand-in student whose logits are given: class ``pred`` wins on every pixel."""
+
+    def __init__(self, pred: torch.Tensor, num_classes: int):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+        self.logits = torch.nn.functional.one_hot(pred, num_classes + 1).permute(0, 3, 1, 2).float()
+
+    def forward(self, x):
+        return self.logits[: len(x)] + self.w
+
+
+def test_corrected_slice_scores_counts_what_the_model_paints_where_the_user_drew_none():
+    from TSKDLib.distillation.update import corrected_slice_scores
+
+    labels = torch.zeros(2, 6, 6, dtype=torch.long)
+    labels[0, 1:3, 1:3] = 1  # slice 0: 4 pixels of liver; slice 1: an organ-free slice the user cleared
+    pred = torch.zeros(2, 6, 6, dtype=torch.long)
+    pred[0, 1:3, 1:3] = 1
+    pred[1, 4:6, 4:6] = 1  # the model paints liver on the organ-free slice ...
+    pred[1, 0, :3] = 2  # ... and 3 pixels of spleen
+    dice, painted = corrected_slice_scores(_Fixed(pred, 2), torch.zeros(2, 1, 6, 6), labels, ["liver", "spleen"])
+    assert dice["liver"] == pytest.approx(2 * 4 / (8 + 4))
+    assert dice["spleen"] != dice["spleen"]  # NaN: on none of the corrected slices
+    assert painted == {"liver": 4, "spleen": 3}  # liver on slice 1 only: slice 0 holds liver
