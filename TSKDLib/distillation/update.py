@@ -12,8 +12,9 @@ runs a short :func:`TSKDLib.distillation.distill.distill` (``fast`` preset, ``st
 half of every batch from labelled slices). The result is a new model package (never the input
 one) with its Dice on the corrected slices before and after (model grid, per class), and where it
 changed the scan's *other* slices (:func:`changes_elsewhere`): nobody has checked those, so the
-user is told which to review (on CHAOS MR an update that fixed its corrected slices lowered the
-spleen elsewhere, 0.84 -> 0.77; benchmarks/RESULTS.md section 6).
+user is told which to review (on CHAOS MR a "correction" that erased the spleen from one slice,
+a defect of the reference labels, lowered the spleen elsewhere, 0.84 -> 0.77; benchmarks/RESULTS.md
+section 6, "Eighth pass").
 
 Nothing here changes :mod:`TSKDLib.distillation.distill` or :mod:`TSKDLib.pipeline.run`; it calls their functions.
 """
