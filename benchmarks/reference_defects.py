@@ -79,12 +79,18 @@ def _patch(defects: dict[str, list[int]], swap: bool) -> None:
     original_within, original_picks = sparse._Scorer.within, sparse._with_sparse_labels
 
     def within(self, method, predict_case_fn):
-        original_within(self, method, predict_case_fn)
+        preds: dict = {}  # each case predicted once, for both scorings
+
+        def predict_once(ci, case):
+            if ci not in preds:
+                preds[ci] = predict_case_fn(ci, case)
+            return preds[ci]
+
+        original_within(self, method, predict_once)
         for ci, case in enumerate(self.train_cases):
-            pred = predict_case_fn(ci, case)
             mask = sparse.region_masks(case.num_slices, self.picks[case.name])["within"]
             mask[defects.get(case.name, [])] = False
-            for name, p in self._variants(method, pred, case):
+            for name, p in self._variants(method, predict_once(ci, case), case):
                 for region, scores in sparse.score_regions(p, case.label_slices(), self.k, sparse._spacing(case),
                                                            {"within_valid": mask}).items():
                     self.add(name, case, region, scores)
@@ -109,11 +115,23 @@ def _patch(defects: dict[str, list[int]], swap: bool) -> None:
     original_other = sparse._Scorer.other
 
     def other(self, method, proba):
-        original_other(self, method, proba)
+        preds: dict = {}  # each test scan predicted once, for both scorings
+        predict = sparse._predict
+
+        def predict_once(proba_, case, size):
+            if case.name not in preds:
+                preds[case.name] = predict(proba_, case, size)
+            return preds[case.name]
+
+        sparse._predict = predict_once
+        try:
+            original_other(self, method, proba)
+        finally:
+            sparse._predict = predict
         for case in self.tests:
             keep = np.setdiff1d(np.arange(case.num_slices), defects.get(case.name, []))
             ref = case.label_slices()[keep]
-            for name, p in self._variants(method, sparse._predict(proba, case, self.cfg.size), case):
+            for name, p in self._variants(method, predict_once(proba, case, self.cfg.size), case):
                 self.add(name, case, "other_valid", sparse.dice_hd95(p[keep], ref, self.k, sparse._spacing(case)))
 
     sparse._Scorer.within = within
