@@ -365,8 +365,8 @@ def _run_methods(ex: _Experiment, scorer: _Scorer, cfg: SparseConfig, out: Path,
         proba = student_proba(res.model)
         scorer.within(method, lambda ci, case: _predict(proba, case, cfg.size))
         scorer.other(method, proba)
-        summary = {k: res.metrics.get(k) for k in ("steps", "distill_steps", "planned_steps", "seconds",
-                                                    "stopped_by", "final_check")}
+        summary = {k: res.metrics.get(k) for k in ("steps", "distill_steps", "planned_steps", "evidence_after",
+                                                    "seconds", "stopped_by", "final_check")}
         (out / f"distill_{scorer.group_name}_seed{ex.seed}_{method}.json").write_text(
             json.dumps(summary, indent=1, default=str))
         _write(out, scorer.rows, timings, scorer.dataset)

@@ -20,8 +20,8 @@ PRESET_NAMES = ("fast", "balanced", "quality")
 PRESETS: dict[str, dict[str, dict]] = {
     # CPU. Teacher: LoRA on the decoder attention + prompt tokens on cached encoder embeddings (HC18
     # peaked by step 40, the demo CT plateaus from step 20; no LoRA dropout: ~15 % of a CPU step).
-    # Distillation: up to 1400 steps, stopped on evidence after 600 (CHAOS scan 34 needed ~900),
-    # planned shorter when a slow CPU would need more than 10 minutes (RESULTS.md, section 6).
+    # Distillation: up to 1400 steps, stopped on evidence after 600 steps and 50 passes over the
+    # transfer set (CHAOS scan 34 needed ~900; three scans gain from ~1400), planned shorter when a slow CPU would need more than 10 minutes (RESULTS.md, section 6).
     "fast": {
         "teacher": dict(lora_targets=("decoder_attn",), lora_dropout=0.0, cache_embeddings=True, steps=60,
                         batch_size=4, lr=2e-3, val_every=10, patience=2, min_delta=0.005),
@@ -29,7 +29,8 @@ PRESETS: dict[str, dict[str, dict]] = {
                           steps=150, batch_size=16, lr=2e-3, warmup_steps=10, ema_decay=0.98,
                           checkpoint_every=25, sampler="ddim", sample_steps=20, num_images=32,
                           sample_batch_size=16),
-        "distillation": dict(steps=1400, finetune_steps=40, batch_size=4, min_steps=600, max_seconds=600.0),
+        "distillation": dict(steps=1400, finetune_steps=40, batch_size=4, min_steps=600, min_epochs=50,
+                             max_seconds=600.0),
     },
     # The paper's teacher (LoRA in encoder and decoder attention: the TeacherConfig defaults).
     "balanced": {
@@ -38,7 +39,7 @@ PRESETS: dict[str, dict[str, dict]] = {
                           steps=2000, batch_size=16, lr=1e-3, warmup_steps=50, ema_decay=0.995,
                           checkpoint_every=100, sampler="dpm", sample_steps=25, num_images=200,
                           sample_batch_size=32),
-        "distillation": dict(steps=3000, finetune_steps=150),
+        "distillation": dict(steps=3000, finetune_steps=150, min_epochs=50),
     },
     # A GPU.
     "quality": {
@@ -47,7 +48,7 @@ PRESETS: dict[str, dict[str, dict]] = {
                           attention=True, steps=10000, batch_size=32, lr=3e-4, warmup_steps=200,
                           ema_decay=0.999, checkpoint_every=500, sampler="dpm", sample_steps=30,
                           num_images=1000, sample_batch_size=64),
-        "distillation": dict(steps=8000, finetune_steps=400, batch_size=8, patience=5),
+        "distillation": dict(steps=8000, finetune_steps=400, batch_size=8, patience=5, min_epochs=50),
     },
 }
 

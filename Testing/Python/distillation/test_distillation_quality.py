@@ -213,6 +213,25 @@ def test_early_stop_state_survives_resume(full64, tmp_path):
         assert torch.equal(a, b), k
 
 
+def test_evidence_waits_for_passes_over_a_larger_transfer_set(full64, tmp_path):
+    """``min_epochs``: a transfer set of several scans trains as long per slice as one scan before
+    evidence may stop it (one CHAOS scan ~40 slices: 600 steps; three scans ~114: all 1400)."""
+    fast = DistillConfig.preset("fast")
+    assert fast.evidence_after(40) == 600 and fast.evidence_after(100) == 1250 and fast.evidence_after(114) == 1400
+    assert DistillConfig(steps=1400, min_steps=600).evidence_after(114) == 600  # min_epochs 0: off
+    transfer = TransferSet.build(full64.with_labelled([5, 10, 14]))
+    cache = TeacherCache(_probs_from(full64.labels, 3), None)
+    base = {"steps": 30, "finetune_steps": 2, "batch_size": 2, "seed": 1, "val_every": 3, "min_steps": 3,
+            "patience": 1, "fit_target": 0.0, "min_delta": 0.5, "log_every": 1}
+    early = distill(transfer, DistillConfig(**base), cache, "unet-s").metrics
+    cfg = DistillConfig(**base, min_epochs=1.0)
+    after = cfg.evidence_after(len(transfer))
+    assert after == min(30, math.ceil(len(transfer) / 2)) and after > early["distill_steps"]
+    m = distill(transfer, cfg, cache, "unet-s", checkpoint_dir=tmp_path / "d").metrics
+    assert m["evidence_after"] == after and after <= m["distill_steps"] <= 30
+    assert m["stopped_by"] in ("converged", "steps")
+
+
 def test_quality_gate_names_the_class_and_the_reason():
     ok = quality_gate(["liver", "spleen"], [0.95, 0.9], [0.93, 0.9], [0.95, 0.9])
     assert ok["passed"] and ok["warnings"] == []
