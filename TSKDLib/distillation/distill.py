@@ -124,7 +124,7 @@ class DistillConfig(StoppingSettings):
         of several scans trains as long per slice as one scan does. Measured on CHAOS MR with the
         ``fast`` preset (benchmarks/RESULTS.md, section 6, ninth pass): three training scans that
         evidence stopped after 29-39 passes reached 0.036 more Dice on new scans when run to 1400
-        steps (~50 passes); one scan stopped after 55-70 passes gained nothing from more. 0: off.
+        steps (~50 passes); single scans stopped after 61-81 passes gained nothing from more. 0: off.
     feature_loss: ``"cosine"`` (1 - cosine similarity over channels) or ``"mse"``. ``w_feat`` is 0
         by default: the hint was neutral on CHAOS (kd-ablation-chaos.md) and cross-architecture
         hints rarely help (OFA-KD, Hao et al., NeurIPS 2023).
@@ -1188,6 +1188,9 @@ class _Distillation:
         if open_stage:
             self.progress.stage_start("distillation", cfg.total_steps,
                                       message=f"{cfg.method}: {self.transfer.summary()}")
+        if start == 0 and stop.min_steps > cfg.min_steps:
+            self.progress.log(f"distillation: evidence may end it after step {stop.min_steps} ({cfg.min_epochs:g} "
+                              f"passes over {len(self.transfer)} transfer slices).")
         self.t0 = time.monotonic()
         self.model.train()
         self.running: dict[str, float] = {}

@@ -227,8 +227,10 @@ def test_evidence_waits_for_passes_over_a_larger_transfer_set(full64, tmp_path):
     cfg = DistillConfig(**base, min_epochs=1.0)
     after = cfg.evidence_after(len(transfer))
     assert after == min(30, math.ceil(len(transfer) / 2)) and after > early["distill_steps"]
-    m = distill(transfer, cfg, cache, "unet-s", checkpoint_dir=tmp_path / "d").metrics
+    events = []
+    m = distill(transfer, cfg, cache, "unet-s", checkpoint_dir=tmp_path / "d", progress=NullProgress(events.append)).metrics
     assert m["evidence_after"] == after and after <= m["distill_steps"] <= 30
+    assert any(e["event"] == "log" and f"after step {after}" in e["message"] for e in events)
     assert m["stopped_by"] in ("converged", "steps")
 
 
