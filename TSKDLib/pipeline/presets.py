@@ -21,7 +21,8 @@ PRESETS: dict[str, dict[str, dict]] = {
     # CPU. Teacher: LoRA on the decoder attention + prompt tokens on cached encoder embeddings (HC18
     # peaked by step 40, the demo CT plateaus from step 20; no LoRA dropout: ~15 % of a CPU step).
     # Distillation: up to 1400 steps, stopped on evidence after 600 steps and 50 passes over the
-    # transfer set (CHAOS scan 34 needed ~900; three scans gain from ~1400), planned shorter when a slow CPU would need more than 10 minutes (RESULTS.md, section 6).
+    # transfer set (CHAOS scan 34 needed ~900; three scans: ~1400), planned shorter when a slow
+    # CPU would need more than 10 minutes (RESULTS.md, section 6).
     "fast": {
         "teacher": dict(lora_targets=("decoder_attn",), lora_dropout=0.0, cache_embeddings=True, steps=60,
                         batch_size=4, lr=2e-3, val_every=10, patience=2, min_delta=0.005),
