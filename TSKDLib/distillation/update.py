@@ -196,11 +196,12 @@ def _corrected_slices(image, labels, slices: list[int], class_map, card: dict, b
 
 def _update_config(steps: int, finetune_steps: int, seed: int, device: str, threads: int | None):
     """The ``fast`` distillation settings of a quick update (no feature term: the corrected slices
-    have no teacher embedding; no wall-clock cap; no checkpoint)."""
+    have no teacher embedding; no wall-clock cap; no checkpoint; evidence may end it after
+    ``min(steps, 100)`` steps whatever the transfer set's size: ``min_epochs`` off)."""
     from TSKDLib.distillation.distill import DistillConfig
 
     return DistillConfig.preset("fast", steps=int(steps), finetune_steps=int(finetune_steps),
-                                min_steps=min(int(steps), 100), max_seconds=None, w_feat=0.0,
+                                min_steps=min(int(steps), 100), min_epochs=0.0, max_seconds=None, w_feat=0.0,
                                 lr=1e-3, warmup_steps=min(20, max(int(steps) // 5, 1)), seed=seed,
                                 device=device, threads=threads, checkpoint_every=10**9)
 

@@ -52,3 +52,12 @@ def test_corrected_slice_scores_counts_what_the_model_paints_where_the_user_drew
     assert dice["liver"] == pytest.approx(2 * 4 / (8 + 4))
     assert dice["spleen"] != dice["spleen"]  # NaN: on none of the corrected slices
     assert painted == {"liver": 4, "spleen": 3}  # liver on slice 1 only: slice 0 holds liver
+
+
+def test_quick_update_may_stop_after_100_steps_on_any_transfer_set():
+    """A quick update keeps its own stopping rule: the ``fast`` preset's ``min_epochs`` (a guard
+    for multi-scan training) would hold a 150-step update on a large transfer set to the end."""
+    from TSKDLib.distillation.update import DEFAULT_STEPS, _update_config
+
+    cfg = _update_config(DEFAULT_STEPS, 40, 0, "cpu", None)
+    assert cfg.evidence_after(40) == cfg.evidence_after(500) == min(DEFAULT_STEPS, 100)
