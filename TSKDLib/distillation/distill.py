@@ -824,7 +824,6 @@ _CALIBRATION_STEPS = 20
 @dataclass
 class _StopState:
     """Evidence-based stopping of the distillation phase (see :class:`DistillConfig`): the
-    first step evidence may end it at (``min_steps``: :meth:`DistillConfig.evidence_after`), the
     phase's planned and actual end, the best check so far (:class:`TSKDLib.engine.loop.Plateau`, a
     gain must exceed ``min_delta``) and its weights. Saved in the checkpoint."""
 
@@ -836,14 +835,15 @@ class _StopState:
     elapsed: float = 0.0
     reason: str | None = None
     best_state: dict | None = None
-    min_steps: int = 0
 
     def to_dict(self) -> dict:
         return {k: getattr(self, k) for k in ("phase_end", "planned", "best_score", "best_step", "bad_checks", "elapsed",
-                                               "reason", "best_state", "min_steps")}
+                                               "reason", "best_state")}
 
-    def observe(self, rec: dict, model: nn.Module, cfg: DistillConfig, step: int, elapsed: float) -> bool:
-        """Record a check; True when the phase should end now."""
+    def observe(self, rec: dict, model: nn.Module, cfg: DistillConfig, step: int, elapsed: float,
+                evidence_after: int) -> bool:
+        """Record a check; True when the phase should end now (by evidence only from step
+        ``evidence_after``: :meth:`DistillConfig.evidence_after`)."""
         plateau = Plateau(cfg.min_delta, strict=True, best=self.best_score, best_step=self.best_step,
                           bad=self.bad_checks)
         if plateau.observe(rec["score"], step):  # a small gain still moves the kept weights
@@ -852,8 +852,7 @@ class _StopState:
         if cfg.max_seconds is not None and elapsed >= 1.2 * cfg.max_seconds:  # the plan was too hopeful
             self.reason = "time budget"
             return True
-        if (step >= max(cfg.min_steps, self.min_steps) and rec["fit_min"] >= cfg.fit_target
-                and plateau.stalled(cfg.patience)):
+        if step >= evidence_after and rec["fit_min"] >= cfg.fit_target and plateau.stalled(cfg.patience):
             self.reason = "converged"
             return True
         return False
@@ -1006,6 +1005,9 @@ class _Distillation:
         self.device = distributed.device_for(resolve_device(cfg.device))
         self.progress = progress if (progress is not None and self.main) else NullProgress()
         self.transfer, self.cfg, self.cache = transfer, cfg, cache
+        #: from this step evidence may end the phase (fixed by the settings and the transfer set's
+        #: size, both part of the checkpoint's identity, so not saved in it)
+        self.evidence_after = cfg.evidence_after(len(transfer))
         self.w_sup, self.w_out, self.w_feat = cfg.effective_weights()
         from monai.losses import DiceCELoss, MaskedDiceLoss
 
@@ -1038,8 +1040,7 @@ class _Distillation:
         """Resume from the checkpoint if there is one; returns the step to start from."""
         cfg = self.cfg
         self.history: list[dict] = []
-        self.stop = _StopState(phase_end=cfg.steps, planned=cfg.steps,
-                               min_steps=cfg.evidence_after(len(self.transfer)))
+        self.stop = _StopState(phase_end=cfg.steps, planned=cfg.steps)
         state = self.resume.load()
         start = 0
         if state is not None:
@@ -1145,7 +1146,8 @@ class _Distillation:
             return
         self.rec = self.monitor.check(self.model, step)
         self.model.train()
-        if stop.observe(self.rec, self.model, cfg, step, stop.elapsed + time.monotonic() - self.t0):
+        if stop.observe(self.rec, self.model, cfg, step, stop.elapsed + time.monotonic() - self.t0,
+                        self.evidence_after):
             stop.phase_end = step  # evidence says stop: fine-tune from the best weights next
         stop.phase_end = int(distributed.broadcast(stop.phase_end))
         self.trainer.end = stop.phase_end + cfg.finetune_steps
@@ -1190,8 +1192,8 @@ class _Distillation:
         if open_stage:
             self.progress.stage_start("distillation", cfg.total_steps,
                                       message=f"{cfg.method}: {self.transfer.summary()}")
-        if start == 0 and stop.min_steps > cfg.min_steps:
-            self.progress.log(f"distillation: evidence may end it after step {stop.min_steps} ({cfg.min_epochs:g} "
+        if start == 0 and self.evidence_after > cfg.min_steps:
+            self.progress.log(f"distillation: evidence may end it after step {self.evidence_after} ({cfg.min_epochs:g} "
                               f"passes over {len(self.transfer)} transfer slices).")
         self.t0 = time.monotonic()
         self.model.train()
@@ -1211,7 +1213,7 @@ class _Distillation:
             stop.reason = ("steps" if stop.phase_end >= cfg.steps else
                            "time budget" if stop.phase_end >= stop.planned else "evidence")
         metrics = {"steps": step, "distill_steps": stop.phase_end, "planned_steps": stop.planned,
-                   "evidence_after": max(cfg.min_steps, stop.min_steps),
+                   "evidence_after": self.evidence_after,
                    "seconds": round(time.monotonic() - self.t0, 2), "stopped_by": stop.reason,
                    "mr_augment": self.mr_augment and cfg.augment}
         if self.pseudo_info:
