@@ -58,6 +58,8 @@ except ImportError:  # Slicer < 5.4
 from TSKDSlicerLib import cases, compat, install, jobs, labels, models, mrml_io, sampledata, selection, training
 
 SETTINGS_PREFIX = "TSKD/"
+#: segmentation node attribute: the slices of a whole-scan prediction most likely to need a correction
+CHECK_SLICES_ATTRIBUTE = "TSKD.CheckSlices"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -720,7 +722,11 @@ class TSKDSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     self.ui.segmentTimeLabel.text = _("Segmentation cancelled.")
                     return
                 elapsed = time.monotonic() - start
-                self.ui.segmentTimeLabel.text = _("{n} volume(s) segmented in {t:.1f} s").format(n=len(results), t=elapsed)
+                text = _("{n} volume(s) segmented in {t:.1f} s").format(n=len(results), t=elapsed)
+                check = results[0].GetAttribute(CHECK_SLICES_ATTRIBUTE) if len(results) == 1 else None
+                if check:
+                    text += "; " + _("check first: slices {s}").format(s=check.replace(",", ", "))
+                self.ui.segmentTimeLabel.text = text
                 if results:
                     slicer.util.setSliceViewerLayers(background=volumes[0])
                     # The prediction is a separate segmentation: the user's labels stay selected for
@@ -1036,7 +1042,9 @@ class TSKDSlicerLogic(ScriptedLoadableModuleLogic):
     def segment(self, volumeNode, modelDir: str, device: str | None = None, logCallback=None, cancelled=None):
         """Segment volume(s) with a model package; returns the new segmentation node (a list of
         nodes if ``volumeNode`` is a list). Segment names/colours come from the model card; each
-        result is in its volume's geometry and subject-hierarchy study."""
+        result is in its volume's geometry and subject-hierarchy study. Each node's attribute
+        ``TSKD.CheckSlices`` lists the slices most likely to need a correction, most likely first
+        (``tskd segment``'s ``check_slices``: the model's slice axis, the volume's own slice numbers)."""
         card = models.read_card(modelDir)
         classes = mrml_io.classes_from_card(card)
         vols = volumeNode if isinstance(volumeNode, (list, tuple)) else [volumeNode]
@@ -1049,15 +1057,20 @@ class TSKDSlicerLogic(ScriptedLoadableModuleLogic):
             os.makedirs(outDir)
             if len(vols) == 1:
                 outputs = [os.path.join(outDir, "in_000.nii.gz")]
-                self._runBackend(jobs.segment_args(modelDir, inputs, outputs[0], device), device, logCallback, cancelled)
+                job = self._runBackend(jobs.segment_args(modelDir, inputs, outputs[0], device), device, logCallback,
+                                       cancelled)
             else:
-                self._runBackend(jobs.segment_args(modelDir, inputs, outDir, device), device, logCallback, cancelled)
+                job = self._runBackend(jobs.segment_args(modelDir, inputs, outDir, device), device, logCallback,
+                                       cancelled)
                 outputs = [self._findOutput(outDir, f"in_{n:03d}") for n in range(len(vols))]
             for vol, path in zip(vols, outputs):
                 seg = mrml_io.import_labelmap_file(path, vol, classes,
                                                    name=f"{vol.GetName()} {card.get('name', 'TSKD')}")
                 seg.CreateDefaultDisplayNodes()
                 mrml_io.mark_prediction(seg, vol, card.get("name", ""))  # never the user's labels
+                check = job.state.check_slices.get(os.path.normpath(path))
+                if check:  # the slices most likely wrong (the model's slice axis, file numbering)
+                    seg.SetAttribute(CHECK_SLICES_ATTRIBUTE, ",".join(map(str, check)))
                 results.append(seg)
         return results if isinstance(volumeNode, (list, tuple)) else results[0]
 

@@ -52,7 +52,11 @@ def cmd_segment(args) -> int:
                       all_components=args.all_components)
     if not args.progress_json:
         for o in outputs:
-            print(f"{o['output']}  ({o['seconds']:.2f} s)")
+            check = ", ".join(map(str, o["check_slices"]))
+            print(f"{o['output']}  ({o['seconds']:.2f} s)  check first: slice{'s' * (len(o['check_slices']) > 1)} {check}")
+        if outputs and any(o["check_slices"] for o in outputs):
+            print("  (the slices most likely wrong, file's own slice numbers; correct them and run "
+                  "`tskd update MODEL --image SCAN --labels CORRECTED --slices ...`)")
     return 0
 
 

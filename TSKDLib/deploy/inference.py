@@ -514,8 +514,59 @@ def _scalar_volume(image) -> sitk.Image:
     return img
 
 
+@dataclass
+class SliceReview:
+    """Where a segmentation most likely needs correcting, slice by slice (filled by :func:`segment_image`).
+
+    The student's own estimate of how much it got wrong on each slice, for choosing the few
+    slices a user corrects before ``tskd update`` (issue 15: a new scan that a model fails on is
+    fixed by correcting about three of its slices; benchmarks/RESULTS.md, section 6, "Tenth
+    pass": on five CHAOS MR scans the three slices it names hold 68-90 % of the error of the three
+    worst slices, rank correlation with the true error per slice 0.40-0.89; the area the 3D
+    clean-up changed and the mean entropy ranked worse).
+
+    Attributes (one entry per slice, in the slice frame's order, i.e. from the first slice along
+    the model's slice axis towards +L/+P/+S; ``N`` slices):
+
+    file_slices:
+        ``(N,)`` int, the file's own slice index (ITK i/j/k index along the slice axis, as
+        ``--labelled-slices`` and ``tskd update --slices`` take them) of each entry.
+    uncertain_mm2:
+        ``(N,)`` float, expected misclassified area in mm^2 under the model's own probabilities
+        (before the clean-up): the sum over the slice's model-grid pixels (padding excluded) of
+        ``1 - max_c softmax``, times the native area one model pixel covers; for a calibrated
+        model, the expected wrong area (Guo et al., ICML 2017, on confidence calibration).
+    """
+
+    file_slices: np.ndarray
+    uncertain_mm2: np.ndarray
+
+    def worst(self, n: int = 3, gap: int = 3) -> list[int]:
+        """The file's slice indices of the ``n`` slices with the highest :attr:`uncertain_mm2`,
+        each at least ``gap`` slices from the others (neighbours carry the same information),
+        highest first. Fewer when the scan has fewer slices."""
+        order = np.argsort(-self.uncertain_mm2, kind="stable")
+        chosen: list[int] = []
+        for s in order:
+            if len(chosen) == n:
+                break
+            if all(abs(int(s) - c) >= gap for c in chosen):
+                chosen.append(int(s))
+        return [int(self.file_slices[s]) for s in chosen]
+
+
+def _uncertain_area(logits: np.ndarray, resizer: NumpyResizer, native_pixel_mm2: float) -> np.ndarray:
+    """``(n, C, S, S)`` logits -> ``(n,)`` sum of ``1 - max softmax`` over the non-padded model
+    pixels, in mm^2 (``native_pixel_mm2``: area of one pixel of the slice's own grid)."""
+    (t, l), (h, w) = resizer.pad, resizer.new_shape
+    pixel_mm2 = native_pixel_mm2 * (resizer.in_shape[0] / h) * (resizer.in_shape[1] / w)  # one model pixel
+    crop = logits[:, :, t:t + h, l:l + w].astype(np.float32)
+    z = np.exp(crop - crop.max(axis=1, keepdims=True)).sum(axis=1)  # (n, h, w); max softmax = 1 / z
+    return (1.0 - 1.0 / z).reshape(len(z), -1).sum(1) * pixel_mm2
+
+
 def segment_image(model, image, batch_size: int = 8, cleanup: Cleanup | None = None,
-                  progress=None, timings: dict | None = None) -> sitk.Image:
+                  progress=None, timings: dict | None = None, review: dict | None = None) -> sitk.Image:
     """Segment a whole scan with a model package.
 
     Parameters
@@ -534,6 +585,8 @@ def segment_image(model, image, batch_size: int = 8, cleanup: Cleanup | None = N
         opens the ``segment`` stage).
     timings:
         If a dict is given, seconds spent per step (``read``, ``infer``, ``cleanup``) are stored.
+    review:
+        If a dict is given, ``review["slices"]`` receives a :class:`SliceReview` (one softmax per batch).
 
     Returns
     -------
@@ -562,6 +615,7 @@ def segment_image(model, image, batch_size: int = 8, cleanup: Cleanup | None = N
     dtype = np.uint8 if pkg.num_classes < 255 else np.uint16
     out = np.zeros(slices.shape, dtype)
     starts = list(range(0, n, batch_size))
+    uncertain = np.zeros(n) if review is not None else None
 
     def model_input(start: int) -> np.ndarray:
         return resizer.to_model(apply_normalization(slices[start:start + batch_size], lo, hi))[:, None]
@@ -578,24 +632,30 @@ def segment_image(model, image, batch_size: int = 8, cleanup: Cleanup | None = N
             nxt = starts[i + 1] if i + 1 < len(starts) else None
             pending = pool.submit(pkg.predict_logits, model_input(nxt)) if nxt is not None else None
             out[start:start + logits.shape[0]] = resizer.labels_from_logits(logits)
+            if uncertain is not None:
+                uncertain[start:start + logits.shape[0]] = _uncertain_area(logits, resizer, fsy * fsx)
             if progress is not None:
                 progress.update(min(start + batch_size, n), message="segmenting")
     tm["infer"] = time.perf_counter() - t1
     t2 = time.perf_counter()
     if cleanup is not None and cleanup.active:
         out = cleanup_labels(out, pkg.num_classes, (fsz, fsy, fsx), cleanup)
+    if review is not None:
+        review["slices"] = SliceReview(np.array([frame.frame_to_file_slice(i) for i in range(n)]), uncertain)
     result = frame.to_original(out, img)
     tm["cleanup"] = time.perf_counter() - t2
     return result
 
 
 def segment_file(model, image, output, overwrite: bool = False, batch_size: int = 8,
-                 cleanup: Cleanup | None = None, progress=None, timings: dict | None = None) -> Path:
+                 cleanup: Cleanup | None = None, progress=None, timings: dict | None = None,
+                 review: dict | None = None) -> Path:
     """Segment ``image`` (file or DICOM folder) and write the labelmap to ``output``.
 
     ``output``: ``.nii.gz``/``.nii``/``.nrrd``/``.mha`` (label values of the class map, plus a
     class-map JSON beside NIfTI/MHA) or ``.seg.nrrd`` (Slicer segmentation with segment names and
     colours), via :func:`TSKDLib.data.io.write_labelmap` (atomic; never overwrites unless asked).
+    ``review``: as in :func:`segment_image`.
 
     Raises :class:`ModelPackageError`, :class:`InputError`, :class:`TSKDLib.errors.RunExistsError`."""
     from TSKDLib.data.io import write_labelmap
@@ -608,7 +668,7 @@ def segment_file(model, image, output, overwrite: bool = False, batch_size: int 
         raise RunExistsError("output file exists and would be overwritten.", output,
                              "Choose another output path or pass --overwrite.")
     tm = timings if timings is not None else {}
-    labels = segment_image(pkg, image, batch_size, cleanup, progress, tm)
+    labels = segment_image(pkg, image, batch_size, cleanup, progress, tm, review)
     t0 = time.perf_counter()
     path = write_labelmap(labels, output, pkg.class_map, overwrite=overwrite)
     tm["write"] = time.perf_counter() - t0

@@ -771,7 +771,10 @@ def segment(model_dir: str | Path, images: Sequence[str | Path], out: str | Path
 
     Returns
     -------
-    list of ``{"input", "output", "seconds", "timings"}``.
+    list of ``{"input", "output", "seconds", "timings", "check_slices"}``; ``check_slices``: the
+    file's own slice indices (along the model's slice axis, as ``tskd update --slices`` takes
+    them) of the three slices most likely to need a correction, most likely first
+    (:class:`TSKDLib.deploy.inference.SliceReview`).
     """
     from TSKDLib.deploy.inference import Cleanup, load_model_package, segment_file
 
@@ -797,10 +800,13 @@ def segment(model_dir: str | Path, images: Sequence[str | Path], out: str | Path
         target = out if single_file else out / f"{stem}.{fmt}"
         t0 = time.monotonic()
         timings: dict = {}
-        segment_file(pkg, image, target, overwrite=overwrite, cleanup=clean, timings=timings)
+        review: dict = {}
+        segment_file(pkg, image, target, overwrite=overwrite, cleanup=clean, timings=timings, review=review)
         dt = time.monotonic() - t0
-        results.append({"input": str(image), "output": str(target), "seconds": dt, "timings": timings})
-        progress.update(i + 1, metrics={"seconds": round(dt, 3)}, message=str(target))
+        check = review["slices"].worst(3)
+        results.append({"input": str(image), "output": str(target), "seconds": dt, "timings": timings,
+                         "check_slices": check})
+        progress.update(i + 1, metrics={"seconds": round(dt, 3), "check_slices": check}, message=str(target))
     progress.stage_end({"scans": len(images)})
     return results
 

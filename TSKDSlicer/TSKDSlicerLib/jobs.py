@@ -272,6 +272,9 @@ class JobState:
     #: messages of the backend's ``log`` events with level ``warning`` (e.g. a student that does
     #: not match its teacher, a class labelled on one slice), shown when the job ends
     warnings: list = field(default_factory=list)
+    #: ``tskd segment``: per output file (normalised path), the file's slice numbers most likely
+    #: to need a correction, most likely first (the progress events' ``metrics.check_slices``)
+    check_slices: dict = field(default_factory=dict)
 
     @property
     def stage_fraction(self) -> float | None:
@@ -335,6 +338,9 @@ class JobState:
                     break
         if isinstance(event.get("message"), str) and event["message"]:
             self.message = event["message"]
+            check = metrics.get("check_slices") if isinstance(metrics, dict) else None
+            if isinstance(check, list) and all(isinstance(k, int) for k in check):
+                self.check_slices[os.path.normpath(event["message"])] = list(check)
         if kind == "start":
             self.status = RUNNING
             self.run_dir = event.get("message") or self.run_dir

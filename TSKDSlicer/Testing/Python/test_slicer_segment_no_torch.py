@@ -77,6 +77,11 @@ def test_segment_runs_without_torch(tiny_package, tmp_path, via_launcher):
     assert out.is_file()
     events = [jobs.parse_progress_line(line) for line in r.stdout.splitlines()]
     assert any(e and e["event"] == "stage_end" and e["stage"] == "segment" for e in events)
+    state = jobs.JobState(status=jobs.RUNNING)
+    for e in filter(None, events):
+        state.update(e)
+    check = state.check_slices[os.path.normpath(str(out))]  # what the module shows after segmenting
+    assert len(check) == 3 and all(0 <= k < 30 for k in check)  # the CT has 30 slices
     import SimpleITK as sitk
     assert sitk.ReadImage(str(out)).GetSize() == sitk.ReadImage(CT).GetSize()
 

@@ -310,6 +310,46 @@ def test_segment_other_orientation_and_2d(ct_package, tmp_path):
     assert png.GetSize() == (800, 540, 1)
 
 
+def test_slice_review_numbers_file_slices_and_estimates_wrong_area(ct_package, ct_case):
+    """The slices ``tskd segment`` tells a user to check: numbered like the file (a scan stored
+    head-first and feet-first gets mirrored numbers), ranked by the expected wrong area in mm^2,
+    which equals the PyTorch student's. (Whether the picks hold the errors is measured on real
+    new scans by benchmarks/review_slices.py: this briefly trained student is unsure everywhere.)"""
+    path, model = ct_package
+    pkg = load_model_package(path)
+    img = ct_case.image
+    n = img.GetSize()[2]
+    clean = Cleanup.segment_default()
+    found, mirrored = {}, {}
+    segment_image(pkg, img, cleanup=clean, review=found)
+    segment_image(pkg, sitk.Flip(img, [False, False, True]), cleanup=clean, review=mirrored)
+    a, b = found["slices"], mirrored["slices"]
+    assert sorted(a.file_slices.tolist()) == list(range(n))
+    score_a = dict(zip(a.file_slices.tolist(), a.uncertain_mm2))
+    score_b = dict(zip(b.file_slices.tolist(), b.uncertain_mm2))
+    assert all(np.isclose(score_a[k], score_b[n - 1 - k], rtol=1e-4, atol=1e-3) for k in range(n))
+    assert b.worst(3) == [n - 1 - k for k in a.worst(3)]
+    picks = a.worst(3)
+    assert len(picks) == 3 and all(abs(p - q) >= 3 for p in picks for q in picks if p != q)
+    assert [score_a[p] for p in picks] == sorted((score_a[p] for p in picks), reverse=True)
+    assert a.worst(3, gap=1) == sorted(score_a, key=lambda k: -score_a[k])[:3]
+    # expected wrong area: at most the slice's area x (1 - 1/(K+1)) (K+1 = 3 classes here)
+    sx, sy = img.GetSpacing()[:2]
+    area = img.GetSize()[0] * img.GetSize()[1] * sx * sy
+    assert (a.uncertain_mm2 >= 0).all() and (a.uncertain_mm2 <= area * 2 / 3 + 1e-3).all()
+    raw = {}
+    segment_image(pkg, img, review=raw)  # the estimate is the model's, before any clean-up
+    assert np.allclose(raw["slices"].uncertain_mm2, a.uncertain_mm2)
+    # the same estimate from the PyTorch student: sum of 1 - max softmax over the unpadded model
+    # grid, times the native area of one model pixel (frame order = the review's order)
+    images, _, resizer, _ = prepare_case_slices(ct_case, 128)
+    (t, l), (h, w) = resizer.pad, resizer.new_shape
+    with torch.no_grad():
+        prob = torch.softmax(model(images), 1)[:, :, t:t + h, l:l + w]
+    expected = (1 - prob.max(1).values).sum((1, 2)).numpy() * area / (h * w)
+    assert np.allclose(a.uncertain_mm2, expected, rtol=1e-3)
+
+
 def test_package_written_reloaded_identical_and_overwrite(ct_package, tmp_path, ct_case):
     path, model = ct_package
     labels1 = sitk.GetArrayFromImage(segment_image(load_model_package(path), TOTALSEG / "example_ct_sm.nii.gz"))

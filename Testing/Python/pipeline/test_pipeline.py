@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -73,6 +74,8 @@ def segment(model: Path, out: Path, *extra) -> np.ndarray:
     r = run([sys.executable, "-m", "TSKDLib", "segment", str(model), str(SCAN),
              "--out", str(out), *extra])
     assert r.returncode == 0, r.stderr[-3000:]
+    if "--progress-json" not in extra:  # the slices to check first, numbered like the file (6 slices)
+        assert re.search(r"check first: slices? [0-5](, [0-5])*\n", r.stdout), r.stdout
     return sitk.GetArrayFromImage(sitk.ReadImage(str(out)))
 
 
