@@ -1481,5 +1481,7 @@ class TSKDSlicerTest(ScriptedLoadableModuleTest):
         self.assertEqual(job.wait(timeout=3600), jobs.DONE, job.state.error)
         result = logic.segment(volume, job.modelDir)
         self.assertEqual(result.GetSegmentation().GetNthSegment(0).GetName(), "liver")
+        check = [int(k) for k in result.GetAttribute(CHECK_SLICES_ATTRIBUTE).split(",")]
+        self.assertTrue(1 <= len(check) <= 3 and all(0 <= k < volume.GetImageData().GetDimensions()[2] for k in check))
         logic.segmentSlice(volume, job.modelDir, index=8, segmentationNode=result)
         self.delayDisplay("Full loop passed")
