@@ -2,15 +2,17 @@
 run ``tskd update``. How much of the new scan does that fix, and in how long?
 
     python benchmarks/new_scan_update.py [--train 31 32 33] [--test 36 34] [--corrected 3] \
-        [--data ../shared/data/chaos_mr_t2_dev] [--out bench/new_scan_update]
+        [--choose oracle|review] [--data ../shared/data/chaos_mr_t2_dev] [--out bench/new_scan_update]
 
 1. ``tskd train --preset fast`` on the training scans, each with 3 labelled slices per organ (the
    slices at 25/50/75 % of its extent, every organ labelled on them: the sparse-slice protocol);
    product defaults otherwise. Reused when ``--out``/train/model exists.
 2. ``tskd segment`` of each test scan with that model (default 3D clean-up).
-3. The user corrects the ``--corrected`` worst slices: those with the most voxels where the
-   prediction differs from the reference, at least 3 slices apart (their full reference labels
-   stand in for the correction).
+3. The user corrects ``--corrected`` slices, at least 3 apart (their full reference labels stand
+   in for the correction), chosen by ``--choose``: ``oracle`` (default), the slices with the most
+   voxels where the prediction differs from the reference (which a user can only guess);
+   ``review``, the slices ``tskd segment`` names to check first
+   (:class:`TSKDLib.deploy.inference.SliceReview`, the model's own estimate).
 4. ``tskd update`` with those slices (default 150 + 40 steps), then ``tskd segment`` again.
 
 Slice numbers are the files' own k indices, which on these axial CHAOS files are also the order of
@@ -37,6 +39,7 @@ from chaos import DEFAULT_DIR, load_scan, scan_files
 from reference_defects import bad_slices
 
 from TSKDLib.data.case import load_case
+from TSKDLib.deploy.inference import Cleanup, load_model_package, segment_image
 from TSKDLib.evaluation.metrics import dice_scores
 from TSKDLib.evaluation.sparse_benchmark import sparse_slice_indices
 
@@ -66,6 +69,17 @@ def worst_slices(pred: np.ndarray, ref: np.ndarray, n: int, gap: int = 3, exclud
     return sorted(chosen)
 
 
+def review_slices(model: Path, image: str, n: int, exclude=()) -> list[int]:
+    """The ``n`` slices ``tskd segment`` names to check first (:meth:`SliceReview.worst`, default
+    clean-up), never one of ``exclude`` (file slice numbers)."""
+    pkg = load_model_package(model)
+    found: dict = {}
+    segment_image(pkg, image, cleanup=Cleanup.segment_default(pkg.single_object_classes, pkg.one_object_fraction),
+                  review=found)
+    ranked = found["slices"].worst(len(found["slices"].file_slices))
+    return [k for k in ranked if k not in exclude][:n]
+
+
 def _labels(data: Path, scan: int, label_file: Path) -> np.ndarray:
     """``(Z, Y, X)`` class indices of ``label_file`` on CHAOS scan ``scan``'s grid, in slice order."""
     return np.asarray(load_case(scan_files(data, scan)[0], label_file, data / "labels.json").label_slices())
@@ -82,6 +96,8 @@ def main(argv=None) -> None:
     ap.add_argument("--train", type=int, nargs="+", default=[31, 32, 33])
     ap.add_argument("--test", type=int, nargs="+", default=[36, 34])
     ap.add_argument("--corrected", type=int, default=3, help="slices the user corrects per test scan")
+    ap.add_argument("--choose", choices=["oracle", "review"], default="oracle",
+                    help="which slices the user corrects: the worst (oracle) or those tskd segment names")
     ap.add_argument("--data", default=str(DEFAULT_DIR))
     ap.add_argument("--out", default="bench/new_scan_update")
     ap.add_argument("--threads", default="2")
@@ -102,19 +118,22 @@ def main(argv=None) -> None:
         case = load_scan(data, scan)
         names, ref = case.class_map.names, np.asarray(case.label_slices())
         image, labels = (str(p) for p in scan_files(data, scan))
-        before_file, after_file = out / f"seg_{scan}_before.nii.gz", out / f"seg_{scan}_after.nii.gz"
+        before_file, after_file = out / f"seg_{scan}_before.nii.gz", out / f"seg_{scan}_after{'' if args.choose == 'oracle' else '_' + args.choose}.nii.gz"
         _tskd("segment", str(model), image, "--out", str(before_file), "--overwrite")
         first = _labels(data, scan, before_file)
         defective = bad_slices(ref, len(names))  # reference slices missing an organ (scan 31's spleen)
-        fix = worst_slices(first, ref, args.corrected, exclude=defective)
-        update_dir = out / f"model_{scan}_updated"
+        if args.choose == "oracle":
+            fix = worst_slices(first, ref, args.corrected, exclude=defective)
+        else:
+            fix = sorted(review_slices(model, image, args.corrected, exclude=defective))
+        update_dir = out / f"model_{scan}_updated" if args.choose == "oracle" else out / f"model_{scan}_{args.choose}"
         seconds = _tskd("update", str(model), "--image", image, "--labels", labels, "--class-map", class_map,
                         "--slices", ",".join(map(str, fix)), "--out", str(update_dir), "--overwrite",
                         "--threads", args.threads)
         _tskd("segment", str(update_dir), image, "--out", str(after_file), "--overwrite")
         before = _scores(first, ref, fix + defective, len(names))
         after = _scores(_labels(data, scan, after_file), ref, fix + defective, len(names))
-        print(f"image_{scan}: corrected slices {fix}; tskd update {seconds:.0f} s; Dice on the other "
+        print(f"image_{scan}: corrected slices {fix} ({args.choose}); tskd update {seconds:.0f} s; Dice on the other "
               f"{len(ref) - len(fix) - len(defective)} slices" + (f" (not the defective {defective})" if defective else ""))
         for name, b, a in zip(names, before["per_class"], after["per_class"]):
             print(f"  {name:14s} {b:.3f} -> {a:.3f}")
