@@ -1188,8 +1188,9 @@ class TSKDSlicerLogic(ScriptedLoadableModuleLogic):
 
     def suggestSlices(self, volumeNode, modelDir: str, count: int = 5, segmentationNode=None,
                       moveView: bool = True, viewName: str = "Red") -> list[tuple[int, float]]:
-        """"Label next": the ``count`` unlabelled slices where the student is least sure (mean
-        entropy of its class probabilities, nats), best first, as ``[(slice, entropy)]``. Labelled
+        """"Label next": the ``count`` unlabelled slices where the student is least sure (the area in
+        mm^2 it expects to have wrong there, the score ``tskd segment`` ranks its slices to check
+        by), best first, as ``[(slice, mm^2)]``. Labelled
         slices (user-labelled, corrected, or holding any label of ``segmentationNode``) and their
         neighbours are skipped. ``moveView``: the slice view ``viewName`` jumps to the first one."""
         labelled: list[int] = []
@@ -1465,6 +1466,8 @@ class TSKDSlicerTest(ScriptedLoadableModuleTest):
             self.assertFalse(np.array_equal(before, after))
             editorWidget.undo()
             np.testing.assert_array_equal(mrml_io.segments_to_label_array(segmentation, [sid], volume), before)
+            effect.self().onLabelNext()
+            self.assertIn("likely wrong", effect.self().statusLabel.text)
         finally:
             editorWidget.setActiveEffectByName("")
             logic.modelLibrary().delete(info.path)
@@ -1483,5 +1486,8 @@ class TSKDSlicerTest(ScriptedLoadableModuleTest):
         self.assertEqual(result.GetSegmentation().GetNthSegment(0).GetName(), "liver")
         check = [int(k) for k in result.GetAttribute(CHECK_SLICES_ATTRIBUTE).split(",")]
         self.assertTrue(1 <= len(check) <= 3 and all(0 <= k < volume.GetImageData().GetDimensions()[2] for k in check))
+        picks = logic.suggestSlices(volume, job.modelDir, count=3, segmentationNode=segmentation)
+        areas = [area for _slice, area in picks]
+        self.assertTrue(len(picks) == 3 and areas == sorted(areas, reverse=True) and areas[-1] >= 0.0)
         logic.segmentSlice(volume, job.modelDir, index=8, segmentationNode=result)
         self.delayDisplay("Full loop passed")

@@ -555,9 +555,16 @@ class SliceReview:
         return [int(self.file_slices[s]) for s in chosen]
 
 
-def _uncertain_area(logits: np.ndarray, resizer: NumpyResizer, native_pixel_mm2: float) -> np.ndarray:
-    """``(n, C, S, S)`` logits -> ``(n,)`` sum of ``1 - max softmax`` over the non-padded model
-    pixels, in mm^2 (``native_pixel_mm2``: area of one pixel of the slice's own grid)."""
+def uncertain_area_mm2(logits: np.ndarray, resizer: NumpyResizer, native_pixel_mm2: float) -> np.ndarray:
+    """Per slice, the area the model expects to have wrong under its own probabilities.
+
+    ``logits``: ``(n, C, S, S)`` model logits (model grid, padded as ``resizer`` pads);
+    ``native_pixel_mm2``: the area in mm^2 of one pixel of the slice's own grid (row spacing x
+    column spacing). Returns ``(n,)`` float: the sum over the non-padded model pixels of
+    ``1 - max_c softmax``, times the native area one model pixel covers (mm^2). The score of
+    :class:`SliceReview` (``tskd segment``'s slices to check) and of the Slicer module's
+    "Label next"; for a calibrated model it is the expected misclassified area (Guo et al., ICML
+    2017, on confidence calibration)."""
     (t, l), (h, w) = resizer.pad, resizer.new_shape
     pixel_mm2 = native_pixel_mm2 * (resizer.in_shape[0] / h) * (resizer.in_shape[1] / w)  # one model pixel
     crop = logits[:, :, t:t + h, l:l + w].astype(np.float32)
@@ -633,7 +640,7 @@ def segment_image(model, image, batch_size: int = 8, cleanup: Cleanup | None = N
             pending = pool.submit(pkg.predict_logits, model_input(nxt)) if nxt is not None else None
             out[start:start + logits.shape[0]] = resizer.labels_from_logits(logits)
             if uncertain is not None:
-                uncertain[start:start + logits.shape[0]] = _uncertain_area(logits, resizer, fsy * fsx)
+                uncertain[start:start + logits.shape[0]] = uncertain_area_mm2(logits, resizer, fsy * fsx)
             if progress is not None:
                 progress.update(min(start + batch_size, n), message="segmenting")
     tm["infer"] = time.perf_counter() - t1

@@ -106,7 +106,8 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self.scriptedEffect.addOptionsWidget(self.followCheckBox)
 
         self.nextButton = qt.QPushButton(_("Label next"))
-        self.nextButton.toolTip = _("Jump to the unlabelled slice where the student is least sure.")
+        self.nextButton.toolTip = _("Jump to the unlabelled slice where the student expects to be wrong over the "
+                                    "largest area (the ranking of tskd segment's slices to check).")
         self.updateButton = qt.QPushButton(_("Quick update"))
         self.updateButton.toolTip = _("Fine-tune the student on your corrected and labelled slices (a new model "
                                       "version; the previous one stays in the library).")
@@ -267,8 +268,9 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         with slicer.util.tryWithErrorDisplay(_("TSKD: label next failed."), waitCursor=True):
             volume, seg, model, ids, masking, visible = self._context()
             picks = self.logic.suggestSlices(volume, model, count=5, segmentationNode=seg, moveView=True)
-            self.statusLabel.text = _("Label next: slice {first} (then {rest}).").format(
-                first=picks[0][0], rest=", ".join(str(s) for s, _e in picks[1:])) if picks else _("No slice left.")
+            self.statusLabel.text = _("Label next: slice {first}, about {area} mm\u00b2 likely wrong (then {rest}).").format(
+                first=picks[0][0], area=f"{picks[0][1]:.0f}", rest=", ".join(str(s) for s, _e in picks[1:])
+            ) if picks else _("No slice left.")
 
     def onQuickUpdate(self):
         with slicer.util.tryWithErrorDisplay(_("TSKD: quick update failed."), waitCursor=True):

@@ -501,8 +501,9 @@ class InteractiveSegmenter:
 
     def suggest(self, volumeNode, modelDir: str, count: int = 5, labelled: Sequence[int] = (),
                 minGap: int = 2, extent: tuple[int, int] | None = None) -> list[tuple[int, float]]:
-        """The ``count`` unlabelled slices where the student is least sure (mean entropy of its
-        class probabilities), best first: ``[(slice, mean entropy in nats)]``. ``extent``
+        """The ``count`` unlabelled slices where the student is least sure (the area it expects to
+        have wrong, :meth:`SlicePredictor.uncertainty`: the score of ``tskd segment``'s slices to
+        check), best first: ``[(slice, mm^2)]``. ``extent``
         restricts the search (default: the whole scan). Raises :class:`InteractiveError` for a
         one-slice image."""
         pred = self.predictor(volumeNode, modelDir)

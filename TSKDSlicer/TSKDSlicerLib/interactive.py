@@ -222,6 +222,7 @@ class SlicePredictor:
         self._frame_view = self.frame.to_array(array)  # (N, H, W) view
         self.lo, self.hi = fit_normalization(package.normalization, self._frame_view)
         self.resizer = NumpyResizer.create(self._frame_view.shape[1:], package.input_size, (fsy, fsx))
+        self._pixel_mm2 = fsy * fsx  # native in-plane pixel area
 
     # -- index and orientation mapping -----------------------------------------------------------
     def _frame_slice(self, index: int) -> int:
@@ -286,21 +287,19 @@ class SlicePredictor:
         return out
 
     def uncertainty(self, indices: Sequence[int], batch_size: int = 8) -> dict[int, float]:
-        """Mean per-pixel entropy (nats) of the model's class probabilities (softmax of the
-        logits) over each slice's image area (padding excluded): ``{s: mean entropy}``."""
-        t, l = self.resizer.pad
-        h, w = self.resizer.new_shape
+        """``{s: mm^2}``: per slice, the area the model expects to have wrong (sum of ``1 - max
+        softmax`` over the slice's model pixels, padding excluded, times a model pixel's native
+        area; :func:`TSKDLib.deploy.inference.uncertain_area_mm2`). The same number ``tskd
+        segment`` ranks its slices to check by (``SliceReview.uncertain_mm2``), so "Label next"
+        and the command line point at the same slices."""
+        from TSKDLib.deploy.inference import uncertain_area_mm2
+
         out = {}
         indices = [int(s) for s in indices]
         for start in range(0, len(indices), batch_size):
             chunk = indices[start:start + batch_size]
-            z = self.logits(chunk)[:, :, t:t + h, l:l + w].astype(np.float64)
-            z -= z.max(axis=1, keepdims=True)
-            p = np.exp(z)
-            p /= p.sum(axis=1, keepdims=True)
-            ent = -(p * np.log(np.clip(p, 1e-12, None))).sum(axis=1)
-            for s, e in zip(chunk, ent):
-                out[s] = float(e.mean())
+            for s, area in zip(chunk, uncertain_area_mm2(self.logits(chunk), self.resizer, self._pixel_mm2)):
+                out[s] = float(area)
         return out
 
 
@@ -664,12 +663,6 @@ def range_between_labelled(labelled: Iterable[int], num_slices: int) -> tuple[in
         raise InteractiveError("No slice of the selected segments is labelled yet: draw on a slice first, "
                                "or give the range (from, to).")
     return s[0], s[-1]
-
-
-def entropy_from_probs(probs: np.ndarray, axis: int = 0) -> np.ndarray:
-    """Per-pixel entropy (nats) of class probabilities along ``axis``."""
-    p = np.clip(np.asarray(probs, np.float64), 1e-12, 1.0)
-    return -(p * np.log(p)).sum(axis=axis)
 
 
 __all__ = ["InteractiveError", "Cancelled", "ModelSessionCache", "SlicePredictor", "Masking",

@@ -442,10 +442,24 @@ def test_library_versions_keep_the_previous(package, tmp_path):
     assert os.path.isdir(v1.path) and os.path.isdir(v2.path)
 
 
-def test_suggest_ranks_unlabelled_slices_by_entropy(scene, package, segmenter):
-    vol = mrml_io.load_volume(scene, CT, "ct")
+def test_label_next_ranks_by_the_area_tskd_segment_names_to_check(scene, package, segmenter, tmp_path):
+    """"Label next" scores each slice with the number behind ``tskd segment``'s slices to check
+    (``SliceReview.uncertain_mm2``), on an oblique, anisotropic volume under a transform."""
+    from TSKDLib.deploy.inference import segment_image
+
+    vol = _oblique_volume(scene)
     pred = segmenter.predictor(vol, package)
     scores = pred.uncertainty(range(pred.num_slices))
+    found: dict = {}
+    segment_image(package, mrml_io.write_volume(vol, str(tmp_path / "vol.nrrd")), review=found)
+    review = found["slices"]
+    by_file_slice = dict(zip(review.file_slices.tolist(), review.uncertain_mm2.tolist()))
+    assert sorted(by_file_slice) == sorted(scores)
+    for s, area in scores.items():
+        assert area == pytest.approx(by_file_slice[s], rel=1e-5)
+    # mm^2, not a per-pixel mean: at most the slice's area (1.2 x 1.35 mm pixels), above zero here
+    (rows, cols) = pred.resizer.in_shape
+    assert 0 < min(scores.values()) and max(scores.values()) <= rows * cols * 1.2 * 1.35 * (1 + 1e-5)
     picks = segmenter.suggest(vol, package, count=4, labelled=[10, 20], minGap=2)
     assert len(picks) == 4
     for s, score in picks:
