@@ -6,7 +6,8 @@ For each test scan (CHAOS MR T2 dev, with its reference labels), ``segment_image
 clean-up and a :class:`TSKDLib.deploy.inference.SliceReview`; then, per slice, the true error
 (area where the prediction differs from the reference, mm^2) against candidate signals:
 ``uncertain`` (the review's ``uncertain_mm2``: expected wrong area under the model's softmax, what
-``tskd segment`` ranks by), ``entropy`` (mean per-pixel entropy, the Slicer module's "Label next"),
+``tskd segment`` ranks by), ``entropy`` (mean per-pixel entropy, which the Slicer module's "Label next" ranked by until the
+tenth pass; it now uses ``uncertain``),
 ``cleanup`` (area the 3D clean-up changed) and ``sum`` (uncertain + cleanup). Prints the Spearman
 rank correlation of each signal with the true error, and the true error on the ``--n`` slices each
 signal would have the user correct (at least 3 slices apart) next to the best possible choice
