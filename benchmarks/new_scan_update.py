@@ -2,7 +2,7 @@
 run ``tskd update``. How much of the new scan does that fix, and in how long?
 
     python benchmarks/new_scan_update.py [--train 31 32 33] [--test 36 34] [--corrected 3] \
-        [--choose oracle|review] [--data ../shared/data/chaos_mr_t2_dev] [--out bench/new_scan_update]
+        [--choose oracle|review] [--seed 0] [--data ../shared/data/chaos_mr_t2_dev] [--out bench/new_scan_update]
 
 1. ``tskd train --preset fast`` on the training scans, each with 3 labelled slices per organ (the
    slices at 25/50/75 % of its extent, every organ labelled on them: the sparse-slice protocol);
@@ -101,6 +101,7 @@ def main(argv=None) -> None:
     ap.add_argument("--data", default=str(DEFAULT_DIR))
     ap.add_argument("--out", default="bench/new_scan_update")
     ap.add_argument("--threads", default="2")
+    ap.add_argument("--seed", type=int, default=0, help="tskd train's seed (a --config file {\"seed\": N})")
     args = ap.parse_args(argv)
     out, data = Path(args.out), Path(args.data)
     class_map = str(data / "labels.json")
@@ -112,6 +113,10 @@ def main(argv=None) -> None:
             case = load_scan(data, s)
             idx = sparse_slice_indices(case.label_slices(), case.class_map.num_classes)
             cmd += ["--labelled-slices", ",".join(map(str, idx))]
+        if args.seed != 0:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "seed.json").write_text(f'{{"seed": {args.seed}}}')
+            cmd += ["--config", str(out / "seed.json")]
         seconds = _tskd(*cmd, "--out", str(out / "train"), "--preset", "fast", "--threads", args.threads)
         print(f"tskd train on {args.train}: {seconds:.0f} s")
     for scan in args.test:
