@@ -29,6 +29,7 @@ project (SOURCE.md).
 from __future__ import annotations
 
 import argparse
+import json
 import subprocess
 import sys
 import time
@@ -115,7 +116,7 @@ def main(argv=None) -> None:
             cmd += ["--labelled-slices", ",".join(map(str, idx))]
         if args.seed != 0:
             out.mkdir(parents=True, exist_ok=True)
-            (out / "seed.json").write_text(f'{{"seed": {args.seed}}}')
+            (out / "seed.json").write_text(json.dumps({"seed": args.seed}))
             cmd += ["--config", str(out / "seed.json")]
         seconds = _tskd(*cmd, "--out", str(out / "train"), "--preset", "fast", "--threads", args.threads)
         print(f"tskd train on {args.train}: {seconds:.0f} s")

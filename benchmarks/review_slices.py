@@ -3,17 +3,17 @@
     python benchmarks/review_slices.py MODEL --test 36 34 [--n 3] [--data ../shared/data/chaos_mr_t2_dev]
 
 For each test scan (CHAOS MR T2 dev, with its reference labels), ``segment_image`` with the default
-clean-up and a :class:`TSKDLib.deploy.inference.SliceReview`; then, per slice, the true error
-(area where the prediction differs from the reference, mm^2) against candidate signals:
-``uncertain`` (the review's ``uncertain_mm2``: expected wrong area under the model's softmax, what
-``tskd segment`` ranks by), ``entropy`` (mean per-pixel entropy, which the Slicer module's "Label next" ranked by until the
-tenth pass; it now uses ``uncertain``),
-``cleanup`` (area the 3D clean-up changed) and ``sum`` (uncertain + cleanup). Prints the Spearman
-rank correlation of each signal with the true error, and the true error on the ``--n`` slices each
-signal would have the user correct (at least 3 slices apart) next to the best possible choice
-(the oracle: the ``--n`` worst slices, which only the reference can tell). Slices whose reference misses an organ
-(``reference_defects.bad_slices``) are left out. Results: benchmarks/RESULTS.md, section 6,
-"Tenth pass". CHAOS data stay outside the project (SOURCE.md).
+clean-up and a :class:`TSKDLib.deploy.inference.SliceReview`; then, per slice, the true error (area
+where the prediction differs from the reference, mm^2) against candidate signals: ``uncertain`` (the
+review's ``uncertain_mm2``: expected wrong area under the model's softmax, what ``tskd segment``
+ranks by), ``entropy`` (mean per-pixel entropy, which the Slicer module's "Label next" ranked by
+until the tenth pass; it now uses ``uncertain``), ``cleanup`` (area the 3D clean-up changed) and
+``sum`` (uncertain + cleanup). Prints the Spearman rank correlation of each signal with the true
+error, and the true error on the ``--n`` slices each signal would have the user correct (at least 3
+slices apart) next to the best possible choice (the oracle: the ``--n`` worst slices, which only the
+reference can tell). Slices whose reference misses an organ (``reference_defects.bad_slices``) are
+left out. Results: benchmarks/RESULTS.md, section 6, "Tenth pass". CHAOS data stay outside the
+project (SOURCE.md).
 """
 
 from __future__ import annotations

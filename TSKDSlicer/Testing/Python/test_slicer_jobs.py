@@ -72,13 +72,14 @@ def test_state_follows_events():
     assert w.summary().startswith("Finished with 1 warning(s)") and "'spleen'" in w.summary()
     # tskd segment: the slices to check first, per output file
     seg = jobs.JobState(status=jobs.RUNNING)
+    first, second = os.path.join("predictions", "in_000.nii.gz"), os.path.join("predictions", "in_001.nii.gz")
     seg.update({"event": "stage_start", "stage": "segment", "step": 0, "total": 2})
     seg.update({"event": "progress", "stage": "segment", "step": 1, "metrics": {"seconds": 1.2, "check_slices": [12, 19, 4]},
-                "message": "/tmp/out/in_000.nii.gz"})
+                "message": first})
     seg.update({"event": "progress", "stage": "segment", "step": 2, "metrics": {"seconds": 1.1, "check_slices": [3]},
-                "message": "/tmp/out//in_001.nii.gz"})
+                "message": "predictions" + os.sep * 2 + "in_001.nii.gz"})  # normalised
     seg.update({"event": "progress", "stage": "segment", "step": 2, "metrics": {"check_slices": ["x"]}, "message": "/y"})
-    assert seg.check_slices == {"/tmp/out/in_000.nii.gz": [12, 19, 4], "/tmp/out/in_001.nii.gz": [3]}
+    assert seg.check_slices == {first: [12, 19, 4], second: [3]}
 
 
 def test_train_args_and_validation():
