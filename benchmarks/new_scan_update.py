@@ -2,7 +2,7 @@
 run ``tskd update``. How much of the new scan does that fix, and in how long?
 
     python benchmarks/new_scan_update.py [--train 31 32 33] [--test 36 34] [--corrected 3] \
-        [--choose oracle|review] [--seed 0] [--data ../shared/data/chaos_mr_t2_dev] [--out bench/new_scan_update]
+        [--choose oracle|review] [--seed 0] [--rounds 1] [--data ../shared/data/chaos_mr_t2_dev] [--out bench/new_scan_update]
 
 1. ``tskd train --preset fast`` on the training scans, each with 3 labelled slices per organ (the
    slices at 25/50/75 % of its extent, every organ labelled on them: the sparse-slice protocol);
@@ -14,6 +14,11 @@ run ``tskd update``. How much of the new scan does that fix, and in how long?
    ``review``, the slices ``tskd segment`` names to check first
    (:class:`TSKDLib.deploy.inference.SliceReview`, the model's own estimate).
 4. ``tskd update`` with those slices (default 150 + 40 steps), then ``tskd segment`` again.
+5. With ``--rounds N``, steps 3-4 repeat as a user would when the result is still wrong: the next
+   slices are chosen on the updated model's output, never a slice corrected before, and ``tskd
+   update`` starts from the updated model with every slice corrected so far (the user's labels
+   file keeps them all). Each round is scored on the slices corrected in none of the rounds so far,
+   against the first model on the same slices.
 
 Slice numbers are the files' own k indices, which on these axial CHAOS files are also the order of
 ``Case.label_slices()`` (checked on all five scans: no flip), so one index serves ``tskd`` and
@@ -103,6 +108,9 @@ def main(argv=None) -> None:
     ap.add_argument("--out", default="bench/new_scan_update")
     ap.add_argument("--threads", default="2")
     ap.add_argument("--seed", type=int, default=0, help="tskd train's seed (a --config file {\"seed\": N})")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="correction rounds: each corrects --corrected more slices (chosen on the last model) "
+                         "and runs tskd update from the last model with every slice corrected so far")
     args = ap.parse_args(argv)
     out, data = Path(args.out), Path(args.data)
     class_map = str(data / "labels.json")
@@ -124,27 +132,35 @@ def main(argv=None) -> None:
         case = load_scan(data, scan)
         names, ref = case.class_map.names, np.asarray(case.label_slices())
         image, labels = (str(p) for p in scan_files(data, scan))
-        before_file, after_file = out / f"seg_{scan}_before.nii.gz", out / f"seg_{scan}_after{'' if args.choose == 'oracle' else '_' + args.choose}.nii.gz"
+        before_file = out / f"seg_{scan}_before.nii.gz"
         _tskd("segment", str(model), image, "--out", str(before_file), "--overwrite")
         first = _labels(data, scan, before_file)
         defective = bad_slices(ref, len(names))  # reference slices missing an organ (scan 31's spleen)
-        if args.choose == "oracle":
-            fix = worst_slices(first, ref, args.corrected, exclude=defective)
-        else:
-            fix = sorted(review_slices(model, image, args.corrected, exclude=defective))
-        update_dir = out / f"model_{scan}_updated" if args.choose == "oracle" else out / f"model_{scan}_{args.choose}"
-        seconds = _tskd("update", str(model), "--image", image, "--labels", labels, "--class-map", class_map,
-                        "--slices", ",".join(map(str, fix)), "--out", str(update_dir), "--overwrite",
-                        "--threads", args.threads)
-        _tskd("segment", str(update_dir), image, "--out", str(after_file), "--overwrite")
-        before = _scores(first, ref, fix + defective, len(names))
-        after = _scores(_labels(data, scan, after_file), ref, fix + defective, len(names))
-        print(f"image_{scan}: corrected slices {fix} ({args.choose}); tskd update {seconds:.0f} s; Dice on the other "
-              f"{len(ref) - len(fix) - len(defective)} slices" + (f" (not the defective {defective})" if defective else ""))
-        for name, b, a in zip(names, before["per_class"], after["per_class"]):
-            print(f"  {name:14s} {b:.3f} -> {a:.3f}")
-        print(f"  {'mean':14s} {before['mean']:.3f} -> {after['mean']:.3f}")
-
+        current, pred, fixed = model, first, []
+        for rnd in range(1, args.rounds + 1):
+            if args.choose == "oracle":
+                new = worst_slices(pred, ref, args.corrected, exclude=defective + fixed)
+            else:
+                new = review_slices(current, image, args.corrected, exclude=defective + fixed)
+            fixed = sorted(fixed + new)  # the user's labels file keeps every correction so far
+            tag = "updated" if args.choose == "oracle" else args.choose
+            suffix = "" if rnd == 1 else f"_round{rnd}"
+            update_dir = out / f"model_{scan}_{tag}{suffix}"
+            after_file = out / f"seg_{scan}_after{'' if args.choose == 'oracle' else '_' + args.choose}{suffix}.nii.gz"
+            seconds = _tskd("update", str(current), "--image", image, "--labels", labels, "--class-map", class_map,
+                            "--slices", ",".join(map(str, fixed)), "--out", str(update_dir), "--overwrite",
+                            "--threads", args.threads)
+            _tskd("segment", str(update_dir), image, "--out", str(after_file), "--overwrite")
+            current, pred = update_dir, _labels(data, scan, after_file)
+            before = _scores(first, ref, fixed + defective, len(names))
+            after = _scores(pred, ref, fixed + defective, len(names))
+            head = f"image_{scan}" + ("" if rnd == 1 else f" round {rnd}")
+            print(f"{head}: corrected slices {fixed} ({args.choose}); tskd update {seconds:.0f} s; Dice of the first "
+                  f"model -> this round's on the other {len(ref) - len(fixed) - len(defective)} slices"
+                  + (f" (not the defective {defective})" if defective else ""), flush=True)
+            for name, b, a in zip(names, before["per_class"], after["per_class"]):
+                print(f"  {name:14s} {b:.3f} -> {a:.3f}")
+            print(f"  {'mean':14s} {before['mean']:.3f} -> {after['mean']:.3f}", flush=True)
 
 if __name__ == "__main__":
     main()

@@ -53,7 +53,9 @@ def cmd_segment(args) -> int:
     if not args.progress_json:
         for o in outputs:
             check = ", ".join(map(str, o["check_slices"]))
-            print(f"{o['output']}  ({o['seconds']:.2f} s)  check first: slice{'s' * (len(o['check_slices']) > 1)} {check}")
+            done = o.get("corrected_slices") or []
+            print(f"{o['output']}  ({o['seconds']:.2f} s)  check first: slice{'s' * (len(o['check_slices']) > 1)} {check}"
+                  + (f"  (corrected before: {', '.join(map(str, done))})" if done else ""))
         if outputs and any(o["check_slices"] for o in outputs):
             print("  (the slices most likely wrong, file's own slice numbers; correct them and run "
                   "`tskd update MODEL --image SCAN --labels CORRECTED --slices ...`)")

@@ -543,16 +543,18 @@ class SliceReview:
     file_slices: np.ndarray
     uncertain_mm2: np.ndarray
 
-    def worst(self, n: int = 3, gap: int = 3) -> list[int]:
+    def worst(self, n: int = 3, gap: int = 3, exclude=()) -> list[int]:
         """The file's slice indices of the ``n`` slices with the highest :attr:`uncertain_mm2`,
         each at least ``gap`` slices from the others (neighbours carry the same information),
-        highest first. Fewer when the scan has fewer slices."""
+        highest first, never one of ``exclude`` (file slice indices: slices already corrected).
+        Fewer when the scan has fewer slices."""
+        skip = {int(k) for k in exclude}
         order = np.argsort(-self.uncertain_mm2, kind="stable")
         chosen: list[int] = []
         for s in order:
             if len(chosen) == n:
                 break
-            if all(abs(int(s) - c) >= gap for c in chosen):
+            if int(self.file_slices[s]) not in skip and all(abs(int(s) - c) >= gap for c in chosen):
                 chosen.append(int(s))
         return [int(self.file_slices[s]) for s in chosen]
 

@@ -68,6 +68,33 @@ def find_run(model: str | Path, run: str | Path | None = None) -> tuple[Path, Pa
                       "module keeps runs in its runs folder), or run the full pipeline (tskd train).")
 
 
+def corrected_slices(card: dict, image: str | Path) -> list[int]:
+    """Slices of ``image`` that the quick updates behind a model were given as corrected.
+
+    ``card``: a model card (``training.quick_updates``: one record per :func:`quick_update` in the
+    model's history, each with the ``image`` it was given and its ``slices``). A record counts when
+    its image is the same file or DICOM folder as ``image`` (``os.path.samefile``; the resolved
+    paths when either is gone). Returns the sorted union of their ``slices``: file slice indices
+    along the model's slice axis (a quick update always uses the model's axis). ``tskd segment``
+    does not name these among the slices to check first (the user corrected them already;
+    benchmarks/RESULTS.md, section 6, "Eleventh pass": a second round of corrections)."""
+    import os
+
+    found: set[int] = set()
+    target = Path(image)
+    for record in (card.get("training") or {}).get("quick_updates") or []:
+        src = record.get("image")
+        if not src:
+            continue
+        try:
+            same = os.path.samefile(src, target)
+        except OSError:
+            same = Path(src).resolve() == target.resolve()
+        if same:
+            found.update(int(k) for k in record.get("slices") or [])
+    return sorted(found)
+
+
 def _student_weights(package: Path | None, run: Path) -> Path:
     for c in ([package / "student.pt"] if package is not None else []) + [run / "distillation" / "student.pt"]:
         if c.is_file():

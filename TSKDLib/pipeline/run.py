@@ -771,12 +771,15 @@ def segment(model_dir: str | Path, images: Sequence[str | Path], out: str | Path
 
     Returns
     -------
-    list of ``{"input", "output", "seconds", "timings", "check_slices"}``; ``check_slices``: the
-    file's own slice indices (along the model's slice axis, as ``tskd update --slices`` takes
-    them) of the three slices most likely to need a correction, most likely first
-    (:class:`TSKDLib.deploy.inference.SliceReview`).
+    list of ``{"input", "output", "seconds", "timings", "check_slices", "corrected_slices"}``;
+    ``check_slices``: the file's own slice indices (along the model's slice axis, as ``tskd update
+    --slices`` takes them) of the three slices most likely to need a correction, most likely first
+    (:class:`TSKDLib.deploy.inference.SliceReview`), never one of ``corrected_slices``: the slices
+    of this same file that the model's quick updates were given as corrected
+    (:func:`TSKDLib.distillation.update.corrected_slices`; empty for a model never updated on it).
     """
     from TSKDLib.deploy.inference import Cleanup, load_model_package, segment_file
+    from TSKDLib.distillation.update import corrected_slices
 
     progress = progress or NullProgress()
     providers = ["CPUExecutionProvider"] if device == "cpu" else None
@@ -803,10 +806,12 @@ def segment(model_dir: str | Path, images: Sequence[str | Path], out: str | Path
         review: dict = {}
         segment_file(pkg, image, target, overwrite=overwrite, cleanup=clean, timings=timings, review=review)
         dt = time.monotonic() - t0
-        check = review["slices"].worst(3)
+        corrected = corrected_slices(pkg.card, image)
+        check = review["slices"].worst(3, exclude=corrected)
         results.append({"input": str(image), "output": str(target), "seconds": dt, "timings": timings,
-                         "check_slices": check})
-        progress.update(i + 1, metrics={"seconds": round(dt, 3), "check_slices": check}, message=str(target))
+                         "check_slices": check, "corrected_slices": corrected})
+        progress.update(i + 1, metrics={"seconds": round(dt, 3), "check_slices": check,
+                                        "corrected_slices": corrected}, message=str(target))
     progress.stage_end({"scans": len(images)})
     return results
 

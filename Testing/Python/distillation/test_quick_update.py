@@ -111,6 +111,19 @@ def test_quick_update_raises_dice_on_corrected_slices_and_keeps_the_previous(run
     r2 = _update(tmp_path / "v2", tmp_path / "v3", slices=[14])
     assert r2.returncode == 0, r2.stderr[-3000:]
     assert len(load_model_package(tmp_path / "v3").card["training"]["quick_updates"]) == 2
+    # tskd segment of the corrected scan never names a slice corrected in the model's updates as one
+    # to check first (a user repeating "correct the named slices, update" gets new slices each round)
+    from TSKDLib.pipeline.run import segment
+
+    [third] = segment(tmp_path / "v3", [CT], out=tmp_path / "seg_v3.nii.gz", overwrite=True)
+    assert third["corrected_slices"] == [12, 14, 16]
+    assert len(third["check_slices"]) == 3 and not set(third["check_slices"]) & {12, 14, 16}, third
+    copy = tmp_path / "other_scan.nii.gz"  # another file: its slices were never corrected
+    copy.write_bytes(CT.read_bytes())
+    [other] = segment(tmp_path / "v3", [copy], out=tmp_path / "seg_copy.nii.gz", overwrite=True)
+    assert other["corrected_slices"] == [] and len(other["check_slices"]) == 3
+    [first] = segment(run_dir / "model", [CT], out=tmp_path / "seg_v1.nii.gz", overwrite=True)
+    assert first["corrected_slices"] == []
 
 
 def test_quick_update_errors_name_the_fix(run_dir, tmp_path):

@@ -333,6 +333,9 @@ def test_slice_review_numbers_file_slices_and_estimates_wrong_area(ct_package, c
     assert len(picks) == 3 and all(abs(p - q) >= 3 for p in picks for q in picks if p != q)
     assert [score_a[p] for p in picks] == sorted((score_a[p] for p in picks), reverse=True)
     assert a.worst(3, gap=1) == sorted(score_a, key=lambda k: -score_a[k])[:3]
+    # slices corrected already are never named; the next best take their place
+    assert a.worst(2, gap=1, exclude=picks[:1]) == [k for k in sorted(score_a, key=lambda k: -score_a[k])
+                                                    if k != picks[0]][:2]
     # expected wrong area: at most the slice's area x (1 - 1/(K+1)) (K+1 = 3 classes here)
     sx, sy = img.GetSpacing()[:2]
     area = img.GetSize()[0] * img.GetSize()[1] * sx * sy
