@@ -77,13 +77,13 @@ def worst_slices(pred: np.ndarray, ref: np.ndarray, n: int, gap: int = 3, exclud
 
 def review_slices(model: Path, image: str, n: int, exclude=()) -> list[int]:
     """The ``n`` slices ``tskd segment`` names to check first (:meth:`SliceReview.worst`, default
-    clean-up), never one of ``exclude`` (file slice numbers)."""
+    clean-up), never one of ``exclude`` (file slice numbers: the slices corrected in earlier rounds,
+    which ``tskd segment`` skips itself, and the reference's defective slices), sorted."""
     pkg = load_model_package(model)
     found: dict = {}
     segment_image(pkg, image, cleanup=Cleanup.segment_default(pkg.single_object_classes, pkg.one_object_fraction),
                   review=found)
-    ranked = found["slices"].worst(len(found["slices"].file_slices))
-    return [k for k in ranked if k not in exclude][:n]
+    return sorted(found["slices"].worst(n, exclude=exclude))
 
 
 def _labels(data: Path, scan: int, label_file: Path) -> np.ndarray:
