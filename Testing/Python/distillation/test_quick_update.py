@@ -95,6 +95,7 @@ def test_quick_update_raises_dice_on_corrected_slices_and_keeps_the_previous(run
         assert set(change["slices"]) <= set(range(30)) - set(CORRECTED) and len(change["slices"]) <= 3
         assert (name in result["review"]) == (change["agreement"] < 0.95 and bool(change["slices"]))
     assert "elsewhere on this scan the updated model agrees with the previous one: liver" in r.stdout
+    assert f"tskd segment {tmp_path / 'v2'} SCAN" in r.stdout and "--slices 12,16,NEW" in r.stdout  # the next round
     assert set(result["painted_before"]) == set(result["painted_after"]) == set(CLASSES)
     assert all(isinstance(v, int) and v >= 0 for v in result["painted_after"].values())
     pkg = load_model_package(tmp_path / "v2", verify=True)  # checksums, student.pt included
