@@ -72,9 +72,9 @@ def corrected_slices(card: dict, image: str | Path) -> list[int]:
     """Slices of ``image`` that the quick updates behind a model were given as corrected.
 
     ``card``: a model card (``training.quick_updates``: one record per :func:`quick_update` in the
-    model's history, each with the ``image`` it was given and its ``slices``). A record counts when
-    its image is the same file or DICOM folder as ``image`` (``os.path.samefile``; the resolved
-    paths when either is gone). Returns the sorted union of their ``slices``: file slice indices
+    model's history, each with the ``image`` it was given, resolved to an absolute path, and its
+    ``slices``). A record counts when its image is the same file or DICOM folder as ``image``
+    (``os.path.samefile``; the resolved paths when either is gone). Returns the sorted union of their ``slices``: file slice indices
     along the model's slice axis (a quick update always uses the model's axis). ``tskd segment``
     does not name these among the slices to check first (the user corrected them already;
     benchmarks/RESULTS.md, section 6, "Eleventh pass": a second round of corrections)."""
@@ -171,7 +171,7 @@ def quick_update(model: str | Path, image: str | Path, labels: str | Path, slice
     dice_after, painted_after = corrected_slice_scores(updated, new.images, new.labels, names)
     changes, review = elsewhere.report(updated)
 
-    record = {"image": str(image), "slices": slices, "steps": int(steps), "finetune_steps": int(finetune_steps),
+    record = {"image": str(Path(image).resolve()), "slices": slices, "steps": int(steps), "finetune_steps": int(finetune_steps),
               "dice_before": dice_before, "dice_after": dice_after, "painted_before": painted_before,
               "painted_after": painted_after, "changes": changes, "review": review,
               "from": card.get("name"), "seconds": round(time.monotonic() - t0, 1)}

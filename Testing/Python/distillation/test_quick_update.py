@@ -102,6 +102,7 @@ def test_quick_update_raises_dice_on_corrected_slices_and_keeps_the_previous(run
     assert "student.pt" in pkg.card["files"]
     qu = pkg.card["training"]["quick_updates"][-1]
     assert qu["slices"] == CORRECTED and qu["dice_after"] == result["dice_after"]
+    assert qu["image"] == str(CT.resolve())  # absolute: tskd segment finds the file from any folder
     assert qu["changes"] == result["changes"] and qu["review"] == result["review"]
     assert pkg.card["training"]["run_dir"] == str(run_dir.resolve())
     # tskd segment's clean-up of the one-object classes carries over to the updated model
