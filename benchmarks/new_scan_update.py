@@ -137,16 +137,16 @@ def main(argv=None) -> None:
         first = _labels(data, scan, before_file)
         defective = bad_slices(ref, len(names))  # reference slices missing an organ (scan 31's spleen)
         current, pred, fixed = model, first, []
+        tag = "" if args.choose == "oracle" else f"_{args.choose}"  # the file names of earlier passes
         for rnd in range(1, args.rounds + 1):
             if args.choose == "oracle":
                 new = worst_slices(pred, ref, args.corrected, exclude=defective + fixed)
             else:
                 new = review_slices(current, image, args.corrected, exclude=defective + fixed)
             fixed = sorted(fixed + new)  # the user's labels file keeps every correction so far
-            tag = "updated" if args.choose == "oracle" else args.choose
             suffix = "" if rnd == 1 else f"_round{rnd}"
-            update_dir = out / f"model_{scan}_{tag}{suffix}"
-            after_file = out / f"seg_{scan}_after{'' if args.choose == 'oracle' else '_' + args.choose}{suffix}.nii.gz"
+            update_dir = out / f"model_{scan}{tag or '_updated'}{suffix}"
+            after_file = out / f"seg_{scan}_after{tag}{suffix}.nii.gz"
             seconds = _tskd("update", str(current), "--image", image, "--labels", labels, "--class-map", class_map,
                             "--slices", ",".join(map(str, fixed)), "--out", str(update_dir), "--overwrite",
                             "--threads", args.threads)

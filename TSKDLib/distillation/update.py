@@ -22,6 +22,7 @@ Nothing here changes :mod:`TSKDLib.distillation.distill` or :mod:`TSKDLib.pipeli
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import fields
 from pathlib import Path
@@ -74,12 +75,10 @@ def corrected_slices(card: dict, image: str | Path) -> list[int]:
     ``card``: a model card (``training.quick_updates``: one record per :func:`quick_update` in the
     model's history, each with the ``image`` it was given, resolved to an absolute path, and its
     ``slices``). A record counts when its image is the same file or DICOM folder as ``image``
-    (``os.path.samefile``; the resolved paths when either is gone). Returns the sorted union of their ``slices``: file slice indices
-    along the model's slice axis (a quick update always uses the model's axis). ``tskd segment``
-    does not name these among the slices to check first (the user corrected them already;
-    benchmarks/RESULTS.md, section 6, "Eleventh pass": a second round of corrections)."""
-    import os
-
+    (``os.path.samefile``; the resolved paths when either is gone). Returns the sorted union of
+    their ``slices``: file slice indices along the model's slice axis (a quick update always uses
+    the model's axis). ``tskd segment`` does not name these among the slices to check first (the
+    user corrected them already; benchmarks/RESULTS.md, section 6, "Eleventh pass")."""
     found: set[int] = set()
     target = Path(image)
     for record in (card.get("training") or {}).get("quick_updates") or []:
