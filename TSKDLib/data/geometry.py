@@ -225,6 +225,16 @@ class SliceFrame:
         sign-flipped, origin = physical position of the first frame voxel."""
         arr = np.ascontiguousarray(self.to_array(sitk.GetArrayViewFromImage(image)))
         out = sitk.GetImageFromArray(arr, isVector=image.GetNumberOfComponentsPerPixel() > 1)
+        g = self.frame_geometry(image)
+        out.SetSpacing(g.spacing.tolist())
+        out.SetDirection(g.direction.flatten().tolist())
+        out.SetOrigin(g.origin.tolist())
+        return out
+
+    def frame_geometry(self, image: sitk.Image) -> "ArrayGeometry":
+        """The :class:`ArrayGeometry` of the frame array ``(N, H, W)`` of ``image`` (no voxel is
+        copied): spacing ``(W, H, N)`` mm, direction columns = the file's axes permuted and
+        sign-flipped, origin = physical position of the first frame voxel."""
         d = np.array(image.GetDirection()).reshape(3, 3)
         sp = image.GetSpacing()
         first = [0, 0, 0]
@@ -234,10 +244,8 @@ class SliceFrame:
             if self.flip[m]:
                 first[a] = self.size[a] - 1
             cols.append(d[:, a] * (-1.0 if self.flip[m] else 1.0))
-        out.SetSpacing([float(sp[self.perm[m]]) for m in range(3)])
-        out.SetDirection(np.stack(cols, axis=1).flatten().tolist())
-        out.SetOrigin(image.TransformIndexToPhysicalPoint(first))
-        return out
+        return ArrayGeometry(image.TransformIndexToPhysicalPoint(first), [float(sp[self.perm[m]]) for m in range(3)],
+                             np.stack(cols, axis=1), ArrayGeometry.of(image).centre)
 
     def to_original(self, frame_array: np.ndarray, reference: sitk.Image) -> sitk.Image:
         """``(N, H, W)`` frame array -> image on ``reference``'s exact grid (size, spacing,
@@ -330,3 +338,39 @@ def plane_angle_deg(u, v) -> float:
     u, v = np.asarray(u, float), np.asarray(v, float)
     c = abs(float(u @ v)) / (np.linalg.norm(u) * np.linalg.norm(v))
     return float(np.degrees(np.arccos(min(1.0, c))))
+
+
+class ArrayGeometry:
+    """Where the voxels of a numpy array lie in the patient: LPS mm from array indices.
+
+    ``lps = origin + direction @ (spacing * (i, j, k))`` for the array element ``[k, j, i]``
+    (numpy axes are ITK's reversed, as ``sitk.GetArrayViewFromImage`` gives them), plus the LPS
+    position of the *scan's* centre (the centre of its whole voxel grid), which stays the scan's
+    when the array is a run of its slices (:meth:`shifted`). Built from an image with :meth:`of`;
+    a :class:`SliceFrame`'s frame array uses the frame image's geometry (:meth:`SliceFrame.frame_geometry`).
+    """
+
+    def __init__(self, origin, spacing, direction, centre):
+        self.origin = np.asarray(origin, dtype=float).reshape(3)
+        self.spacing = np.asarray(spacing, dtype=float).reshape(3)
+        self.direction = np.asarray(direction, dtype=float).reshape(3, 3)
+        self.centre = np.asarray(centre, dtype=float).reshape(3)
+
+    @classmethod
+    def of(cls, image: sitk.Image) -> "ArrayGeometry":
+        """The geometry of ``sitk.GetArrayViewFromImage(image)`` (3D image)."""
+        size = np.array(image.GetSize(), dtype=float)
+        centre = image.TransformContinuousIndexToPhysicalPoint(((size - 1) / 2).tolist())
+        return cls(image.GetOrigin(), image.GetSpacing(), image.GetDirection(), centre)
+
+    def shifted(self, numpy_axis: int, start: int) -> "ArrayGeometry":
+        """The geometry of ``array[start:]`` along ``numpy_axis`` (same scan centre)."""
+        step = np.zeros(3)
+        step[2 - numpy_axis] = start
+        return ArrayGeometry(self.origin + self.direction @ (self.spacing * step), self.spacing, self.direction,
+                             self.centre)
+
+    def offsets_lps(self, index_zyx: np.ndarray) -> np.ndarray:
+        """``(n, 3)`` numpy-order indices (floats allowed) -> ``(n, 3)`` LPS mm from the scan centre."""
+        ijk = np.asarray(index_zyx, dtype=float).reshape(-1, 3)[:, ::-1]
+        return self.origin + (ijk * self.spacing) @ self.direction.T - self.centre
