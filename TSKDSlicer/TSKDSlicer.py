@@ -1169,7 +1169,7 @@ class TSKDSlicerLogic(ScriptedLoadableModuleLogic):
         from TSKDLib.deploy.inference import Cleanup
 
         pkg = self.interactive.package(modelDir)
-        clean = Cleanup.segment_default(pkg.single_object_classes, pkg.one_object_fraction) if cleanup else None
+        clean = Cleanup.for_package(pkg) if cleanup else None
         return self.segmentRange(volumeNode, modelDir, 0, pred.num_slices - 1, segmentationNode, segmentIds,
                                  masking, protect, progress, cancelled, visibleIds, cleanup=clean)
 

@@ -81,7 +81,7 @@ def review_slices(model: Path, image: str, n: int, exclude=()) -> list[int]:
     which ``tskd segment`` skips itself, and the reference's defective slices), sorted."""
     pkg = load_model_package(model)
     found: dict = {}
-    segment_image(pkg, image, cleanup=Cleanup.segment_default(pkg.single_object_classes, pkg.one_object_fraction),
+    segment_image(pkg, image, cleanup=Cleanup.for_package(pkg),
                   review=found)
     return sorted(found["slices"].worst(n, exclude=exclude))
 

@@ -88,7 +88,7 @@ def review_scan(pkg, data: Path, scan: int, n: int) -> dict:
     pkg.predict_logits = lambda x: seen.append(predict(x)) or seen[-1]
     try:
         labels = segment_image(pkg, str(scan_files(data, scan)[0]),
-                               cleanup=Cleanup.segment_default(pkg.single_object_classes, pkg.one_object_fraction),
+                               cleanup=Cleanup.for_package(pkg),
                                review=found)
     finally:
         pkg.predict_logits = predict

@@ -20,8 +20,8 @@ Pipeline of :func:`segment_image`: read -> check the scan's acquisition plane ag
 (``acquisition`` models) -> exact slice frame of the model card's slice axis
 (:func:`TSKDLib.data.geometry.slice_frame`: permutation and flips, no interpolation) -> slices, in batches ->
 onnxruntime (CUDA provider when present, else CPU) -> labels on the native slice grid -> optional
-3D clean-up per class (SimpleITK: small-island removal, largest connected component, hole
-filling) -> back onto the input grid (exact, no interpolation) -> labelmap with the input's size,
+3D clean-up per class (SimpleITK: small-island removal, largest connected component, the
+one-object classes' small and misplaced parts, hole filling) -> back onto the input grid (exact, no interpolation) -> labelmap with the input's size,
 spacing, origin and direction. :func:`segment_file` writes it (NIfTI, NRRD, ``.seg.nrrd``) with
 :func:`TSKDLib.data.io.write_labelmap`.
 """
@@ -32,7 +32,7 @@ import functools
 import hashlib
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -98,6 +98,21 @@ class ModelPackage:
         record it."""
         names = ((self.card.get("postprocessing") or {}).get("one_object")) or []
         return tuple(i + 1 for i, n in enumerate(self.class_map.names) if n in names)
+
+    @property
+    def class_locations(self) -> dict[int, tuple[float, float]]:
+        """Where each one-object class lay in the training scans: class index (1..K) -> ``(x, y)``
+        LPS mm (patient left, posterior) of its labelled voxels' centre from the scan's centre,
+        averaged over the training scans (the card's ``postprocessing.locations``; see
+        :func:`class_centres_lps`). Empty for packages that do not record it."""
+        locs = (self.card.get("postprocessing") or {}).get("locations") or {}
+        return {i + 1: (float(locs[n][0]), float(locs[n][1])) for i, n in enumerate(self.class_map.names)
+                if n in locs and i + 1 in self.single_object_classes}
+
+    @property
+    def location_margin_mm(self) -> float:
+        """The card's ``postprocessing.location_margin_mm`` (default :data:`LOCATION_MARGIN_MM`)."""
+        return float((self.card.get("postprocessing") or {}).get("location_margin_mm", LOCATION_MARGIN_MM))
 
     @property
     def providers(self) -> list[str]:
@@ -357,6 +372,32 @@ class NumpyResizer:
 #: (benchmarks/RESULTS.md, section 6; :class:`Cleanup`).
 ONE_OBJECT_MIN_FRACTION = 0.2
 
+#: One-object classes: a part whose centre (LPS x, y) lies this much farther from where the class
+#: lay in the training scans than the best-placed part is removed (:class:`Cleanup`). The
+#: training scans' organ centres spread by 10-25 mm about their mean, a left and a right organ
+#: lie 110-160 mm apart (CHAOS MR; benchmarks/RESULTS.md, section 6, twelfth pass).
+LOCATION_MARGIN_MM = 60.0
+
+
+def class_centres_lps(labels: np.ndarray, geometry_of: geometry.ArrayGeometry, classes,
+                      slices=None) -> dict[int, tuple[float, float]]:
+    """The centre of each class's voxels, as ``(x, y)`` LPS mm (patient left, posterior) from the
+    scan's centre: where the class lies in the patient's cross-section, whatever the slice
+    orientation (the S-I position is left out: it depends on where the field of view starts).
+
+    ``labels``: ``(Z, Y, X)`` class indices ``0..K`` with ``geometry_of``
+    (:class:`TSKDLib.data.geometry.ArrayGeometry`); ``slices``: optional indices along axis 0 to
+    use (the labelled slices). Classes absent from those voxels are left out."""
+    out = {}
+    sub = labels if slices is None else labels[np.asarray(slices, dtype=int)]
+    index = np.arange(len(labels)) if slices is None else np.asarray(slices, dtype=int)
+    for k in classes:
+        z, y, x = np.nonzero(sub == k)
+        if len(z):
+            centre = np.array([[index[z].mean(), y.mean(), x.mean()]])
+            out[int(k)] = tuple(float(v) for v in geometry_of.offsets_lps(centre)[0, :2])
+    return out
+
 
 @dataclass
 class Cleanup:
@@ -378,6 +419,17 @@ class Cleanup:
         when the model painted one larger than the real organ on a new scan (other scans: raw
         0.595, largest component 0.523, 0.1 or 0.2 of the largest 0.610, 0.5 0.587; within the
         training scans 0.879 raw, 0.893 for all three; benchmarks/RESULTS.md, section 6).
+    locations:
+        One-object class index -> ``(x, y)`` LPS mm from the scan's centre where the class lay in
+        the training scans (:attr:`ModelPackage.class_locations`). When such a class keeps
+        several parts, those whose centre lies more than ``location_margin_mm`` farther from
+        this point than the best-placed part's are removed (the best-placed part always stays).
+        Needs the labels' ``geometry`` in :func:`cleanup_labels`. This removes what the
+        size rule cannot: a false organ at least as large as the real one, on the wrong side
+        (CHAOS MR, a new scan with a giant cyst: a "right kidney" on the patient's left and a
+        "liver" beside the cyst; benchmarks/RESULTS.md, section 6, twelfth pass).
+    location_margin_mm:
+        :data:`LOCATION_MARGIN_MM`.
     fill_holes:
         Fill cavities fully enclosed by a class (``BinaryFillhole``, 3D) where they are background.
     """
@@ -387,16 +439,30 @@ class Cleanup:
     fill_holes: bool = False
     single_object: tuple[int, ...] = ()
     single_object_fraction: float = ONE_OBJECT_MIN_FRACTION
+    locations: dict = field(default_factory=dict)
+    location_margin_mm: float = LOCATION_MARGIN_MM
 
     @classmethod
     def segment_default(cls, single_object: tuple[int, ...] = (),
                         single_object_fraction: float = ONE_OBJECT_MIN_FRACTION,
-                        largest_component: bool = False) -> "Cleanup":
+                        largest_component: bool = False, locations: dict | None = None,
+                        location_margin_mm: float = LOCATION_MARGIN_MM) -> "Cleanup":
         """The clean-up ``tskd segment`` applies unless ``--no-cleanup``: islands under 50 mm^3
-        removed, enclosed holes filled, and the one-object classes' small parts removed (the
-        sparse-slice benchmark's ``+post`` scores use it too)."""
+        removed, enclosed holes filled, and the one-object classes' small and misplaced parts
+        removed (the sparse-slice benchmark's ``+post`` scores use it too)."""
         return cls(min_island_mm3=50.0, largest_component=largest_component, fill_holes=True,
-                   single_object=tuple(single_object), single_object_fraction=single_object_fraction)
+                   single_object=tuple(single_object), single_object_fraction=single_object_fraction,
+                   locations=dict(locations or {}), location_margin_mm=location_margin_mm)
+
+    @classmethod
+    def for_package(cls, pkg: ModelPackage, all_components: bool = False,
+                    largest_component: bool = False) -> Cleanup:
+        """:meth:`segment_default` with the model card's one-object classes, their minimum
+        fraction and their training locations (``all_components``: none of them)."""
+        if all_components:
+            return cls.segment_default(largest_component=largest_component)
+        return cls.segment_default(pkg.single_object_classes, pkg.one_object_fraction, largest_component,
+                                   pkg.class_locations, pkg.location_margin_mm)
 
     @property
     def active(self) -> bool:
@@ -405,11 +471,13 @@ class Cleanup:
     def to_dict(self) -> dict:
         return {"min_island_mm3": self.min_island_mm3, "largest_component": self.largest_component,
                 "fill_holes": self.fill_holes, "single_object": list(self.single_object),
-                "single_object_fraction": self.single_object_fraction}
+                "single_object_fraction": self.single_object_fraction,
+                "locations": {int(k): list(v) for k, v in self.locations.items()},
+                "location_margin_mm": self.location_margin_mm}
 
 
 def cleanup_labels(labels: np.ndarray, num_classes: int, spacing_zyx=(1.0, 1.0, 1.0),
-                   options: Cleanup | None = None) -> np.ndarray:
+                   options: Cleanup | None = None, geometry_of: geometry.ArrayGeometry | None = None) -> np.ndarray:
     """Clean a 3D labelmap per class.
 
     Parameters
@@ -420,6 +488,9 @@ def cleanup_labels(labels: np.ndarray, num_classes: int, spacing_zyx=(1.0, 1.0, 
         Voxel size in mm along the array axes (for ``min_island_mm3``).
     options:
         :class:`Cleanup`; None or inactive returns ``labels`` unchanged.
+    geometry_of:
+        Where ``labels``' voxels lie (:class:`TSKDLib.data.geometry.ArrayGeometry`); needed by
+        ``options.locations`` (without it, no part is removed for its place).
 
     Each class is processed inside its bounding box: removed voxels become background; filled
     holes take the class only where they were background.
@@ -453,7 +524,11 @@ def cleanup_labels(labels: np.ndarray, num_classes: int, spacing_zyx=(1.0, 1.0, 
             elif one_object:  # components ranked by size: keep those >= fraction x the largest
                 sizes = np.bincount(sitk.GetArrayViewFromImage(cc).ravel())[1:]
                 n_keep = int(np.count_nonzero(sizes >= opts.single_object_fraction * sizes.max())) if len(sizes) else 0
-                keep = (cc > 0) & (cc <= n_keep)
+                kept = list(range(1, n_keep + 1))
+                if n_keep > 1 and k in opts.locations and geometry_of is not None:
+                    kept = _well_placed(cc, n_keep, [s.start for s in sl], geometry_of, opts.locations[k],
+                                        opts.location_margin_mm)
+                keep = _components(cc, kept)
             else:
                 keep = cc > 0
         if opts.fill_holes:
@@ -468,6 +543,29 @@ def cleanup_labels(labels: np.ndarray, num_classes: int, spacing_zyx=(1.0, 1.0, 
 # ------------------------------------------------------------------------------------------------
 # Segmentation
 # ------------------------------------------------------------------------------------------------
+def _components(cc: sitk.Image, labels: list[int]) -> sitk.Image:
+    """Mask of the connected components ``labels`` of the label image ``cc``."""
+    if labels == list(range(1, len(labels) + 1)):
+        return (cc > 0) & (cc <= len(labels))
+    arr = np.isin(sitk.GetArrayViewFromImage(cc), labels).astype(np.uint8)
+    out = sitk.GetImageFromArray(arr)
+    out.CopyInformation(cc)
+    return out
+
+
+def _well_placed(cc: sitk.Image, n: int, start_zyx, geometry_of, location, margin_mm: float) -> list[int]:
+    """Components ``1..n`` of ``cc`` (a sub-block starting at ``start_zyx`` of an array with
+    ``geometry_of``) whose centre (LPS x, y) is at most ``margin_mm`` farther from ``location``
+    than the nearest one's (:class:`Cleanup`, ``locations``)."""
+    stats = sitk.LabelShapeStatisticsImageFilter()
+    img = sitk.Image(cc)
+    img.SetSpacing((1.0, 1.0, 1.0))  # centroids in (x, y, z) voxel indices of the block
+    stats.Execute(img)
+    centres = np.array([stats.GetCentroid(c)[::-1] for c in range(1, n + 1)]) + np.asarray(start_zyx, float)
+    dist = np.linalg.norm(geometry_of.offsets_lps(centres)[:, :2] - np.asarray(location, float), axis=1)
+    return [c for c in range(1, n + 1) if dist[c - 1] <= dist.min() + margin_mm]
+
+
 def _as_package(model) -> ModelPackage:
     return model if isinstance(model, ModelPackage) else load_model_package(model)
 
@@ -650,7 +748,7 @@ def segment_image(model, image, batch_size: int = 8, cleanup: Cleanup | None = N
     tm["infer"] = time.perf_counter() - t1
     t2 = time.perf_counter()
     if cleanup is not None and cleanup.active:
-        out = cleanup_labels(out, pkg.num_classes, (fsz, fsy, fsx), cleanup)
+        out = cleanup_labels(out, pkg.num_classes, (fsz, fsy, fsx), cleanup, frame.frame_geometry(img))
     if review is not None:
         review["slices"] = SliceReview(np.array([frame.frame_to_file_slice(i) for i in range(n)]), uncertain)
     result = frame.to_original(out, img)

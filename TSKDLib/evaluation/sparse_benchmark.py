@@ -293,11 +293,24 @@ class _Scorer:
         self.dataset, self.tests, self.seed, self.cfg, self.rows = dataset, tests, seed, cfg, rows
         self.k, self.names = class_map.num_classes, class_map.names
         self.post_classes: tuple[int, ...] | None = None  # set: also score "<method>+post"
+        self.locations: dict[int, tuple[float, float]] = {}  # the one-object classes' training locations
 
     def _post(self, pred: np.ndarray, case) -> np.ndarray:
         """``tskd segment``'s default 3D clean-up of a ``(N, H, W)`` prediction."""
         from TSKDLib.deploy.inference import Cleanup, cleanup_labels
-        return cleanup_labels(pred, self.k, _spacing(case), Cleanup.segment_default(self.post_classes))
+        return cleanup_labels(pred, self.k, _spacing(case), Cleanup.segment_default(self.post_classes,
+                                                                                     locations=self.locations),
+                              case.frame.frame_geometry(case.image))
+
+    def set_post(self, classes) -> None:
+        """Score ``<method>+post`` with these one-object classes, located where ``tskd train``
+        records them: the mean over the training scans of their labelled voxels' centres."""
+        from TSKDLib.deploy.inference import class_centres_lps
+        self.post_classes = tuple(classes)
+        per_scan = [class_centres_lps(c.label_slices(), c.frame.frame_geometry(c.image), self.post_classes,
+                                      self.picks[c.name]) for c in self.train_cases]
+        self.locations = {k: tuple(np.mean([p[k] for p in per_scan if k in p], axis=0))
+                          for k in self.post_classes if any(k in p for p in per_scan)}
 
     def add(self, method: str, case, region: str, scores: dict) -> None:
         for cls, s in scores.items():
@@ -343,7 +356,7 @@ def _run_methods(ex: _Experiment, scorer: _Scorer, cfg: SparseConfig, out: Path,
     if set(cfg.methods) & {"teacher", "task_agnostic", "tskd_nosyn", "tskd"}:  # one-object classes, as training finds them
         from TSKDLib.distillation.distill import single_object_classes, teacher_pseudo_labels
         info = teacher_pseudo_labels(ex.cache.probs, TransferSet.build(ex.slices), dcfg.pseudo_threshold)[1]
-        scorer.post_classes = tuple(single_object_classes(info))
+        scorer.set_post(single_object_classes(info))
     if "teacher" in cfg.methods:
         scorer.within("teacher", lambda ci, case: _predict(ex.teacher_proba_for_case(ci), case, cfg.size))
         if cfg.teacher_other:

@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
+
 from TSKDLib.pipeline.config import DataConfig, PipelineConfig
 from TSKDLib.errors import ConfigError, InputError, RunExistsError
 from TSKDLib.data.io import atomic_dir, atomic_write
@@ -576,7 +578,8 @@ class _Job:
             export_model_package(student, run.model_dir, prepared.slices.class_map, prepared.info["normalization"],
                                  input_size=prepared.slices.size, slice_axis=cfg.data.axis, overwrite=True,
                                  acquisition=_acquisition_of(prepared.info),
-                                 postprocessing=_postprocessing(prepared.slices.class_map.names, summary), **meta)
+                                 postprocessing=_postprocessing(prepared.slices.class_map.names, summary,
+                                                                prepared.info), **meta)
             progress.update(1)
             progress.stage_end({})
         self._stage("export", [run.model_dir / "model_card.json"], produce, lambda: None)
@@ -588,16 +591,26 @@ class _Job:
         self.distributed.run_on_main(finish)
 
 
-def _postprocessing(names: Sequence[str], summary: dict) -> dict:
+def _postprocessing(names: Sequence[str], summary: dict, info: dict | None = None) -> dict:
     """The model card's ``postprocessing`` entry: the one-object classes (the user's labels, joined
     through the teacher's prediction, form one 3D object in every scan): ``tskd segment`` removes
-    their components smaller than a fifth (``min_fraction``) of the largest one."""
-    from TSKDLib.deploy.inference import ONE_OBJECT_MIN_FRACTION
+    their components smaller than a fifth (``min_fraction``) of the largest one, and those lying
+    far from where the class lay in the training scans (``locations``: mean over the scans of
+    ``cases.json``'s ``class_centres_mm``; see :class:`TSKDLib.deploy.inference.Cleanup`)."""
+    from TSKDLib.deploy.inference import LOCATION_MARGIN_MM, ONE_OBJECT_MIN_FRACTION
     from TSKDLib.distillation.distill import single_object_classes
-    single = single_object_classes((summary.get("metrics") or {}).get("pseudo_labels"))
-    return {"one_object": [names[c - 1] for c in single], "min_fraction": ONE_OBJECT_MIN_FRACTION,
+    single = [names[c - 1] for c in single_object_classes((summary.get("metrics") or {}).get("pseudo_labels"))]
+    centres: dict[str, list] = {}
+    for case in (info or {}).get("cases", []):
+        for name, xy in (case.get("class_centres_mm") or {}).items():
+            centres.setdefault(name, []).append(xy)
+    locations = {n: [round(float(v), 2) for v in np.mean(centres[n], axis=0)] for n in single if n in centres}
+    return {"one_object": single, "min_fraction": ONE_OBJECT_MIN_FRACTION,
+            "locations": locations, "location_margin_mm": LOCATION_MARGIN_MM,
             "note": "one 3D object each in the training scans: tskd segment removes their connected "
-                    "components smaller than a fifth of the largest one (--all-components keeps all)"}
+                    "components smaller than a fifth of the largest one, and parts lying more than "
+                    "location_margin_mm farther than the best-placed part from where the class lay "
+                    "(locations: x, y LPS mm from the scan's centre) (--all-components keeps all)"}
 
 
 def _teacher_val_per_class(meta: dict) -> list[float] | None:
@@ -647,7 +660,8 @@ def _prepare(cfg: PipelineConfig, folder: Path, progress: ProgressReporter):
     counts = {name: int(sum(((slices.labels[slices.labelled] == k + 1).flatten(1).any(1)).tolist()))
               for k, name in enumerate(slices.class_map.names)}
     info = {"cases": [{"name": c.name, "image": c.image_path, "modality": c.modality,
-                       "labelled_slices": c.labelled_indices(), "slices": c.num_slices, **c.axis_info()}
+                       "labelled_slices": c.labelled_indices(), "slices": c.num_slices, **c.axis_info(),
+                       "class_centres_mm": _class_centres(c)}
                       for c in cases],
             "labelled_slices_per_class": counts, "normalization": norm.to_dict()}
     text = json.dumps(info, indent=1)
@@ -661,6 +675,20 @@ def _prepare(cfg: PipelineConfig, folder: Path, progress: ProgressReporter):
             progress.log(f"{c.name}: {msg}", "warning")
     progress.stage_end({"slices": len(slices), "labelled": int(slices.labelled.sum()), **counts})
     return slices
+
+
+def _class_centres(case) -> dict:
+    """``{class name: [x, y]}``: where each class's labelled voxels lie in the patient's
+    cross-section, LPS mm from the scan's centre (:func:`TSKDLib.deploy.inference.class_centres_lps`);
+    {} for a 2D image or a scan without labels."""
+    from TSKDLib.deploy.inference import class_centres_lps
+
+    labels, idx = case.label_slices(), case.labelled_indices()
+    if labels is None or not idx or case.image.GetDimension() != 3:
+        return {}
+    names = case.class_map.names
+    centres = class_centres_lps(labels, case.frame.frame_geometry(case.image), range(1, len(names) + 1), idx)
+    return {names[k - 1]: [round(x, 2), round(y, 2)] for k, (x, y) in centres.items()}
 
 
 def _normalization_for(cases, name: str):
@@ -790,8 +818,7 @@ def segment(model_dir: str | Path, images: Sequence[str | Path], out: str | Path
     out = Path(out)
     single_file = len(images) == 1 and out.name.lower().endswith(OUTPUT_SUFFIXES)
     fmt = (fmt or "seg.nrrd").lstrip(".")
-    clean = Cleanup.segment_default(() if all_components else pkg.single_object_classes, pkg.one_object_fraction,
-                                    largest_component) if cleanup else None
+    clean = Cleanup.for_package(pkg, all_components, largest_component) if cleanup else None
     results = []
     progress.stage_start("segment", len(images))
     for i, image in enumerate(images):

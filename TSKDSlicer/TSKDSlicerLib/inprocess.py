@@ -306,7 +306,7 @@ class InteractiveSegmenter:
         slabs written so far stay and are part of the undo state). One undo state per call.
 
         ``cleanup``: a :class:`TSKDLib.deploy.inference.Cleanup` (``tskd segment``'s default is
-        ``Cleanup.segment_default`` with the model card's one-object classes). Every slice is then
+        ``Cleanup.for_package``: the model card's one-object classes). Every slice is then
         predicted first and each run of consecutive slices is cleaned in 3D before anything is
         written, so the whole volume gets exactly the labels of ``tskd segment`` with the same
         clean-up; ``progress`` counts the predicted slices, and a Cancel writes nothing
@@ -408,10 +408,12 @@ class InteractiveSegmenter:
         applied in 3D to each run of consecutive slices, stacked on the volume grid ``(K, J, I)``
         (connected components and hole filling do not depend on the axis order; the spacing,
         mm, is the volume's). Raises :class:`Cancelled` when ``cancelled()``."""
+        from TSKDLib.data.geometry import ArrayGeometry
         from TSKDLib.deploy.inference import cleanup_labels
 
         num_classes = len(pred.package.class_map.names)
         sx, sy, sz = (float(v) for v in pred.image.GetSpacing())
+        volume_geometry = ArrayGeometry.of(pred.image)  # the one-object classes' locations are in LPS
         out: dict[int, np.ndarray] = {}
         done = 0
         for lo, hi in _runs(slices, len(slices)):
@@ -423,7 +425,7 @@ class InteractiveSegmenter:
 
             by_slice = pred.predict(run, batch_size=8, progress=step, cancelled=cancelled)
             volume = cleanup_labels(np.stack([by_slice[s] for s in run], axis=pred.axis), num_classes,
-                                    (sz, sy, sx), cleanup)
+                                    (sz, sy, sx), cleanup, volume_geometry.shifted(pred.axis, lo))
             out.update({s: np.take(volume, n, axis=pred.axis) for n, s in enumerate(run)})
             done += len(run)
         return out

@@ -276,6 +276,17 @@ def test_whole_volume_with_cleanup_equals_tskd_segment_and_cancel_writes_nothing
                                progress=lambda d, t: seen.append((d, t)))
     assert report["slices"] == list(range(n)) and seen[-1] == (n, n)
     np.testing.assert_array_equal(_labels(seg, vol), ref)
+    # The one-object parts judged by where they lie (LPS, through the volume's oblique geometry
+    # and parent transform): every part kept by size, then only the best-placed part of each class
+    placed = Cleanup.segment_default(single_object=(1, 2), single_object_fraction=0.0,
+                                     locations={1: (-1000.0, 0.0), 2: (0.0, 1000.0)}, location_margin_mm=1.0)
+    ref_placed = sitk.GetArrayFromImage(segment_image(package, path, cleanup=placed))
+    by_size = sitk.GetArrayFromImage(segment_image(package, path, cleanup=Cleanup.segment_default(
+        single_object=(1, 2), single_object_fraction=0.0)))
+    assert np.count_nonzero(ref_placed != by_size) > 100, "the location rule must change this model's labels"
+    seg3, _ = _labels_node(scene, vol, "placed")
+    segmenter.segment(vol, seg3, package, range(n), chunk=8, cleanup=placed)
+    np.testing.assert_array_equal(_labels(seg3, vol), ref_placed)
     # Cancel during the predictions: nothing written, the segments it created are gone, no undo state
     seg2, _ = _labels_node(scene, vol, "cancelled")
     calls = []

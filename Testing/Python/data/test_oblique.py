@@ -19,6 +19,7 @@ from conftest import TOTALSEG
 from TSKDLib import InputError, LabelError
 from TSKDLib.data import geometry
 from TSKDLib.data.case import check_label_coverage, load_case
+from TSKDLib.data.geometry import ArrayGeometry
 
 CT = TOTALSEG / "example_ct_sm.nii.gz"       # 122x101x30, 3 mm, RAS file axes
 SEG = TOTALSEG / "example_seg.nii.gz"
@@ -208,3 +209,82 @@ def test_teacher_validation_dice_zero_ends_the_run(tmp_path, monkeypatch):
         train([CT], [SEG], out=tmp_path / "run", class_map=CMAP, classes=["liver"], labelled_slices=[[3, 9, 15]],
               config=PipelineConfig.from_dict(tiny_config()), device="cpu", synthesis=False)
     assert not (tmp_path / "run" / "distillation").exists()
+
+
+@pytest.mark.parametrize("name", ["z30", "x45", "x30z30", "short_axis"])
+def test_frame_geometry_puts_every_frame_voxel_where_the_file_has_it(tmp_path, name):
+    """``SliceFrame.frame_geometry`` (no voxel copied) maps each frame index to the physical point
+    of the same file voxel, on oblique headers with anisotropic spacing; ``shifted`` keeps the
+    scan's centre; ``offsets_lps`` is measured from the centre of the whole grid."""
+    r, sp = (SHORT_AXIS, SHORT_SPACING) if name == "short_axis" else (ROTATIONS[name], (0.8, 1.1, 3.0))
+    img = sitk.ReadImage(str(rewrite(CT, tmp_path / "o.nii.gz", r, sp)))
+    ids = sitk.GetImageFromArray(np.arange(np.prod(img.GetSize()), dtype=np.int32).reshape(img.GetSize()[::-1]))
+    ids.CopyInformation(img)
+    frame = geometry.slice_frame(img, "acquisition" if name != "short_axis" else "axial")
+    arr = frame.to_array(sitk.GetArrayViewFromImage(ids))
+    g = frame.frame_geometry(img)
+    size = np.array(img.GetSize(), float)
+    centre = np.array(img.TransformContinuousIndexToPhysicalPoint(((size - 1) / 2).tolist()))
+    rng = np.random.default_rng(0)
+    picks = np.stack([rng.integers(0, n, 20) for n in arr.shape], axis=1)
+    for start in (0, 3):
+        gs = g.shifted(0, start) if start else g
+        for n, h, w in picks:
+            if n < start:
+                continue
+            file_index = np.unravel_index(arr[n, h, w], img.GetSize()[::-1])[::-1]  # (i, j, k)
+            want = np.array(img.TransformIndexToPhysicalPoint([int(v) for v in file_index])) - centre
+            assert np.allclose(gs.offsets_lps(np.array([[n - start, h, w]]))[0], want, atol=1e-6)
+
+
+def test_class_centres_follow_the_patient_through_the_header(tmp_path, reference):
+    """Where a class lies (LPS x, y from the scan's centre) is read through the header: on the real
+    CT the liver is on the patient's right (x < 0) and the spleen on the left (x > 0); rotating the
+    header by 30 degrees about the patient's S axis rotates both centres by the same angle."""
+    from TSKDLib.deploy.inference import class_centres_lps
+
+    def centres(case):
+        return class_centres_lps(case.label_slices(), case.frame.frame_geometry(case.image), (1, 2))
+
+    flat = centres(reference)
+    assert flat[1][0] < -30 and flat[2][0] > 30  # mm: liver right of the centre, spleen left
+    r = ROTATIONS["z30"]
+    turned = centres(load_case(rewrite(CT, tmp_path / "ct.nii.gz", r), rewrite(SEG, tmp_path / "seg.nii.gz", r),
+                               CMAP, classes=["liver", "spleen"]))
+    for k in (1, 2):
+        assert np.allclose(turned[k], r[:2, :2] @ np.array(flat[k]), atol=1e-3)
+
+
+def test_cleanup_removes_the_one_object_part_that_lies_on_the_wrong_side(tmp_path, reference):
+    """The real CT's spleen relabelled "liver" is a second liver part on the patient's left. With
+    the size rule out of play (fraction 0), the location rule keeps the part near where the liver
+    lay in training and removes the other, whichever is larger; it reads the side from the header
+    (a mirrored header keeps the other part), needs the geometry, and never removes every part."""
+    from TSKDLib.deploy.inference import Cleanup, class_centres_lps, cleanup_labels
+
+    labels = np.ascontiguousarray(reference.label_slices())
+    g = reference.frame.frame_geometry(reference.image)
+    liver_at = class_centres_lps(labels, g, (1,))[1]
+    spleen_at = class_centres_lps(labels, g, (2,))[2]
+    pred = np.where(labels == 2, 1, labels).astype(np.uint8)  # two liver parts: right (real) and left
+    spacing = reference.canonical_image.GetSpacing()[::-1]
+
+    def clean(location, geometry_of, margin=60.0):
+        opts = Cleanup(single_object=(1,), single_object_fraction=0.0, locations={1: location},
+                       location_margin_mm=margin)
+        return cleanup_labels(pred, 2, spacing, opts, geometry_of)
+
+    out = clean(liver_at, g)
+    assert np.array_equal(out == 1, labels == 1)  # the left part is gone, the real liver untouched
+    out = clean(spleen_at, g)
+    assert np.array_equal(out == 1, labels == 2)  # told the class lies left: the left part stays
+    assert np.array_equal(clean(liver_at, None), pred)  # no geometry: nothing removed for its place
+    assert np.array_equal(clean(liver_at, g, margin=1000.0), pred)  # both within the margin
+    far = (liver_at[0] - 2000.0, liver_at[1])  # both parts far: the better placed one still stays
+    assert np.array_equal(clean(far, g) == 1, labels == 1)
+    mirrored = ArrayGeometry(g.origin * np.array([-1, 1, 1]), g.spacing, np.diag([-1, 1, 1]) @ g.direction,
+                             g.centre * np.array([-1, 1, 1]))  # the same array, left and right swapped
+    # mirrored, the real liver lies 122 mm from the liver's place, the spleen part 84 mm (it is
+    # posterior): with a 30 mm margin the real liver goes, as the header says it is on the left
+    assert np.array_equal(clean(liver_at, mirrored, margin=30.0) == 1, labels == 2)
+    assert np.array_equal(clean(liver_at, g, margin=30.0) == 1, labels == 1)

@@ -108,6 +108,10 @@ def test_train_segment_reload(finished_run, tmp_path):
     # one-object classes: no 3D component under a fifth of the largest, unless --all-components
     single = card["postprocessing"]["one_object"]
     assert set(single) <= set(CLASSES)
+    # where each class lay (LPS x, y mm from the scan's centre): liver on the patient's right
+    centres = json.loads((finished_run / "prepare" / "cases.json").read_text())["cases"][0]["class_centres_mm"]
+    assert centres["liver"][0] < -30 < 30 < centres["spleen"][0]
+    assert card["postprocessing"]["locations"] == {n: centres[n] for n in single}
     from scipy import ndimage
     values = {c["name"]: c["value"] for c in card["classes"]}
     for name in single:
