@@ -151,7 +151,7 @@ def add_pipeline_commands(sub) -> None:
     s.add_argument("--format", default=None, choices=["nii.gz", "nrrd", "seg.nrrd"],
                    help="output format inside an output folder (default seg.nrrd)")
     s.add_argument("--no-cleanup", action="store_true",
-                   help="skip 3D clean-up (small islands, holes, small parts of one-object classes)")
+                   help="skip 3D clean-up (small islands, holes, small or misplaced parts of one-object classes)")
     s.add_argument("--largest-component", action="store_true",
                    help="keep only the largest connected component of each class")
     s.add_argument("--all-components", action="store_true",

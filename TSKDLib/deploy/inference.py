@@ -100,14 +100,15 @@ class ModelPackage:
         return tuple(i + 1 for i, n in enumerate(self.class_map.names) if n in names)
 
     @property
-    def class_locations(self) -> dict[int, tuple[float, float]]:
-        """Where each one-object class lay in the training scans: class index (1..K) -> ``(x, y)``
-        LPS mm (patient left, posterior) of its labelled voxels' centre from the scan's centre,
-        averaged over the training scans (the card's ``postprocessing.locations``; see
-        :func:`class_centres_lps`). Empty for packages that do not record it."""
+    def class_locations(self) -> dict[int, tuple[float, float, float]]:
+        """Where each one-object class lay in the training scans: class index (1..K) -> ``(x, y,
+        radius)`` LPS mm, its labelled voxels' centre from the scan's centre and their RMS
+        distance from it, averaged over the training scans (the card's
+        ``postprocessing.locations``, ``{name: {"centre_mm": [x, y], "radius_mm": r}}``; see
+        :func:`class_locations_lps`). Empty for packages that do not record it."""
         locs = (self.card.get("postprocessing") or {}).get("locations") or {}
-        return {i + 1: (float(locs[n][0]), float(locs[n][1])) for i, n in enumerate(self.class_map.names)
-                if n in locs and i + 1 in self.single_object_classes}
+        return {i + 1: (*(float(v) for v in locs[n]["centre_mm"]), float(locs[n].get("radius_mm", 0.0)))
+                for i, n in enumerate(self.class_map.names) if n in locs and i + 1 in self.single_object_classes}
 
     @property
     def location_margin_mm(self) -> float:
@@ -372,18 +373,22 @@ class NumpyResizer:
 #: (benchmarks/RESULTS.md, section 6; :class:`Cleanup`).
 ONE_OBJECT_MIN_FRACTION = 0.2
 
-#: One-object classes: a part whose centre (LPS x, y) lies this much farther from where the class
-#: lay in the training scans than the best-placed part is removed (:class:`Cleanup`). The
-#: training scans' organ centres spread by 10-25 mm about their mean, a left and a right organ
-#: lie 110-160 mm apart (CHAOS MR; benchmarks/RESULTS.md, section 6, twelfth pass).
+#: One-object classes: a part whose centre (LPS x, y) lies farther from where the class lay in
+#: the training scans than the best-placed part's by more than this, or by more than
+#: :data:`LOCATION_RADII` times the class's radius if that is more, is removed (:class:`Cleanup`).
+#: On CHAOS MR the training scans' organ centres spread by 10-25 mm about their mean and a left
+#: and a right organ lie 110-160 mm apart; a liver's radius is 50-70 mm, so a liver part as far
+#: off as its left lobe stays (benchmarks/RESULTS.md, section 6, twelfth pass).
 LOCATION_MARGIN_MM = 60.0
+LOCATION_RADII = 2.0
 
 
-def class_centres_lps(labels: np.ndarray, geometry_of: geometry.ArrayGeometry, classes,
-                      slices=None) -> dict[int, tuple[float, float]]:
-    """The centre of each class's voxels, as ``(x, y)`` LPS mm (patient left, posterior) from the
-    scan's centre: where the class lies in the patient's cross-section, whatever the slice
-    orientation (the S-I position is left out: it depends on where the field of view starts).
+def class_locations_lps(labels: np.ndarray, geometry_of: geometry.ArrayGeometry, classes,
+                        slices=None) -> dict[int, tuple[float, float, float]]:
+    """Where each class lies in the patient's cross-section, whatever the slice orientation:
+    ``(x, y, radius)`` in LPS mm, the centre of the class's voxels (patient left, posterior) from
+    the scan's centre and their root-mean-square distance from it in the x-y plane (the S-I
+    position is left out: it depends on where the field of view starts).
 
     ``labels``: ``(Z, Y, X)`` class indices ``0..K`` with ``geometry_of``
     (:class:`TSKDLib.data.geometry.ArrayGeometry`); ``slices``: optional indices along axis 0 to
@@ -394,8 +399,10 @@ def class_centres_lps(labels: np.ndarray, geometry_of: geometry.ArrayGeometry, c
     for k in classes:
         z, y, x = np.nonzero(sub == k)
         if len(z):
-            centre = np.array([[index[z].mean(), y.mean(), x.mean()]])
-            out[int(k)] = tuple(float(v) for v in geometry_of.offsets_lps(centre)[0, :2])
+            xy = geometry_of.offsets_lps(np.stack([index[z], y, x], axis=1))[:, :2]
+            centre = xy.mean(axis=0)
+            radius = float(np.sqrt(((xy - centre) ** 2).sum(axis=1).mean()))
+            out[int(k)] = (float(centre[0]), float(centre[1]), radius)
     return out
 
 
@@ -420,16 +427,17 @@ class Cleanup:
         0.595, largest component 0.523, 0.1 or 0.2 of the largest 0.610, 0.5 0.587; within the
         training scans 0.879 raw, 0.893 for all three; benchmarks/RESULTS.md, section 6).
     locations:
-        One-object class index -> ``(x, y)`` LPS mm from the scan's centre where the class lay in
-        the training scans (:attr:`ModelPackage.class_locations`). When such a class keeps
-        several parts, those whose centre lies more than ``location_margin_mm`` farther from
-        this point than the best-placed part's are removed (the best-placed part always stays).
+        One-object class index -> ``(x, y, radius)`` LPS mm: where the class lay in the training
+        scans, from the scan's centre, and its radius there (:attr:`ModelPackage.class_locations`).
+        When such a class keeps several parts, those whose centre lies farther from ``(x, y)``
+        than the best-placed part's by more than ``max(location_margin_mm, LOCATION_RADII x
+        radius)`` are removed (the best-placed part always stays).
         Needs the labels' ``geometry`` in :func:`cleanup_labels`. This removes what the
         size rule cannot: a false organ at least as large as the real one, on the wrong side
         (CHAOS MR, a new scan with a giant cyst: a "right kidney" on the patient's left and a
         "liver" beside the cyst; benchmarks/RESULTS.md, section 6, twelfth pass).
     location_margin_mm:
-        :data:`LOCATION_MARGIN_MM`.
+        The smallest margin, :data:`LOCATION_MARGIN_MM`.
     fill_holes:
         Fill cavities fully enclosed by a class (``BinaryFillhole``, 3D) where they are background.
     """
@@ -556,14 +564,16 @@ def _components(cc: sitk.Image, labels: list[int]) -> sitk.Image:
 def _well_placed(cc: sitk.Image, n: int, start_zyx, geometry_of, location, margin_mm: float) -> list[int]:
     """Components ``1..n`` of ``cc`` (a sub-block starting at ``start_zyx`` of an array with
     ``geometry_of``) whose centre (LPS x, y) is at most ``margin_mm`` farther from ``location``
-    than the nearest one's (:class:`Cleanup`, ``locations``)."""
+    than the nearest one's, or than ``LOCATION_RADII`` times the location's radius if that is
+    more (:class:`Cleanup`, ``locations``: ``location`` is ``(x, y[, radius])``)."""
     stats = sitk.LabelShapeStatisticsImageFilter()
     img = sitk.Image(cc)
     img.SetSpacing((1.0, 1.0, 1.0))  # centroids in (x, y, z) voxel indices of the block
     stats.Execute(img)
     centres = np.array([stats.GetCentroid(c)[::-1] for c in range(1, n + 1)]) + np.asarray(start_zyx, float)
-    dist = np.linalg.norm(geometry_of.offsets_lps(centres)[:, :2] - np.asarray(location, float), axis=1)
-    return [c for c in range(1, n + 1) if dist[c - 1] <= dist.min() + margin_mm]
+    dist = np.linalg.norm(geometry_of.offsets_lps(centres)[:, :2] - np.asarray(location[:2], float), axis=1)
+    margin = max(margin_mm, LOCATION_RADII * float(location[2])) if len(location) > 2 else margin_mm
+    return [c for c in range(1, n + 1) if dist[c - 1] <= dist.min() + margin]
 
 
 def _as_package(model) -> ModelPackage:

@@ -293,7 +293,7 @@ class _Scorer:
         self.dataset, self.tests, self.seed, self.cfg, self.rows = dataset, tests, seed, cfg, rows
         self.k, self.names = class_map.num_classes, class_map.names
         self.post_classes: tuple[int, ...] | None = None  # set: also score "<method>+post"
-        self.locations: dict[int, tuple[float, float]] = {}  # the one-object classes' training locations
+        self.locations: dict[int, tuple] = {}  # the one-object classes' training locations (x, y, radius)
 
     def _post(self, pred: np.ndarray, case) -> np.ndarray:
         """``tskd segment``'s default 3D clean-up of a ``(N, H, W)`` prediction."""
@@ -305,9 +305,9 @@ class _Scorer:
     def set_post(self, classes) -> None:
         """Score ``<method>+post`` with these one-object classes, located where ``tskd train``
         records them: the mean over the training scans of their labelled voxels' centres."""
-        from TSKDLib.deploy.inference import class_centres_lps
+        from TSKDLib.deploy.inference import class_locations_lps
         self.post_classes = tuple(classes)
-        per_scan = [class_centres_lps(c.label_slices(), c.frame.frame_geometry(c.image), self.post_classes,
+        per_scan = [class_locations_lps(c.label_slices(), c.frame.frame_geometry(c.image), self.post_classes,
                                       self.picks[c.name]) for c in self.train_cases]
         self.locations = {k: tuple(np.mean([p[k] for p in per_scan if k in p], axis=0))
                           for k in self.post_classes if any(k in p for p in per_scan)}

@@ -596,21 +596,26 @@ def _postprocessing(names: Sequence[str], summary: dict, info: dict | None = Non
     through the teacher's prediction, form one 3D object in every scan): ``tskd segment`` removes
     their components smaller than a fifth (``min_fraction``) of the largest one, and those lying
     far from where the class lay in the training scans (``locations``: mean over the scans of
-    ``cases.json``'s ``class_centres_mm``; see :class:`TSKDLib.deploy.inference.Cleanup`)."""
+    ``cases.json``'s ``class_locations_mm``; see :class:`TSKDLib.deploy.inference.Cleanup`)."""
     from TSKDLib.deploy.inference import LOCATION_MARGIN_MM, ONE_OBJECT_MIN_FRACTION
     from TSKDLib.distillation.distill import single_object_classes
     single = [names[c - 1] for c in single_object_classes((summary.get("metrics") or {}).get("pseudo_labels"))]
-    centres: dict[str, list] = {}
+    per_scan: dict[str, list] = {}
     for case in (info or {}).get("cases", []):
-        for name, xy in (case.get("class_centres_mm") or {}).items():
-            centres.setdefault(name, []).append(xy)
-    locations = {n: [round(float(v), 2) for v in np.mean(centres[n], axis=0)] for n in single if n in centres}
+        for name, xyr in (case.get("class_locations_mm") or {}).items():
+            per_scan.setdefault(name, []).append(xyr)
+    locations = {}
+    for name in single:
+        if name in per_scan:
+            x, y, r = (round(float(v), 2) for v in np.mean(per_scan[name], axis=0))
+            locations[name] = {"centre_mm": [x, y], "radius_mm": r}
     return {"one_object": single, "min_fraction": ONE_OBJECT_MIN_FRACTION,
             "locations": locations, "location_margin_mm": LOCATION_MARGIN_MM,
             "note": "one 3D object each in the training scans: tskd segment removes their connected "
-                    "components smaller than a fifth of the largest one, and parts lying more than "
-                    "location_margin_mm farther than the best-placed part from where the class lay "
-                    "(locations: x, y LPS mm from the scan's centre) (--all-components keeps all)"}
+                    "components smaller than a fifth of the largest one, and parts whose centre lies "
+                    "farther from where the class lay (locations: LPS x, y mm from the scan's centre) "
+                    "than the best-placed part's by more than location_margin_mm or twice the class's "
+                    "radius (--all-components keeps all)"}
 
 
 def _teacher_val_per_class(meta: dict) -> list[float] | None:
@@ -661,7 +666,7 @@ def _prepare(cfg: PipelineConfig, folder: Path, progress: ProgressReporter):
               for k, name in enumerate(slices.class_map.names)}
     info = {"cases": [{"name": c.name, "image": c.image_path, "modality": c.modality,
                        "labelled_slices": c.labelled_indices(), "slices": c.num_slices, **c.axis_info(),
-                       "class_centres_mm": _class_centres(c)}
+                       "class_locations_mm": _class_locations(c)}
                       for c in cases],
             "labelled_slices_per_class": counts, "normalization": norm.to_dict()}
     text = json.dumps(info, indent=1)
@@ -677,18 +682,18 @@ def _prepare(cfg: PipelineConfig, folder: Path, progress: ProgressReporter):
     return slices
 
 
-def _class_centres(case) -> dict:
-    """``{class name: [x, y]}``: where each class's labelled voxels lie in the patient's
-    cross-section, LPS mm from the scan's centre (:func:`TSKDLib.deploy.inference.class_centres_lps`);
-    {} for a 2D image or a scan without labels."""
-    from TSKDLib.deploy.inference import class_centres_lps
+def _class_locations(case) -> dict:
+    """``{class name: [x, y, radius]}``: where each class's labelled voxels lie in the patient's
+    cross-section, LPS mm from the scan's centre, and their RMS distance from their centre
+    (:func:`TSKDLib.deploy.inference.class_locations_lps`); {} for a 2D image or a scan without labels."""
+    from TSKDLib.deploy.inference import class_locations_lps
 
     labels, idx = case.label_slices(), case.labelled_indices()
     if labels is None or not idx or case.image.GetDimension() != 3:
         return {}
     names = case.class_map.names
-    centres = class_centres_lps(labels, case.frame.frame_geometry(case.image), range(1, len(names) + 1), idx)
-    return {names[k - 1]: [round(x, 2), round(y, 2)] for k, (x, y) in centres.items()}
+    found = class_locations_lps(labels, case.frame.frame_geometry(case.image), range(1, len(names) + 1), idx)
+    return {names[k - 1]: [round(v, 2) for v in xyr] for k, xyr in found.items()}
 
 
 def _normalization_for(cases, name: str):

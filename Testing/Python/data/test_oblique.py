@@ -237,22 +237,25 @@ def test_frame_geometry_puts_every_frame_voxel_where_the_file_has_it(tmp_path, n
             assert np.allclose(gs.offsets_lps(np.array([[n - start, h, w]]))[0], want, atol=1e-6)
 
 
-def test_class_centres_follow_the_patient_through_the_header(tmp_path, reference):
-    """Where a class lies (LPS x, y from the scan's centre) is read through the header: on the real
-    CT the liver is on the patient's right (x < 0) and the spleen on the left (x > 0); rotating the
-    header by 30 degrees about the patient's S axis rotates both centres by the same angle."""
-    from TSKDLib.deploy.inference import class_centres_lps
+def test_class_locations_follow_the_patient_through_the_header(tmp_path, reference):
+    """Where a class lies (LPS x, y from the scan's centre, and its radius) is read through the
+    header: on the real CT the liver is on the patient's right (x < 0) and the spleen on the left
+    (x > 0), the liver the wider; rotating the header by 30 degrees about the patient's S axis
+    rotates both centres by the same angle and keeps the radii."""
+    from TSKDLib.deploy.inference import class_locations_lps
 
-    def centres(case):
-        return class_centres_lps(case.label_slices(), case.frame.frame_geometry(case.image), (1, 2))
+    def locations(case):
+        return class_locations_lps(case.label_slices(), case.frame.frame_geometry(case.image), (1, 2))
 
-    flat = centres(reference)
+    flat = locations(reference)
     assert flat[1][0] < -30 and flat[2][0] > 30  # mm: liver right of the centre, spleen left
+    assert flat[1][2] > flat[2][2] > 10  # RMS radii, mm
     r = ROTATIONS["z30"]
-    turned = centres(load_case(rewrite(CT, tmp_path / "ct.nii.gz", r), rewrite(SEG, tmp_path / "seg.nii.gz", r),
-                               CMAP, classes=["liver", "spleen"]))
+    turned = locations(load_case(rewrite(CT, tmp_path / "ct.nii.gz", r), rewrite(SEG, tmp_path / "seg.nii.gz", r),
+                                 CMAP, classes=["liver", "spleen"]))
     for k in (1, 2):
-        assert np.allclose(turned[k], r[:2, :2] @ np.array(flat[k]), atol=1e-3)
+        assert np.allclose(turned[k][:2], r[:2, :2] @ np.array(flat[k][:2]), atol=1e-3)
+        assert np.isclose(turned[k][2], flat[k][2], atol=1e-3)
 
 
 def test_cleanup_removes_the_one_object_part_that_lies_on_the_wrong_side(tmp_path, reference):
@@ -260,12 +263,12 @@ def test_cleanup_removes_the_one_object_part_that_lies_on_the_wrong_side(tmp_pat
     the size rule out of play (fraction 0), the location rule keeps the part near where the liver
     lay in training and removes the other, whichever is larger; it reads the side from the header
     (a mirrored header keeps the other part), needs the geometry, and never removes every part."""
-    from TSKDLib.deploy.inference import Cleanup, class_centres_lps, cleanup_labels
+    from TSKDLib.deploy.inference import Cleanup, class_locations_lps, cleanup_labels
 
     labels = np.ascontiguousarray(reference.label_slices())
     g = reference.frame.frame_geometry(reference.image)
-    liver_at = class_centres_lps(labels, g, (1,))[1]
-    spleen_at = class_centres_lps(labels, g, (2,))[2]
+    liver_at = class_locations_lps(labels, g, (1,))[1][:2]
+    spleen_at = class_locations_lps(labels, g, (2,))[2][:2]
     pred = np.where(labels == 2, 1, labels).astype(np.uint8)  # two liver parts: right (real) and left
     spacing = reference.canonical_image.GetSpacing()[::-1]
 
@@ -280,6 +283,8 @@ def test_cleanup_removes_the_one_object_part_that_lies_on_the_wrong_side(tmp_pat
     assert np.array_equal(out == 1, labels == 2)  # told the class lies left: the left part stays
     assert np.array_equal(clean(liver_at, None), pred)  # no geometry: nothing removed for its place
     assert np.array_equal(clean(liver_at, g, margin=1000.0), pred)  # both within the margin
+    assert np.array_equal(clean((*liver_at, 500.0), g), pred)  # a class this wide: twice its radius
+    assert np.array_equal(clean((*liver_at, 20.0), g) == 1, labels == 1)  # a narrow one: 60 mm
     far = (liver_at[0] - 2000.0, liver_at[1])  # both parts far: the better placed one still stays
     assert np.array_equal(clean(far, g) == 1, labels == 1)
     mirrored = ArrayGeometry(g.origin * np.array([-1, 1, 1]), g.spacing, np.diag([-1, 1, 1]) @ g.direction,

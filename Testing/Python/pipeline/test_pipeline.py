@@ -109,9 +109,10 @@ def test_train_segment_reload(finished_run, tmp_path):
     single = card["postprocessing"]["one_object"]
     assert set(single) <= set(CLASSES)
     # where each class lay (LPS x, y mm from the scan's centre): liver on the patient's right
-    centres = json.loads((finished_run / "prepare" / "cases.json").read_text())["cases"][0]["class_centres_mm"]
-    assert centres["liver"][0] < -30 < 30 < centres["spleen"][0]
-    assert card["postprocessing"]["locations"] == {n: centres[n] for n in single}
+    where = json.loads((finished_run / "prepare" / "cases.json").read_text())["cases"][0]["class_locations_mm"]
+    assert where["liver"][0] < -30 < 30 < where["spleen"][0]
+    assert card["postprocessing"]["locations"] == {n: {"centre_mm": where[n][:2], "radius_mm": where[n][2]}
+                                                   for n in single}
     from scipy import ndimage
     values = {c["name"]: c["value"] for c in card["classes"]}
     for name in single:
