@@ -381,6 +381,10 @@ ONE_OBJECT_MIN_FRACTION = 0.2
 #: off as its left lobe stays (benchmarks/RESULTS.md, section 6, twelfth pass).
 LOCATION_MARGIN_MM = 60.0
 LOCATION_RADII = 2.0
+#: The best-placed part (:data:`LOCATION_MARGIN_MM`) is sought among parts of at least this
+#: fraction of the class's largest: on CHAOS scan 36 the real right kidney was found as a part a
+#: fifth the size of a misplaced one (benchmarks/RESULTS.md, section 6, twelfth pass).
+LOCATION_ANCHOR_FRACTION = 0.05
 
 
 def class_locations_lps(labels: np.ndarray, geometry_of: geometry.ArrayGeometry, classes,
@@ -418,8 +422,8 @@ class Cleanup:
         Keep only the largest connected component of each class.
     single_object:
         Class indices (1..K) of the model's one-object classes
-        (:attr:`ModelPackage.single_object_classes`): their components smaller than
-        ``single_object_fraction`` of the class's largest component are removed.
+        (:attr:`ModelPackage.single_object_classes`): their misplaced components are removed
+        (``locations``), then those smaller than ``single_object_fraction`` of the largest left.
     single_object_fraction:
         0.2: on CHAOS MR (3 training scans, scans 34 and 36) this removed the false organs without
         the losses of keeping the largest component alone, which kept a false kidney or spleen
@@ -429,13 +433,15 @@ class Cleanup:
     locations:
         One-object class index -> ``(x, y, radius)`` LPS mm: where the class lay in the training
         scans, from the scan's centre, and its radius there (:attr:`ModelPackage.class_locations`).
-        When such a class keeps several parts, those whose centre lies farther from ``(x, y)``
+        When such a class has several parts, those whose centre lies farther from ``(x, y)``
         than the best-placed part's by more than ``max(location_margin_mm, LOCATION_RADII x
-        radius)`` are removed (the best-placed part always stays).
-        Needs the labels' ``geometry`` in :func:`cleanup_labels`. This removes what the
-        size rule cannot: a false organ at least as large as the real one, on the wrong side
-        (CHAOS MR, a new scan with a giant cyst: a "right kidney" on the patient's left and a
-        "liver" beside the cyst; benchmarks/RESULTS.md, section 6, twelfth pass).
+        radius)`` are removed before the size rule, which then compares the parts left with the
+        largest of them (the best-placed part, sought among parts of at least
+        :data:`LOCATION_ANCHOR_FRACTION` of the largest, always stays). Needs the labels'
+        ``geometry_of`` in :func:`cleanup_labels`. This removes what the size rule cannot: a
+        false organ larger than the real one, far from where the organ lies (CHAOS MR, a new
+        scan with a large fluid-bright mass on the patient's left: a "right kidney" lateral to
+        it, a "liver" beside it; benchmarks/RESULTS.md, section 6, twelfth pass).
     location_margin_mm:
         The smallest margin, :data:`LOCATION_MARGIN_MM`.
     fill_holes:
@@ -529,13 +535,15 @@ def cleanup_labels(labels: np.ndarray, num_classes: int, spacing_zyx=(1.0, 1.0, 
             cc = sitk.RelabelComponent(cc, minimumObjectSize=min_vox, sortByObjectSize=True)
             if opts.largest_component:
                 keep = cc == 1
-            elif one_object:  # components ranked by size: keep those >= fraction x the largest
+            elif one_object:  # misplaced parts out; of the rest, those >= fraction x the largest
                 sizes = np.bincount(sitk.GetArrayViewFromImage(cc).ravel())[1:]
-                n_keep = int(np.count_nonzero(sizes >= opts.single_object_fraction * sizes.max())) if len(sizes) else 0
-                kept = list(range(1, n_keep + 1))
-                if n_keep > 1 and k in opts.locations and geometry_of is not None:
-                    kept = _well_placed(cc, n_keep, [s.start for s in sl], geometry_of, opts.locations[k],
+                kept = list(range(1, len(sizes) + 1))
+                if len(sizes) > 1 and k in opts.locations and geometry_of is not None:
+                    kept = _well_placed(cc, sizes, [s.start for s in sl], geometry_of, opts.locations[k],
                                         opts.location_margin_mm)
+                if kept:
+                    largest = max(sizes[c - 1] for c in kept)
+                    kept = [c for c in kept if sizes[c - 1] >= opts.single_object_fraction * largest]
                 keep = _components(cc, kept)
             else:
                 keep = cc > 0
@@ -561,19 +569,23 @@ def _components(cc: sitk.Image, labels: list[int]) -> sitk.Image:
     return out
 
 
-def _well_placed(cc: sitk.Image, n: int, start_zyx, geometry_of, location, margin_mm: float) -> list[int]:
-    """Components ``1..n`` of ``cc`` (a sub-block starting at ``start_zyx`` of an array with
-    ``geometry_of``) whose centre (LPS x, y) is at most ``margin_mm`` farther from ``location``
-    than the nearest one's, or than ``LOCATION_RADII`` times the location's radius if that is
-    more (:class:`Cleanup`, ``locations``: ``location`` is ``(x, y[, radius])``)."""
+def _well_placed(cc: sitk.Image, sizes: np.ndarray, start_zyx, geometry_of, location, margin_mm: float) -> list[int]:
+    """The components of ``cc`` (labels ``1..len(sizes)``, ``sizes`` voxels each; a sub-block
+    starting at ``start_zyx`` of an array with ``geometry_of``) whose centre (LPS x, y) is at most
+    ``margin_mm`` farther from ``location`` than the best-placed part's, or ``LOCATION_RADII``
+    times the location's radius if that is more (:class:`Cleanup`, ``locations``: ``location`` is
+    ``(x, y[, radius])``). The best-placed part is sought among the parts of at least
+    :data:`LOCATION_ANCHOR_FRACTION` of the largest, so a speck cannot set it."""
     stats = sitk.LabelShapeStatisticsImageFilter()
     img = sitk.Image(cc)
     img.SetSpacing((1.0, 1.0, 1.0))  # centroids in (x, y, z) voxel indices of the block
     stats.Execute(img)
+    n = len(sizes)
     centres = np.array([stats.GetCentroid(c)[::-1] for c in range(1, n + 1)]) + np.asarray(start_zyx, float)
     dist = np.linalg.norm(geometry_of.offsets_lps(centres)[:, :2] - np.asarray(location[:2], float), axis=1)
     margin = max(margin_mm, LOCATION_RADII * float(location[2])) if len(location) > 2 else margin_mm
-    return [c for c in range(1, n + 1) if dist[c - 1] <= dist.min() + margin]
+    best = dist[np.asarray(sizes) >= LOCATION_ANCHOR_FRACTION * max(sizes)].min()
+    return [c for c in range(1, n + 1) if dist[c - 1] <= best + margin]
 
 
 def _as_package(model) -> ModelPackage:

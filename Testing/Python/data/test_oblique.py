@@ -287,6 +287,20 @@ def test_cleanup_removes_the_one_object_part_that_lies_on_the_wrong_side(tmp_pat
     assert np.array_equal(clean((*liver_at, 20.0), g) == 1, labels == 1)  # a narrow one: 60 mm
     far = (liver_at[0] - 2000.0, liver_at[1])  # both parts far: the better placed one still stays
     assert np.array_equal(clean(far, g) == 1, labels == 1)
+    # the real liver found only in part, smaller than a fifth of the misplaced part: the size rule
+    # alone keeps the misplaced one; placed first, the size rule keeps the real part
+    zc, yc, xc = (int(v.mean()) for v in np.nonzero(labels == 1))
+    for h in range(1, 40):
+        box = np.zeros_like(labels, bool)
+        box[max(zc - h, 0):zc + h + 1, max(yc - h, 0):yc + h + 1, max(xc - h, 0):xc + h + 1] = True
+        if (box & (labels == 1)).sum() >= 0.1 * (labels == 2).sum():
+            break
+    part = np.where(labels == 2, 1, np.where(box & (labels == 1), 1, 0)).astype(np.uint8)
+    assert 0.05 <= (box & (labels == 1)).sum() / (labels == 2).sum() < 0.2
+    by_size = cleanup_labels(part, 2, spacing, Cleanup(single_object=(1,)), g)
+    assert np.array_equal(by_size == 1, labels == 2)
+    placed = cleanup_labels(part, 2, spacing, Cleanup(single_object=(1,), locations={1: liver_at}), g)
+    assert np.array_equal(placed == 1, box & (labels == 1))
     mirrored = ArrayGeometry(g.origin * np.array([-1, 1, 1]), g.spacing, np.diag([-1, 1, 1]) @ g.direction,
                              g.centre * np.array([-1, 1, 1]))  # the same array, left and right swapped
     # mirrored, the real liver lies 122 mm from the liver's place, the spleen part 84 mm (it is
