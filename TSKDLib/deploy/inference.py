@@ -21,8 +21,8 @@ Pipeline of :func:`segment_image`: read -> check the scan's acquisition plane ag
 (:func:`TSKDLib.data.geometry.slice_frame`: permutation and flips, no interpolation) -> slices, in batches ->
 onnxruntime (CUDA provider when present, else CPU) -> labels on the native slice grid -> optional
 3D clean-up per class (SimpleITK: small-island removal, largest connected component, the
-one-object classes' small and misplaced parts, hole filling) -> back onto the input grid (exact, no interpolation) -> labelmap with the input's size,
-spacing, origin and direction. :func:`segment_file` writes it (NIfTI, NRRD, ``.seg.nrrd``) with
+one-object classes' misplaced and small parts, hole filling) -> back onto the input grid (exact,
+no interpolation) -> labelmap with the input's size, spacing, origin and direction. :func:`segment_file` writes it (NIfTI, NRRD, ``.seg.nrrd``) with
 :func:`TSKDLib.data.io.write_labelmap`.
 """
 
@@ -107,8 +107,13 @@ class ModelPackage:
         ``postprocessing.locations``, ``{name: {"centre_mm": [x, y], "radius_mm": r}}``; see
         :func:`class_locations_lps`). Empty for packages that do not record it."""
         locs = (self.card.get("postprocessing") or {}).get("locations") or {}
-        return {i + 1: (*(float(v) for v in locs[n]["centre_mm"]), float(locs[n].get("radius_mm", 0.0)))
-                for i, n in enumerate(self.class_map.names) if n in locs and i + 1 in self.single_object_classes}
+        out = {}
+        for i, name in enumerate(self.class_map.names):
+            entry = locs.get(name)
+            if i + 1 in self.single_object_classes and isinstance(entry, dict) and len(entry.get("centre_mm", ())) == 2:
+                x, y = (float(v) for v in entry["centre_mm"])
+                out[i + 1] = (x, y, float(entry.get("radius_mm", 0.0)))
+        return out
 
     @property
     def location_margin_mm(self) -> float:
@@ -556,9 +561,6 @@ def cleanup_labels(labels: np.ndarray, num_classes: int, spacing_zyx=(1.0, 1.0, 
     return out
 
 
-# ------------------------------------------------------------------------------------------------
-# Segmentation
-# ------------------------------------------------------------------------------------------------
 def _components(cc: sitk.Image, labels: list[int]) -> sitk.Image:
     """Mask of the connected components ``labels`` of the label image ``cc``."""
     if labels == list(range(1, len(labels) + 1)):
@@ -588,6 +590,9 @@ def _well_placed(cc: sitk.Image, sizes: np.ndarray, start_zyx, geometry_of, loca
     return [c for c in range(1, n + 1) if dist[c - 1] <= best + margin]
 
 
+# ------------------------------------------------------------------------------------------------
+# Segmentation
+# ------------------------------------------------------------------------------------------------
 def _as_package(model) -> ModelPackage:
     return model if isinstance(model, ModelPackage) else load_model_package(model)
 

@@ -25,7 +25,7 @@ from TSKDLib.data.case import load_case, prepare_case_slices, prepare_slices  # 
 from TSKDLib.distillation.distill import DistillConfig, TransferSet, build_teacher_cache, distill  # noqa: E402
 from TSKDLib.deploy.export import export_model_package  # noqa: E402
 from TSKDLib.data.geometry import LabelGeometryWarning  # noqa: E402
-from TSKDLib.deploy.inference import load_model_package  # noqa: E402
+from TSKDLib.deploy.inference import Cleanup, load_model_package  # noqa: E402
 from TSKDLib.distillation.student import save_student  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -66,7 +66,9 @@ def run_dir(tmp_path_factory) -> Path:
     _, _, _, norm = prepare_case_slices(case, 64)
     export_model_package(res.model, run / "model", slices.class_map, norm, input_size=64, torchscript=False,
                          name="ct_small", acquisition={"planes": ["axial"], "directions": [[0, 0, 1]]},
-                         postprocessing={"one_object": [CLASSES[0]], "min_fraction": 0.2})
+                         postprocessing={"one_object": [CLASSES[0]], "min_fraction": 0.2,
+                                         "locations": {CLASSES[0]: {"centre_mm": [-60.0, 20.0], "radius_mm": 50.0},
+                                                       CLASSES[1]: {"centre_mm": [90.0, 40.0], "radius_mm": 30.0}}})
     (run / "state.json").write_text(json.dumps({"stages": {"prepare": {"done": True}}, "finished": True}))
     return run
 
@@ -108,6 +110,9 @@ def test_quick_update_raises_dice_on_corrected_slices_and_keeps_the_previous(run
     # tskd segment's clean-up of the one-object classes carries over to the updated model
     assert pkg.card["postprocessing"] == json.loads(before_card)["postprocessing"]
     assert pkg.single_object_classes == (1,)
+    assert pkg.class_locations == {1: (-60.0, 20.0, 50.0)}  # only the one-object classes are placed
+    assert Cleanup.for_package(pkg).locations == {1: (-60.0, 20.0, 50.0)}
+    assert Cleanup.for_package(pkg, all_components=True).locations == {}
     assert (run_dir / "model" / "model_card.json").read_text() == before_card  # previous model untouched
     # a second update starts from the updated package (its student.pt), found through its card
     r2 = _update(tmp_path / "v2", tmp_path / "v3", slices=[14])
