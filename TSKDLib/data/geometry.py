@@ -231,7 +231,7 @@ class SliceFrame:
         out.SetOrigin(g.origin.tolist())
         return out
 
-    def frame_geometry(self, image: sitk.Image) -> "ArrayGeometry":
+    def frame_geometry(self, image: sitk.Image) -> ArrayGeometry:
         """The :class:`ArrayGeometry` of the frame array ``(N, H, W)`` of ``image`` (no voxel is
         copied): spacing ``(W, H, N)`` mm, direction columns = the file's axes permuted and
         sign-flipped, origin = physical position of the first frame voxel."""
@@ -357,13 +357,13 @@ class ArrayGeometry:
         self.centre = np.asarray(centre, dtype=float).reshape(3)
 
     @classmethod
-    def of(cls, image: sitk.Image) -> "ArrayGeometry":
+    def of(cls, image: sitk.Image) -> ArrayGeometry:
         """The geometry of ``sitk.GetArrayViewFromImage(image)`` (3D image)."""
         size = np.array(image.GetSize(), dtype=float)
         centre = image.TransformContinuousIndexToPhysicalPoint(((size - 1) / 2).tolist())
         return cls(image.GetOrigin(), image.GetSpacing(), image.GetDirection(), centre)
 
-    def shifted(self, numpy_axis: int, start: int) -> "ArrayGeometry":
+    def shifted(self, numpy_axis: int, start: int) -> ArrayGeometry:
         """The geometry of ``array[start:]`` along ``numpy_axis`` (same scan centre)."""
         step = np.zeros(3)
         step[2 - numpy_axis] = start
