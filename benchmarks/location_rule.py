@@ -35,6 +35,7 @@ from TSKDLib.deploy.inference import (
     Cleanup,
     class_locations_lps,
     cleanup_labels,
+    mean_class_locations,
 )
 
 ORGAN_FLOOR = 0.70
@@ -109,8 +110,8 @@ def score(args) -> None:
     for folder in sorted(p.parent for p in Path(args.folder).glob("*/run.json")):
         info = json.loads((folder / "run.json").read_text())
         train, single = info["train"], tuple(info["one_object"])
-        per_scan = [class_locations_lps(refs[s], geometry[s], single, picks[s]) for s in train]
-        locations = {c: tuple(np.mean([p[c] for p in per_scan if c in p], axis=0)) for c in single}
+        locations = mean_class_locations([class_locations_lps(refs[s], geometry[s], single, picks[s])
+                                          for s in train], single)
         options = [Cleanup.segment_default(single)] + [
             Cleanup.segment_default(single, locations=locations, location_margin_mm=m) for m in args.margins]
         print(f"== {folder.name}: trained on {train}, one-object {[names[c - 1] for c in single]}")

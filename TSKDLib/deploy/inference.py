@@ -415,6 +415,15 @@ def class_locations_lps(labels: np.ndarray, geometry_of: geometry.ArrayGeometry,
     return out
 
 
+def mean_class_locations(per_scan, classes) -> dict:
+    """Where each of ``classes`` lay over several training scans: the mean ``(x, y, radius)``
+    (LPS mm) over the scans' :func:`class_locations_lps` results ``per_scan`` (a sequence of
+    ``{class: (x, y, radius)}``, keyed by index or name alike) that hold it; a class none holds is
+    left out. This is what ``tskd train`` records in the model card (``postprocessing.locations``)."""
+    return {k: tuple(float(v) for v in np.mean([p[k] for p in per_scan if k in p], axis=0))
+            for k in classes if any(k in p for p in per_scan)}
+
+
 @dataclass
 class Cleanup:
     """Per-class 3D post-processing (SimpleITK), applied in this order.

@@ -305,12 +305,11 @@ class _Scorer:
     def set_post(self, classes) -> None:
         """Score ``<method>+post`` with these one-object classes, located where ``tskd train``
         records them: the mean over the training scans of their labelled voxels' centres."""
-        from TSKDLib.deploy.inference import class_locations_lps
+        from TSKDLib.deploy.inference import class_locations_lps, mean_class_locations
         self.post_classes = tuple(classes)
-        per_scan = [class_locations_lps(c.label_slices(), c.frame.frame_geometry(c.image), self.post_classes,
-                                      self.picks[c.name]) for c in self.train_cases]
-        self.locations = {k: tuple(np.mean([p[k] for p in per_scan if k in p], axis=0))
-                          for k in self.post_classes if any(k in p for p in per_scan)}
+        self.locations = mean_class_locations(
+            [class_locations_lps(c.label_slices(), c.frame.frame_geometry(c.image), self.post_classes,
+                                 self.picks[c.name]) for c in self.train_cases], self.post_classes)
 
     def add(self, method: str, case, region: str, scores: dict) -> None:
         for cls, s in scores.items():

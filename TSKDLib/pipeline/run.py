@@ -26,8 +26,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
-
 from TSKDLib.pipeline.config import DataConfig, PipelineConfig
 from TSKDLib.errors import ConfigError, InputError, RunExistsError
 from TSKDLib.data.io import atomic_dir, atomic_write
@@ -597,18 +595,16 @@ def _postprocessing(names: Sequence[str], summary: dict, info: dict | None = Non
     their components smaller than a fifth (``min_fraction``) of the largest one, and those lying
     far from where the class lay in the training scans (``locations``: mean over the scans of
     ``cases.json``'s ``class_locations_mm``; see :class:`TSKDLib.deploy.inference.Cleanup`)."""
-    from TSKDLib.deploy.inference import LOCATION_MARGIN_MM, ONE_OBJECT_MIN_FRACTION
+    from TSKDLib.deploy.inference import (
+        LOCATION_MARGIN_MM,
+        ONE_OBJECT_MIN_FRACTION,
+        mean_class_locations,
+    )
     from TSKDLib.distillation.distill import single_object_classes
     single = [names[c - 1] for c in single_object_classes((summary.get("metrics") or {}).get("pseudo_labels"))]
-    per_scan: dict[str, list] = {}
-    for case in (info or {}).get("cases", []):
-        for name, xyr in (case.get("class_locations_mm") or {}).items():
-            per_scan.setdefault(name, []).append(xyr)
-    locations = {}
-    for name in single:
-        if name in per_scan:
-            x, y, r = (round(float(v), 2) for v in np.mean(per_scan[name], axis=0))
-            locations[name] = {"centre_mm": [x, y], "radius_mm": r}
+    per_scan = [case.get("class_locations_mm") or {} for case in (info or {}).get("cases", [])]
+    locations = {name: {"centre_mm": [round(x, 2), round(y, 2)], "radius_mm": round(r, 2)}
+                 for name, (x, y, r) in mean_class_locations(per_scan, single).items()}
     return {"one_object": single, "min_fraction": ONE_OBJECT_MIN_FRACTION,
             "locations": locations, "location_margin_mm": LOCATION_MARGIN_MM,
             "note": "one 3D object each in the training scans: tskd segment removes their connected "
