@@ -60,6 +60,9 @@ from TSKDSlicerLib import cases, compat, install, jobs, labels, models, mrml_io,
 SETTINGS_PREFIX = "TSKD/"
 #: segmentation node attribute: the slices of a whole-scan prediction most likely to need a correction
 CHECK_SLICES_ATTRIBUTE = "TSKD.CheckSlices"
+#: segmentation attribute: the factor the volume's intensities were scaled by to match the model's
+#: training scans (``tskd segment``'s ``intensity_factor``); absent when not scaled
+INTENSITY_FACTOR_ATTRIBUTE = "TSKD.IntensityFactor"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -726,6 +729,9 @@ class TSKDSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 check = results[0].GetAttribute(CHECK_SLICES_ATTRIBUTE) if len(results) == 1 else None
                 if check:
                     text += "; " + _("check first: slices {s}").format(s=check.replace(",", ", "))
+                factor = results[0].GetAttribute(INTENSITY_FACTOR_ATTRIBUTE) if len(results) == 1 else None
+                if factor:
+                    text += "; " + _("intensities scaled x{f} to match the model's training scans").format(f=factor)
                 self.ui.segmentTimeLabel.text = text
                 if results:
                     slicer.util.setSliceViewerLayers(background=volumes[0])
@@ -1044,7 +1050,9 @@ class TSKDSlicerLogic(ScriptedLoadableModuleLogic):
         nodes if ``volumeNode`` is a list). Segment names/colours come from the model card; each
         result is in its volume's geometry and subject-hierarchy study. Each node's attribute
         ``TSKD.CheckSlices`` lists the slices most likely to need a correction, most likely first
-        (``tskd segment``'s ``check_slices``: the model's slice axis, the volume's own slice numbers)."""
+        (``tskd segment``'s ``check_slices``: the model's slice axis, the volume's own slice numbers);
+        ``TSKD.IntensityFactor``, when set, the factor the volume's intensities were scaled by to
+        match the model's training scans (``tskd segment``'s ``intensity_factor``)."""
         card = models.read_card(modelDir)
         classes = mrml_io.classes_from_card(card)
         vols = volumeNode if isinstance(volumeNode, (list, tuple)) else [volumeNode]
@@ -1071,6 +1079,9 @@ class TSKDSlicerLogic(ScriptedLoadableModuleLogic):
                 check = job.state.check_slices.get(os.path.normpath(path))
                 if check:  # the slices most likely wrong (the model's slice axis, file numbering)
                     seg.SetAttribute(CHECK_SLICES_ATTRIBUTE, ",".join(map(str, check)))
+                factor = job.state.intensity_factors.get(os.path.normpath(path), 1.0)
+                if factor != 1.0:  # segmented a second time with the intensities scaled
+                    seg.SetAttribute(INTENSITY_FACTOR_ATTRIBUTE, f"{factor:.2f}")
                 results.append(seg)
         return results if isinstance(volumeNode, (list, tuple)) else results[0]
 

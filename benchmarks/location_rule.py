@@ -8,7 +8,8 @@
 labelled slices per organ, ``fast`` preset, teacher with ``val_fraction 0`` as ``tskd train``'s
 refit; teachers and their outputs kept in ``--work-dir``) and keeps its softmax on every dev scan
 at the native grid (``proba_<scan>.npy``, float16, ``(N, K+1, H, W)``), with the one-object
-classes and the training scans (``run.json``) in ``--out/<groups>_s<seed>/``.
+classes and the training scans (``run.json``) and the student itself (``student.pt``) in
+``--out/<groups>_s<seed>/``.
 
 ``score`` cleans each kept prediction as ``tskd segment`` does, without and with the location
 rule (:class:`TSKDLib.deploy.inference.Cleanup`, ``locations``: where each one-object class's
@@ -78,6 +79,7 @@ def run(args) -> None:
             finally:
                 distill_module.distill, sparse._Scorer.set_post = plain_distill, plain_set_post
             model = kept["model"].eval()
+            torch.save(model, out / "student.pt")  # for benchmarks/intensity_reference.py
             for case, scan in zip(scans, SCANS):
                 images, _, resizer, _ = prepare_case_slices(case, cfg.size)
                 probs = []

@@ -56,6 +56,11 @@ def cmd_segment(args) -> int:
             done = o.get("corrected_slices") or []
             print(f"{o['output']}  ({o['seconds']:.2f} s)  check first: slice{'s' * (len(o['check_slices']) > 1)} {check}"
                   + (f"  (corrected before: {', '.join(map(str, done))})" if done else ""))
+            factor = o.get("intensity_factor", 1.0)
+            if factor != 1.0:
+                print(f"  intensities scaled x{factor:.2f}: the model's classes came out "
+                      f"{'darker' if factor > 1 else 'brighter'} than in its training scans, so the scan "
+                      "was segmented again as bright as those")
         if outputs and any(o["check_slices"] for o in outputs):
             print("  (the slices most likely wrong, file's own slice numbers; correct them and run "
                   "`tskd update MODEL --image SCAN --labels CORRECTED --slices ...`)")

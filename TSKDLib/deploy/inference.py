@@ -19,8 +19,9 @@ in an environment with only ``onnxruntime``, ``SimpleITK``, ``numpy`` (and ``sli
 Pipeline of :func:`segment_image`: read -> check the scan's acquisition plane against the model's
 (``acquisition`` models) -> exact slice frame of the model card's slice axis
 (:func:`TSKDLib.data.geometry.slice_frame`: permutation and flips, no interpolation) -> slices, in batches ->
-onnxruntime (CUDA provider when present, else CPU) -> labels on the native slice grid -> optional
-3D clean-up per class (SimpleITK: small-island removal, largest connected component, the
+onnxruntime (CUDA provider when present, else CPU) -> labels on the native slice grid -> for
+models with an intensity reference, a second pass when the scan's classes are darker or brighter
+than in the training scans (:func:`standardized_range`) -> optional 3D clean-up per class (SimpleITK: small-island removal, largest connected component, the
 one-object classes' misplaced and small parts, hole filling) -> back onto the input grid (exact,
 no interpolation) -> labelmap with the input's size, spacing, origin and direction. :func:`segment_file` writes it (NIfTI, NRRD, ``.seg.nrrd``) with
 :func:`TSKDLib.data.io.write_labelmap`.
@@ -31,6 +32,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -119,6 +121,23 @@ class ModelPackage:
     def location_margin_mm(self) -> float:
         """The card's ``postprocessing.location_margin_mm`` (default :data:`LOCATION_MARGIN_MM`)."""
         return float((self.card.get("postprocessing") or {}).get("location_margin_mm", LOCATION_MARGIN_MM))
+
+    @property
+    def intensity_reference(self) -> dict[int, float]:
+        """Class index (1..K) -> the normalised intensity (0..1) typical of the class in the
+        training scans: the geometric mean over the scans of the median of its labelled voxels
+        (the card's ``normalization.standardize.class_medians``, one ``{name: median}`` per
+        training scan, :func:`class_intensity_medians`). :func:`segment_image` scales a new
+        scan's intensities towards it (:func:`intensity_factor`). Empty for window (CT)
+        normalisations and for packages that do not record it; malformed entries are ignored."""
+        per_scan = ((self.normalization.get("standardize") or {}).get("class_medians")) or []
+        out = {}
+        for i, name in enumerate(self.class_map.names):
+            values = [float(m[name]) for m in per_scan if isinstance(m, dict)
+                      and isinstance(m.get(name), (int, float)) and 0.0 < float(m[name]) <= 1.0]
+            if values:
+                out[i + 1] = float(np.exp(np.mean(np.log(values))))
+        return out
 
     @property
     def providers(self) -> list[str]:
@@ -270,6 +289,98 @@ def apply_normalization(x: np.ndarray, lo: float, hi: float) -> np.ndarray:
     """``clip((x - lo) / (hi - lo), 0, 1)`` as float32 (same arithmetic as ``FittedNormalization``)."""
     out = (np.asarray(x, dtype=np.float32) - np.float32(lo)) / np.float32(hi - lo)
     return np.clip(out, 0.0, 1.0, out=out)
+
+
+#: :func:`intensity_factor`: a scan whose factor lies within ``[1 / tolerance, tolerance]`` is
+#: segmented as it is; the factor is clipped to :data:`INTENSITY_FACTOR_RANGE`
+INTENSITY_TOLERANCE = 1.1
+INTENSITY_FACTOR_RANGE = (0.4, 2.5)
+#: a class takes part in :func:`intensity_factor` only with at least this volume (mm^3) predicted
+INTENSITY_MIN_MM3 = 2000.0
+
+
+def class_intensity_medians(slices: np.ndarray, labels: np.ndarray, lo: float, hi: float, classes,
+                            min_voxels: int = 1) -> dict[int, float]:
+    """Median normalised intensity of each class's voxels.
+
+    ``slices``: ``(N, H, W)`` intensities in the image's units; ``labels``: ``(N, H, W)`` class
+    indices on the same grid (user labels, or a model's prediction); ``lo``/``hi``: the fitted
+    normalisation (:func:`fit_normalization`); ``classes``: indices 1..K to measure. Returns
+    ``{k: median of clip((x - lo) / (hi - lo), 0, 1) over the class's voxels}`` for the classes
+    with at least ``min_voxels`` voxels (the median of the raw voxels, normalised: the map is
+    monotone, so the two agree)."""
+    out = {}
+    for k in classes:
+        mask = labels == k
+        if int(np.count_nonzero(mask)) >= max(int(min_voxels), 1):
+            out[int(k)] = float(apply_normalization(np.array([np.median(slices[mask])]), lo, hi)[0])
+    return out
+
+
+def case_class_intensities(case, norm) -> dict:
+    """``{class name: median}``: the median normalised intensity (0..1) of each class's labelled
+    voxels (:func:`class_intensity_medians`), the landmarks of the intensity
+    standardisation ``tskd segment`` applies to new scans; {} for CT windows (HU are calibrated),
+    2D images and scans without labels. ``case``: a :class:`TSKDLib.data.case.Case` (its labelled
+    slices); ``norm``: the run's :class:`TSKDLib.data.preprocess.Normalization`, fitted on the
+    whole scan as training does."""
+    labels, idx = case.label_slices(), case.labelled_indices()
+    if norm.kind != "percentile" or labels is None or not idx or case.image.GetDimension() != 3:
+        return {}
+    raw = case.image_slices()
+    fitted = norm.fit(raw)
+    names = case.class_map.names
+    found = class_intensity_medians(raw[idx], labels[idx], fitted.lo, fitted.hi, range(1, len(names) + 1))
+    return {names[k - 1]: round(v, 4) for k, v in found.items()}
+
+
+def intensity_factor(reference: dict[int, float], measured: dict[int, float],
+                     tolerance: float = INTENSITY_TOLERANCE) -> float:
+    """The factor by which a scan's normalised intensities are multiplied so that its classes
+    look as bright as in the training scans (1.0: leave the scan as it is).
+
+    ``reference``: class -> typical normalised intensity in the training scans
+    (:attr:`ModelPackage.intensity_reference`); ``measured``: class -> the scan's own median
+    (:func:`class_intensity_medians` of a first prediction). The factor is the median over the
+    classes present in both of ``reference / measured``, taken geometrically (the median keeps
+    one misplaced class from steering it), clipped to :data:`INTENSITY_FACTOR_RANGE`; within
+    ``[1 / tolerance, tolerance]`` it is 1.0.
+
+    Why: percentile normalisation (0.5 / 99.5 %) maps a scan's brightest voxels to 1. On T2 MR
+    a large fluid-bright lesion raises that percentile and darkens every organ: CHAOS scan 36's
+    organs sit at 0.2-0.5 where the training scans' sit at 0.35-0.95, and a student trained on
+    three other scans misses half its kidneys (benchmarks/RESULTS.md, section 6, thirteenth
+    pass). Using tissues of known kind as intensity landmarks is the idea of Nyul and Udupa's
+    standardisation (Magn Reson Med 42:1072, 1999) and of WhiteStripe (Shinohara et al.,
+    NeuroImage: Clinical 6:9, 2014); here the landmarks are the model's own classes, found by
+    a first prediction."""
+    ratios = [math.log(reference[k] / measured[k]) for k in sorted(set(reference) & set(measured))
+              if reference[k] > 0 and measured[k] > 1e-6]
+    if not ratios:
+        return 1.0
+    lo, hi = INTENSITY_FACTOR_RANGE
+    factor = min(max(math.exp(float(np.median(ratios))), lo), hi)
+    return 1.0 if abs(math.log(factor)) <= math.log(tolerance) else factor
+
+
+def standardized_range(pkg: ModelPackage, slices: np.ndarray, lo: float, hi: float, labels: np.ndarray,
+                       voxel_mm3: float) -> tuple[float, float, float]:
+    """``(lo, hi, factor)``: the normalisation range with which a scan is segmented again so that
+    its classes' intensities match the training scans' (:func:`intensity_factor`; ``hi`` becomes
+    ``lo + (hi - lo) / factor``, the same as multiplying the normalised image by ``factor``).
+    ``slices``/``labels``: ``(N, H, W)`` the scan and a first prediction on it (before any
+    clean-up); ``voxel_mm3``: one voxel's volume. ``factor`` is 1.0 (range unchanged) for
+    packages without :attr:`ModelPackage.intensity_reference`, for 2D images, and for scans
+    within the tolerance (the card's ``normalization.standardize.tolerance``, default
+    :data:`INTENSITY_TOLERANCE`)."""
+    reference = pkg.intensity_reference
+    if not reference or slices.shape[0] < 2:
+        return lo, hi, 1.0
+    measured = class_intensity_medians(slices, labels, lo, hi, reference,
+                                       min_voxels=math.ceil(INTENSITY_MIN_MM3 / max(voxel_mm3, 1e-9)))
+    tolerance = float((pkg.normalization.get("standardize") or {}).get("tolerance", INTENSITY_TOLERANCE))
+    factor = intensity_factor(reference, measured, tolerance)
+    return lo, (hi if factor == 1.0 else lo + (hi - lo) / factor), factor
 
 
 def _taps(n_in: int, n_out: int, antialias: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -710,6 +821,44 @@ def uncertain_area_mm2(logits: np.ndarray, resizer: NumpyResizer, native_pixel_m
     return (1.0 - 1.0 / z).reshape(len(z), -1).sum(1) * pixel_mm2
 
 
+def predict_slices(pkg: ModelPackage, slices: np.ndarray, resizer: NumpyResizer, lo: float, hi: float,
+                    batch_size: int, pixel_mm2: float, with_review: bool, progress,
+                    message: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """The model's labels of a stack of slices, as :func:`segment_image` predicts them.
+
+    ``slices``: ``(N, H, W)`` intensities in the image's units on the native slice grid,
+    normalised with ``lo``/``hi`` (:func:`apply_normalization`), resized by ``resizer`` and run in
+    batches of ``batch_size``. Returns ``(labels, uncertain)``: ``(N, H, W)`` class indices (uint8,
+    uint16 if K >= 255) on the native grid, and when ``with_review`` each slice's expected wrong
+    area in mm^2 (:func:`uncertain_area_mm2`, ``pixel_mm2`` the native pixel area; else None).
+    ``progress.update`` per batch with ``message``."""
+    n = slices.shape[0]
+    out = np.zeros(slices.shape, np.uint8 if pkg.num_classes < 255 else np.uint16)
+    uncertain = np.zeros(n) if with_review else None
+    starts = list(range(0, n, batch_size))
+
+    def model_input(start: int) -> np.ndarray:
+        return resizer.to_model(apply_normalization(slices[start:start + batch_size], lo, hi))[:, None]
+
+    # Software pipeline: onnxruntime runs batch i in a worker thread (it releases the GIL) while
+    # this thread prepares batch i+1 and maps batch i-1 back to the native grid. Same operations
+    # in the same order per batch as a plain loop, so the labels do not change.
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(pkg.predict_logits, model_input(starts[0])) if starts else None
+        for i, start in enumerate(starts):
+            logits = pending.result()
+            nxt = starts[i + 1] if i + 1 < len(starts) else None
+            pending = pool.submit(pkg.predict_logits, model_input(nxt)) if nxt is not None else None
+            out[start:start + logits.shape[0]] = resizer.labels_from_logits(logits)
+            if uncertain is not None:
+                uncertain[start:start + logits.shape[0]] = uncertain_area_mm2(logits, resizer, pixel_mm2)
+            if progress is not None:
+                progress.update(min(start + batch_size, n), message=message)
+    return out, uncertain
+
+
 def segment_image(model, image, batch_size: int = 8, cleanup: Cleanup | None = None,
                   progress=None, timings: dict | None = None, review: dict | None = None) -> sitk.Image:
     """Segment a whole scan with a model package.
@@ -731,7 +880,14 @@ def segment_image(model, image, batch_size: int = 8, cleanup: Cleanup | None = N
     timings:
         If a dict is given, seconds spent per step (``read``, ``infer``, ``cleanup``) are stored.
     review:
-        If a dict is given, ``review["slices"]`` receives a :class:`SliceReview` (one softmax per batch).
+        If a dict is given, ``review["slices"]`` receives a :class:`SliceReview` (one softmax per
+        batch) and ``review["intensity_factor"]`` the intensity standardisation's factor (1.0: none).
+
+    A package that records its training scans' class intensities
+    (:attr:`ModelPackage.intensity_reference`: MR and ultrasound models trained by ``tskd train``)
+    segments a 3D scan twice when the first prediction's classes are darker or brighter than
+    in the training scans by more than :data:`INTENSITY_TOLERANCE`: the second time with the
+    intensities scaled by :func:`intensity_factor` (:func:`standardized_range`).
 
     Returns
     -------
@@ -757,36 +913,24 @@ def segment_image(model, image, batch_size: int = 8, cleanup: Cleanup | None = N
     tm["read"] = time.perf_counter() - t0
     t1 = time.perf_counter()
     n = slices.shape[0]
-    dtype = np.uint8 if pkg.num_classes < 255 else np.uint16
-    out = np.zeros(slices.shape, dtype)
-    starts = list(range(0, n, batch_size))
-    uncertain = np.zeros(n) if review is not None else None
 
-    def model_input(start: int) -> np.ndarray:
-        return resizer.to_model(apply_normalization(slices[start:start + batch_size], lo, hi))[:, None]
+    def infer(lo: float, hi: float, message: str) -> tuple[np.ndarray, np.ndarray | None]:
+        return predict_slices(pkg, slices, resizer, lo, hi, batch_size, fsy * fsx, review is not None,
+                               progress, message)
 
-    # Software pipeline: onnxruntime runs batch i in a worker thread (it releases the GIL) while
-    # this thread prepares batch i+1 and maps batch i-1 back to the native grid. Same
-    # operations in the same order per batch as a plain loop, so the labels do not change.
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        pending = pool.submit(pkg.predict_logits, model_input(starts[0])) if starts else None
-        for i, start in enumerate(starts):
-            logits = pending.result()
-            nxt = starts[i + 1] if i + 1 < len(starts) else None
-            pending = pool.submit(pkg.predict_logits, model_input(nxt)) if nxt is not None else None
-            out[start:start + logits.shape[0]] = resizer.labels_from_logits(logits)
-            if uncertain is not None:
-                uncertain[start:start + logits.shape[0]] = uncertain_area_mm2(logits, resizer, fsy * fsx)
-            if progress is not None:
-                progress.update(min(start + batch_size, n), message="segmenting")
+    out, uncertain = infer(lo, hi, "segmenting")
+    # intensity standardisation: a scan whose classes came out darker or brighter than in the
+    # training scans is segmented again with its intensities scaled to theirs
+    lo2, hi2, factor = standardized_range(pkg, slices, lo, hi, out, fsx * fsy * fsz)
+    if factor != 1.0:
+        out, uncertain = infer(lo2, hi2, f"segmenting again, intensities x{factor:.2f}")
     tm["infer"] = time.perf_counter() - t1
     t2 = time.perf_counter()
     if cleanup is not None and cleanup.active:
         out = cleanup_labels(out, pkg.num_classes, (fsz, fsy, fsx), cleanup, frame.frame_geometry(img))
     if review is not None:
         review["slices"] = SliceReview(np.array([frame.frame_to_file_slice(i) for i in range(n)]), uncertain)
+        review["intensity_factor"] = factor
     result = frame.to_original(out, img)
     tm["cleanup"] = time.perf_counter() - t2
     return result

@@ -174,13 +174,42 @@ def quick_update(model: str | Path, image: str | Path, labels: str | Path, slice
               "dice_before": dice_before, "dice_after": dice_after, "painted_before": painted_before,
               "painted_after": painted_after, "changes": changes, "review": review,
               "from": card.get("name"), "seconds": round(time.monotonic() - t0, 1)}
-    _write_package(updated, out, card, base, run_dir, model_axis, record, overwrite)
+    _write_package(updated, out, _with_scan_intensities(card, case, norm, image), base, run_dir, model_axis,
+                   record, overwrite)
     mean = (lambda d: float(np.nanmean(list(d.values()))) if d and not all(np.isnan(list(d.values()))) else None)
     return {"model_dir": str(out), "dice_before": dice_before, "dice_after": dice_after,
             "mean_before": mean(dice_before), "mean_after": mean(dice_after), "slices": slices,
             "seconds": time.monotonic() - t0, "steps": int(steps) + int(finetune_steps),
             "run_dir": str(run_dir), "changes": changes, "review": review, "painted_before": painted_before,
             "painted_after": painted_after}
+
+
+def _with_scan_intensities(card: dict, case, norm, image) -> dict:
+    """The card with the corrected scan among the intensity standardisation's landmarks: its
+    class medians on the corrected slices (:func:`TSKDLib.deploy.inference.case_class_intensities`)
+    are added to ``normalization.standardize.class_medians``, replacing those of an earlier
+    update of the same file. The model has now learnt that scan as it is, so the reference it
+    is standardised to includes it (:attr:`TSKDLib.deploy.inference.ModelPackage.intensity_reference`).
+    Unchanged for cards without ``standardize``."""
+    from TSKDLib.deploy.inference import case_class_intensities
+
+    normalization = dict(card.get("normalization") or {})
+    std = normalization.get("standardize")
+    medians = case_class_intensities(case, norm) if isinstance(std, dict) else {}
+    if not medians:
+        return card
+    key = str(Path(image).resolve())
+    per_scan = list(std.get("class_medians") or [])
+    scans = list(std.get("scans") or [])
+    scans += [""] * (len(per_scan) - len(scans))
+    if key in scans:
+        i = scans.index(key)
+        per_scan[i] = medians
+    else:
+        per_scan.append(medians)
+        scans.append(key)
+    normalization["standardize"] = {**std, "class_medians": per_scan, "scans": scans[:len(per_scan)]}
+    return {**card, "normalization": normalization}
 
 
 def _read_card(package: Path | None, run_dir: Path, axis: str | None) -> tuple[dict, str]:

@@ -573,7 +573,7 @@ class _Job:
             from TSKDLib.deploy.export import export_model_package
             progress.stage_start("export", 1)
             meta = _model_metadata(cfg, run, prepared, teacher.meta, summary)
-            export_model_package(student, run.model_dir, prepared.slices.class_map, prepared.info["normalization"],
+            export_model_package(student, run.model_dir, prepared.slices.class_map, _card_normalization(prepared.info),
                                  input_size=prepared.slices.size, slice_axis=cfg.data.axis, overwrite=True,
                                  acquisition=_acquisition_of(prepared.info),
                                  postprocessing=_postprocessing(prepared.slices.class_map.names, summary,
@@ -650,6 +650,7 @@ def _prepare(cfg: PipelineConfig, folder: Path, progress: ProgressReporter):
     labelled slices, per-class counts and the normalisation every scan was prepared with).
     Returns the slices."""
     from TSKDLib.data.case import check_label_coverage, prepare_slices
+    from TSKDLib.deploy.inference import case_class_intensities
 
     progress.stage_start("prepare", len(cfg.data.images))
     cases = load_cases(cfg.data, lambda i, path: progress.update(i + 1, message=Path(path).name))
@@ -662,7 +663,8 @@ def _prepare(cfg: PipelineConfig, folder: Path, progress: ProgressReporter):
               for k, name in enumerate(slices.class_map.names)}
     info = {"cases": [{"name": c.name, "image": c.image_path, "modality": c.modality,
                        "labelled_slices": c.labelled_indices(), "slices": c.num_slices, **c.axis_info(),
-                       "class_locations_mm": _class_locations(c)}
+                       "class_locations_mm": _class_locations(c),
+                       "class_intensity_medians": case_class_intensities(c, norm)}
                       for c in cases],
             "labelled_slices_per_class": counts, "normalization": norm.to_dict()}
     text = json.dumps(info, indent=1)
@@ -690,6 +692,27 @@ def _class_locations(case) -> dict:
     names = case.class_map.names
     found = class_locations_lps(labels, case.frame.frame_geometry(case.image), range(1, len(names) + 1), idx)
     return {names[k - 1]: [round(v, 2) for v in xyr] for k, xyr in found.items()}
+
+
+def _card_normalization(info: dict) -> dict:
+    """The model card's ``normalization`` entry: the run's :class:`TSKDLib.data.preprocess.Normalization`
+    and, when the training scans recorded class intensities (``cases.json``'s
+    ``class_intensity_medians``), ``standardize``: one ``{class name: median}`` per training
+    scan (``class_medians``; ``scans``: their image files) for
+    :attr:`TSKDLib.deploy.inference.ModelPackage.intensity_reference`."""
+    from TSKDLib.deploy.inference import INTENSITY_TOLERANCE
+
+    norm = dict(info["normalization"])
+    cases = [c for c in info.get("cases", []) if c.get("class_intensity_medians")]
+    if cases:
+        norm["standardize"] = {
+            "class_medians": [c["class_intensity_medians"] for c in cases],
+            "scans": [str(Path(c["image"]).resolve()) if c.get("image") else str(c.get("name")) for c in cases],
+            "tolerance": INTENSITY_TOLERANCE,
+            "note": "median normalised intensity of each class's labelled voxels, per training scan: "
+                    "tskd segment scales a scan whose classes come out darker or brighter than these "
+                    "(geometric mean over the scans) by more than the tolerance, and segments it again"}
+    return norm
 
 
 def _normalization_for(cases, name: str):
@@ -800,7 +823,10 @@ def segment(model_dir: str | Path, images: Sequence[str | Path], out: str | Path
 
     Returns
     -------
-    list of ``{"input", "output", "seconds", "timings", "check_slices", "corrected_slices"}``;
+    list of ``{"input", "output", "seconds", "timings", "check_slices", "corrected_slices",
+    "intensity_factor"}``; ``intensity_factor``: the factor the scan's normalised intensities were
+    scaled by to match the training scans' classes (1.0: none;
+    :func:`TSKDLib.deploy.inference.standardized_range`);
     ``check_slices``: the file's own slice indices (along the model's slice axis, as ``tskd update
     --slices`` takes them) of the three slices most likely to need a correction, most likely first
     (:class:`TSKDLib.deploy.inference.SliceReview`), never one of ``corrected_slices``: the slices
@@ -836,10 +862,12 @@ def segment(model_dir: str | Path, images: Sequence[str | Path], out: str | Path
         dt = time.monotonic() - t0
         corrected = corrected_slices(pkg.card, image)
         check = review["slices"].worst(3, exclude=corrected)
+        factor = round(float(review.get("intensity_factor", 1.0)), 4)
         results.append({"input": str(image), "output": str(target), "seconds": dt, "timings": timings,
-                         "check_slices": check, "corrected_slices": corrected})
+                         "check_slices": check, "corrected_slices": corrected, "intensity_factor": factor})
         progress.update(i + 1, metrics={"seconds": round(dt, 3), "check_slices": check,
-                                        "corrected_slices": corrected}, message=str(target))
+                                        "corrected_slices": corrected, "intensity_factor": factor},
+                        message=str(target))
     progress.stage_end({"scans": len(images)})
     return results
 

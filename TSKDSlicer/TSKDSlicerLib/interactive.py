@@ -223,6 +223,9 @@ class SlicePredictor:
         self.lo, self.hi = fit_normalization(package.normalization, self._frame_view)
         self.resizer = NumpyResizer.create(self._frame_view.shape[1:], package.input_size, (fsy, fsx))
         self._pixel_mm2 = fsy * fsx  # native in-plane pixel area
+        self._voxel_mm3 = self._pixel_mm2 * float(sp[self.frame.perm[2]])
+        #: the intensity standardisation's factor (1.0: none), found on the first prediction
+        self.intensity_factor: float | None = None
 
     # -- index and orientation mapping -----------------------------------------------------------
     def _frame_slice(self, index: int) -> int:
@@ -243,9 +246,26 @@ class SlicePredictor:
         return np.ascontiguousarray(f)
 
     # -- inference ---------------------------------------------------------------------------------
+    def _standardize(self) -> None:
+        """Once per volume, for models with an intensity reference: predict every slice, and
+        scale the normalisation as ``tskd segment`` does when the classes come out darker or
+        brighter than in the training scans (:func:`TSKDLib.deploy.inference.standardized_range`),
+        so that any slice's labels stay those of ``tskd segment`` on the whole volume."""
+        from TSKDLib.deploy.inference import predict_slices, standardized_range
+
+        self.intensity_factor = 1.0
+        if not self.package.intensity_reference or self.num_slices < 2:
+            return
+        frame_labels, _ = predict_slices(self.package, self._frame_view, self.resizer, self.lo, self.hi, 8,
+                                         self._pixel_mm2, False, None, "")  # tskd segment's first pass
+        _, self.hi, self.intensity_factor = standardized_range(self.package, self._frame_view, self.lo, self.hi,
+                                                              frame_labels, self._voxel_mm3)
+
     def _inputs(self, indices: Sequence[int]) -> np.ndarray:
         from TSKDLib.deploy.inference import apply_normalization
 
+        if self.intensity_factor is None:
+            self._standardize()
         raw = np.stack([self._frame_view[self._frame_slice(s)] for s in indices])
         return self.resizer.to_model(apply_normalization(raw, self.lo, self.hi))[:, None]
 

@@ -275,6 +275,9 @@ class JobState:
     #: ``tskd segment``: per output file (normalised path), the file's slice numbers most likely
     #: to need a correction, most likely first (the progress events' ``metrics.check_slices``)
     check_slices: dict = field(default_factory=dict)
+    #: ``tskd segment``: per output file, the factor its intensities were scaled by to match the
+    #: model's training scans (``metrics.intensity_factor``; 1.0: not scaled)
+    intensity_factors: dict = field(default_factory=dict)
 
     @property
     def stage_fraction(self) -> float | None:
@@ -341,6 +344,9 @@ class JobState:
             check = metrics.get("check_slices") if isinstance(metrics, dict) else None
             if isinstance(check, list) and all(isinstance(k, int) for k in check):
                 self.check_slices[os.path.normpath(event["message"])] = list(check)
+            factor = metrics.get("intensity_factor") if isinstance(metrics, dict) else None
+            if isinstance(factor, (int, float)) and not isinstance(factor, bool):
+                self.intensity_factors[os.path.normpath(event["message"])] = float(factor)
         if kind == "start":
             self.status = RUNNING
             self.run_dir = event.get("message") or self.run_dir

@@ -299,6 +299,44 @@ def test_whole_volume_with_cleanup_equals_tskd_segment_and_cancel_writes_nothing
     assert len(segmenter.undoStack(seg2)) == depth
 
 
+def test_intensity_standardisation_in_process_equals_tskd_segment(scene, package, segmenter, tmp_path):
+    """An MR model whose card records its training scans' class intensities segments a scan
+    whose classes come out darker a second time, scaled (``tskd segment``); the module's
+    in-process segmentation (Whole volume and single slices) finds the same factor and labels,
+    on an oblique, anisotropic MR volume under a transform."""
+    import dataclasses
+    import json
+    import shutil
+
+    from TSKDLib.deploy.inference import Cleanup, load_model_package, segment_image
+
+    mr_model = tmp_path / "mr_model"
+    shutil.copytree(package, mr_model)
+    card = json.loads((mr_model / "model_card.json").read_text())
+    card["normalization"] = {"kind": "percentile", "low": 0.5, "high": 99.5, "width": 400.0, "level": 40.0,
+                             "standardize": {"class_medians": [{"liver": 0.9, "spleen": 0.9}], "tolerance": 1.1}}
+    (mr_model / "model_card.json").write_text(json.dumps(card))
+    pkg = load_model_package(mr_model)
+    plain = dataclasses.replace(pkg, normalization={k: v for k, v in pkg.normalization.items() if k != "standardize"})
+    vol = _oblique_volume(scene, path=MR)
+    path = mrml_io.write_volume(vol, str(tmp_path / "mr.nrrd"))
+    clean = Cleanup.segment_default(single_object=(1, 2))
+    found: dict = {}
+    ref = sitk.GetArrayFromImage(segment_image(pkg, path, cleanup=clean, review=found))
+    assert found["intensity_factor"] > 1.1, "this reference must trigger the second pass"
+    assert np.count_nonzero(ref != sitk.GetArrayFromImage(segment_image(plain, path, cleanup=clean))) > 100
+    n = segmenter.predictor(vol, str(mr_model)).num_slices
+    seg, _ = _labels_node(scene, vol, "standardised")
+    segmenter.segment(vol, seg, str(mr_model), range(n), chunk=8, cleanup=clean)
+    np.testing.assert_array_equal(_labels(seg, vol), ref)
+    assert segmenter.predictor(vol, str(mr_model)).intensity_factor == pytest.approx(found["intensity_factor"])
+    raw = sitk.GetArrayFromImage(segment_image(pkg, path))  # one slice, no clean-up: same labels
+    fresh = inprocess.InteractiveSegmenter(interactive.ModelSessionCache(threads=1))  # first use: finds the factor
+    seg2, _ = _labels_node(scene, vol, "one slice")
+    fresh.segment(vol, seg2, str(mr_model), [9])
+    np.testing.assert_array_equal(_labels(seg2, vol)[9], raw[9])
+
+
 def test_undo_restores_the_users_labels(scene, package, segmenter):
     vol = mrml_io.load_volume(scene, CT, "ct")
     seg, (liver, spleen) = _labels_node(scene, vol, segments=[("liver", (1, 0, 0)), ("spleen", (0, 1, 0))])

@@ -80,6 +80,12 @@ def test_state_follows_events():
                 "message": "predictions" + os.sep * 2 + "in_001.nii.gz"})  # normalised
     seg.update({"event": "progress", "stage": "segment", "step": 2, "metrics": {"check_slices": ["x"]}, "message": "/y"})
     assert seg.check_slices == {first: [12, 19, 4], second: [3]}
+    # and the factor each file's intensities were scaled by (1.0: not scaled)
+    seg.update({"event": "progress", "stage": "segment", "step": 1, "metrics": {"intensity_factor": 1.64},
+                "message": first})
+    seg.update({"event": "progress", "stage": "segment", "step": 2, "metrics": {"intensity_factor": True},
+                "message": second})
+    assert seg.intensity_factors == {first: 1.64}
 
 
 def test_train_args_and_validation():

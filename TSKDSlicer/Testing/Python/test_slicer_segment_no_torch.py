@@ -82,6 +82,7 @@ def test_segment_runs_without_torch(tiny_package, tmp_path, via_launcher):
         state.update(e)
     check = state.check_slices[os.path.normpath(str(out))]  # what the module shows after segmenting
     assert len(check) == 3 and all(0 <= k < 30 for k in check)  # the CT has 30 slices
+    assert state.intensity_factors[os.path.normpath(str(out))] == 1.0  # a CT model: never standardised
     import SimpleITK as sitk
     assert sitk.ReadImage(str(out)).GetSize() == sitk.ReadImage(CT).GetSize()
 

@@ -113,6 +113,9 @@ def test_train_segment_reload(finished_run, tmp_path):
     assert where["liver"][0] < -30 < 30 < where["spleen"][0]
     assert card["postprocessing"]["locations"] == {n: {"centre_mm": where[n][:2], "radius_mm": where[n][2]}
                                                    for n in single}
+    # CT: HU are calibrated, so no intensity reference is recorded and no scan is standardised
+    cases = json.loads((finished_run / "prepare" / "cases.json").read_text())["cases"]
+    assert cases[0]["class_intensity_medians"] == {} and "standardize" not in card["normalization"]
     from scipy import ndimage
     values = {c["name"]: c["value"] for c in card["classes"]}
     for name in single:

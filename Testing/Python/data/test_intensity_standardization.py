@@ -1,0 +1,150 @@
+"""Intensity standardisation of MR scans (``tskd segment``'s second pass), on the real bundled MR.
+
+A fluid-bright lesion raises a scan's 99.5th percentile, so percentile normalisation darkens
+every organ (CHAOS scan 36, benchmarks/RESULTS.md, section 6, thirteenth pass). The factor that
+:func:`TSKDLib.deploy.inference.standardized_range` finds from the organs' own intensities must
+undo exactly that, leave an ordinary scan alone, and the reference must come from the training
+scans' labelled voxels (``tskd train``) and take in a scan corrected by ``tskd update``.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from TSKDLib.data.classmap import ClassMap
+from TSKDLib.deploy.inference import (
+    INTENSITY_FACTOR_RANGE,
+    ModelPackage,
+    class_intensity_medians,
+    fit_normalization,
+    intensity_factor,
+    standardized_range,
+)
+
+TOTALSEG = Path(__file__).resolve().parents[2] / "Data" / "totalseg"
+MR = TOTALSEG / "example_mr_sm.nii.gz"
+SEG = TOTALSEG / "example_seg_mr.nii.gz"
+MAP = TOTALSEG / "label_map_total_mr.json"
+PERCENTILE = {"kind": "percentile", "width": 400.0, "level": 40.0, "low": 0.5, "high": 99.5}
+ORGANS = {1: "spleen", 2: "kidney_right", 3: "kidney_left", 5: "liver"}  # label values of the file
+
+
+def _scan():
+    image = sitk.GetArrayFromImage(sitk.ReadImage(str(MR))).astype(np.float32)  # (20, 91, 117), 3 mm voxels
+    raw = sitk.GetArrayFromImage(sitk.ReadImage(str(SEG)))
+    labels = np.zeros(raw.shape, np.uint8)  # class indices 1..4 in ORGANS' order
+    for k, value in enumerate(ORGANS, start=1):
+        labels[raw == value] = k
+    return image, labels, raw
+
+
+def _package(class_medians, normalization=PERCENTILE) -> ModelPackage:
+    norm = dict(normalization)
+    if class_medians is not None:
+        norm["standardize"] = {"class_medians": class_medians, "tolerance": 1.1}
+    cmap = ClassMap.from_dict({str(v): n for v, n in ORGANS.items()})
+    return ModelPackage(Path("."), {}, cmap, 64, "acquisition", norm, session=None)
+
+
+def _with_bright_lesion(image, raw):
+    """A copy with a fluid-bright mass (twice the 99.5th percentile) in 4 % of the voxels, on
+    organ-free tissue: the organs' own voxels are unchanged."""
+    out = image.copy()
+    free = np.flatnonzero((raw == 0).ravel() & (image.ravel() > np.percentile(image, 50)))
+    mass = free[: int(0.04 * image.size)]
+    out.ravel()[mass] = 2.0 * np.percentile(image, 99.5)
+    return out
+
+
+def test_a_bright_lesion_darkens_the_organs_and_the_factor_restores_them():
+    image, labels, raw = _scan()
+    lo, hi = fit_normalization(PERCENTILE, image)
+    reference = class_intensity_medians(image, labels, lo, hi, range(1, 5))
+    assert set(reference) == {1, 2, 3, 4} and all(0.02 < v < 0.5 for v in reference.values())  # organs darker than fat on this MR
+    # independently: the median of the normalised organ voxels
+    norm = np.clip((image - lo) / (hi - lo), 0, 1)
+    for k, v in reference.items():
+        assert v == pytest.approx(float(np.median(norm[labels == k])), abs=1e-6)
+
+    bright = _with_bright_lesion(image, raw)
+    lo_b, hi_b = fit_normalization(PERCENTILE, bright)
+    assert hi_b > 1.5 * hi  # the lesion moved the top percentile
+    darker = class_intensity_medians(bright, labels, lo_b, hi_b, range(1, 5))
+    assert all(darker[k] < 0.75 * reference[k] for k in reference)  # every organ darker
+
+    pkg = _package([{name: reference[k] for k, name in enumerate(ORGANS.values(), start=1)}])
+    assert pkg.intensity_reference == pytest.approx(reference)
+    voxel_mm3 = 27.0
+    lo2, hi2, factor = standardized_range(pkg, bright, lo_b, hi_b, labels, voxel_mm3)
+    expected = (hi_b - lo_b) / (hi - lo)
+    assert factor == pytest.approx(expected, rel=0.03) and lo2 == lo_b
+    again = class_intensity_medians(bright, labels, lo2, hi2, range(1, 5))
+    for k in reference:  # the organs are as bright as in the reference again
+        assert again[k] == pytest.approx(reference[k], abs=0.02)
+
+    # the reference scan itself, and one 5 % darker, are left alone (tolerance 1.1)
+    assert standardized_range(pkg, image, lo, hi, labels, voxel_mm3) == (lo, hi, 1.0)
+    assert standardized_range(pkg, image, lo, lo + (hi - lo) * 1.05, labels, voxel_mm3)[2] == 1.0
+    # no reference (CT windows, older packages), a 2D image, or classes too small: no change
+    assert standardized_range(_package(None), bright, lo_b, hi_b, labels, voxel_mm3)[2] == 1.0
+    assert standardized_range(pkg, bright[:1], lo_b, hi_b, labels[:1], voxel_mm3)[2] == 1.0
+    assert standardized_range(pkg, bright, lo_b, hi_b, labels, voxel_mm3=1e-3)[2] == 1.0  # < 2 mL of each class
+
+
+def test_the_factor_is_a_median_over_classes_and_is_bounded():
+    # one misplaced class does not steer it; the ratio is taken geometrically
+    assert intensity_factor({1: 0.5, 2: 0.5, 3: 0.5}, {1: 0.25, 2: 0.25, 3: 0.9}) == pytest.approx(2.0)
+    assert intensity_factor({1: 0.8, 2: 0.2}, {1: 0.4, 2: 0.2}) == pytest.approx(math.sqrt(2.0))
+    lo, hi = INTENSITY_FACTOR_RANGE
+    assert intensity_factor({1: 0.9}, {1: 0.01}) == hi and intensity_factor({1: 0.01}, {1: 0.9}) == lo
+    assert intensity_factor({1: 0.5}, {1: 0.52}) == 1.0  # within the tolerance
+    assert intensity_factor({1: 0.5}, {2: 0.25}) == 1.0  # no class in common
+    # the card's per-scan medians: geometric mean, malformed entries ignored
+    pkg = _package([{"liver": 0.2, "spleen": 0.5}, {"liver": 0.8, "spleen": "x", "kidney_left": 1.5}, "junk"])
+    assert pkg.intensity_reference == pytest.approx({4: 0.4, 1: 0.5})
+
+
+def test_tskd_update_adds_the_corrected_scan_to_the_reference(tmp_path):
+    from TSKDLib.data.case import load_case
+    from TSKDLib.data.preprocess import Normalization
+    from TSKDLib.deploy.inference import case_class_intensities
+    from TSKDLib.distillation.update import _with_scan_intensities
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        case = load_case(MR, SEG, MAP, classes=list(ORGANS.values()), labelled_slices=[6, 10, 14])
+    norm = Normalization.preset("mr")
+    medians = case_class_intensities(case, norm)
+    image, labels, _ = _scan()
+    lo, hi = fit_normalization(PERCENTILE, image)
+    # the labelled slices' voxels only, in the case's class order
+    on = [6, 10, 14]
+    direct = class_intensity_medians(image[on], labels[on], lo, hi, range(1, 5))
+    by_name = dict(zip(ORGANS.values(), (direct.get(k) for k in range(1, 5))))
+    assert medians == pytest.approx({case.class_map.names[i]: by_name[n] for i, n in enumerate(case.class_map.names)},
+                                    abs=1e-4)
+    card = {"normalization": {**PERCENTILE, "standardize": {"class_medians": [{"liver": 0.3}], "scans": ["/train/a"],
+                                                            "tolerance": 1.1}}}
+    once = _with_scan_intensities(card, case, norm, MR)
+    std = once["normalization"]["standardize"]
+    assert std["class_medians"] == [{"liver": 0.3}, medians] and std["scans"] == ["/train/a", str(MR.resolve())]
+    assert card["normalization"]["standardize"]["class_medians"] == [{"liver": 0.3}]  # the input card untouched
+    twice = _with_scan_intensities(once, case, norm, MR)  # a second round on the same file replaces its entry
+    assert twice["normalization"]["standardize"]["class_medians"] == [{"liver": 0.3}, medians]
+    # tskd train's card: one entry per training scan that recorded medians, with its image file
+    from TSKDLib.pipeline.run import _card_normalization
+    info = {"normalization": norm.to_dict(), "cases": [{"image": str(MR), "class_intensity_medians": medians},
+                                                        {"image": "/b.nii.gz", "class_intensity_medians": {}}]}
+    card_norm = _card_normalization(info)
+    assert card_norm["kind"] == "percentile" and card_norm["standardize"]["class_medians"] == [medians]
+    assert card_norm["standardize"]["scans"] == [str(MR.resolve())]
+    assert "standardize" not in _card_normalization({**info, "cases": info["cases"][1:]})
+    # CT windows and cards without a reference are returned as they are
+    assert _with_scan_intensities({"normalization": PERCENTILE}, case, norm, MR) == {"normalization": PERCENTILE}
+    assert case_class_intensities(case, Normalization.preset("ct")) == {}
