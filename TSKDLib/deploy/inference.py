@@ -297,6 +297,9 @@ INTENSITY_TOLERANCE = 1.1
 INTENSITY_FACTOR_RANGE = (0.4, 2.5)
 #: a class takes part in :func:`intensity_factor` only with at least this volume (mm^3) predicted
 INTENSITY_MIN_MM3 = 2000.0
+#: :func:`intensity_factor` needs at least this many classes: one class's own intensity may be its
+#: disease (a lesion, a fatty liver), several organs agreeing are the scan's scale
+INTENSITY_MIN_CLASSES = 2
 
 
 def class_intensity_medians(slices: np.ndarray, labels: np.ndarray, lo: float, hi: float, classes,
@@ -344,7 +347,8 @@ def intensity_factor(reference: dict[int, float], measured: dict[int, float],
     (:func:`class_intensity_medians` of a first prediction). The factor is the median over the
     classes present in both of ``reference / measured``, taken geometrically (the median keeps
     one misplaced class from steering it), clipped to :data:`INTENSITY_FACTOR_RANGE`; within
-    ``[1 / tolerance, tolerance]`` it is 1.0.
+    ``[1 / tolerance, tolerance]``, or with fewer than :data:`INTENSITY_MIN_CLASSES` classes in
+    common, it is 1.0.
 
     Why: percentile normalisation (0.5 / 99.5 %) maps a scan's brightest voxels to 1. On T2 MR
     a large fluid-bright lesion raises that percentile and darkens every organ: CHAOS scan 36's
@@ -356,7 +360,7 @@ def intensity_factor(reference: dict[int, float], measured: dict[int, float],
     a first prediction."""
     ratios = [math.log(reference[k] / measured[k]) for k in sorted(set(reference) & set(measured))
               if reference[k] > 0 and measured[k] > 1e-6]
-    if not ratios:
+    if len(ratios) < INTENSITY_MIN_CLASSES:
         return 1.0
     lo, hi = INTENSITY_FACTOR_RANGE
     factor = min(max(math.exp(float(np.median(ratios))), lo), hi)
