@@ -21,8 +21,9 @@ Pipeline of :func:`segment_image`: read -> check the scan's acquisition plane ag
 (:func:`TSKDLib.data.geometry.slice_frame`: permutation and flips, no interpolation) -> slices, in batches ->
 onnxruntime (CUDA provider when present, else CPU) -> labels on the native slice grid -> for
 models with an intensity reference, a second pass when the scan's classes are darker or brighter
-than in the training scans (:func:`standardized_range`) -> optional 3D clean-up per class (SimpleITK: small-island removal, largest connected component, the
-one-object classes' misplaced and small parts, hole filling) -> back onto the input grid (exact,
+than in the training scans (:func:`standardized_range`) -> optional 3D clean-up per class
+(SimpleITK: small-island removal, largest connected component, the one-object classes' misplaced
+and small parts, hole filling) -> back onto the input grid (exact,
 no interpolation) -> labelmap with the input's size, spacing, origin and direction. :func:`segment_file` writes it (NIfTI, NRRD, ``.seg.nrrd``) with
 :func:`TSKDLib.data.io.write_labelmap`.
 """
@@ -826,8 +827,8 @@ def uncertain_area_mm2(logits: np.ndarray, resizer: NumpyResizer, native_pixel_m
 
 
 def predict_slices(pkg: ModelPackage, slices: np.ndarray, resizer: NumpyResizer, lo: float, hi: float,
-                    batch_size: int, pixel_mm2: float, with_review: bool, progress,
-                    message: str) -> tuple[np.ndarray, np.ndarray | None]:
+                   batch_size: int, pixel_mm2: float, with_review: bool, progress,
+                   message: str) -> tuple[np.ndarray, np.ndarray | None]:
     """The model's labels of a stack of slices, as :func:`segment_image` predicts them.
 
     ``slices``: ``(N, H, W)`` intensities in the image's units on the native slice grid,
@@ -920,7 +921,7 @@ def segment_image(model, image, batch_size: int = 8, cleanup: Cleanup | None = N
 
     def infer(lo: float, hi: float, message: str) -> tuple[np.ndarray, np.ndarray | None]:
         return predict_slices(pkg, slices, resizer, lo, hi, batch_size, fsy * fsx, review is not None,
-                               progress, message)
+                              progress, message)
 
     out, uncertain = infer(lo, hi, "segmenting")
     # intensity standardisation: a scan whose classes came out darker or brighter than in the
