@@ -117,6 +117,8 @@ def main(argv=None) -> None:
             group = ",".join(map(str, info["train"]))
             for (region, setting), values in scores.items():
                 table[region][setting].append((folder.name, group, float(np.mean(values)), min(values)))
+            print("  new scans: " + " -> ".join(f"{np.mean(scores[('other', s)]):.3f} (lowest organ "
+                                                 f"{min(scores[('other', s)]):.2f})" for s in settings))
     for region, rows in table.items():
         base = [m for *_, m, _ in rows["as trained"]]
         print(f"== {region}: {len(base)} runs")
@@ -128,7 +130,7 @@ def main(argv=None) -> None:
             by_group = defaultdict(list)
             for _, group, m, _ in values:
                 by_group[group].append(m)
-            spread = ", ".join(f"{g}: {np.mean(v):.3f} (SD {statistics.stdev(v):.3f})" if len(v) > 1
+            spread = ", ".join(f"{g}: {np.mean(v):.3f} (SD {statistics.stdev(v):.4f})" if len(v) > 1
                                else f"{g}: {v[0]:.3f}" for g, v in by_group.items())
             print(f"  {setting:>12}: mean {np.mean(means):.3f}, minus as trained {np.mean(diff):+.3f} +- {se:.3f} (SE), "
                   f"runs with no organ below {ORGAN_FLOOR}: {floor} of {len(values)}; per training group {spread}")
