@@ -29,13 +29,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 from chaos import DEFAULT_DIR, SCANS, load_scan, scan_files
-
-ORGAN_FLOOR = 0.70
-
-
-def _dice(pred: np.ndarray, ref: np.ndarray) -> float:
-    a, b = int(pred.sum()), int(ref.sum())
-    return math.nan if a + b == 0 else 2.0 * int((pred & ref).sum()) / (a + b)
+from location_rule import ORGAN_FLOOR, _dice
 
 
 def _export(folder: Path, cases: dict, picks: dict, out: Path):
@@ -65,8 +59,8 @@ def _export(folder: Path, cases: dict, picks: dict, out: Path):
     prep = {"cases": train, "normalization": norm.to_dict()}
     class_map = cases[info["train"][0]].class_map
     summary = {"metrics": {"pseudo_labels": {"objects": {str(k): 1 for k in info["one_object"]}}}}
-    export_model_package(model, out, class_map, _card_normalization(prep), input_size=256, slice_axis=cases[info["train"][0]].axis,
-                         torchscript=False, overwrite=True,
+    export_model_package(model, out, class_map, _card_normalization(prep), input_size=256,
+                         slice_axis=cases[info["train"][0]].axis, torchscript=False, overwrite=True,
                          postprocessing=_postprocessing(class_map.names, summary, prep))
     return load_model_package(out), info
 
