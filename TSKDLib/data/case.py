@@ -401,11 +401,12 @@ def with_labelled(case: Case, flags: np.ndarray) -> Case:
     return c
 
 
-def predict_case(predict_proba, case: Case, size: int) -> np.ndarray:
+def predict_case(predict_proba, case: Case, size: int, normalization: Normalization | None = None) -> np.ndarray:
     """Label slices ``(N, H, W)`` uint8 at native resolution (slice-frame order) from a model
     ``(b, 1, S, S) -> (b, K+1, S, S)`` class probabilities at model size ``S = size``
-    (argmax after :meth:`SliceResizer.from_model`, bilinear; batches of 8)."""
-    images, _, resizer, _ = prepare_case_slices(case, size)
+    (argmax after :meth:`SliceResizer.from_model`, bilinear; batches of 8). ``normalization``:
+    as :func:`prepare_case_slices` (default: the case's modality's)."""
+    images, _, resizer, _ = prepare_case_slices(case, size, normalization)
     out = []
     with torch.inference_mode():
         for i in range(0, len(images), 8):

@@ -132,13 +132,7 @@ class ModelPackage:
         scan's intensities towards it (:func:`intensity_factor`). Empty for window (CT)
         normalisations and for packages that do not record it; malformed entries are ignored."""
         per_scan = ((self.normalization.get("standardize") or {}).get("class_medians")) or []
-        out = {}
-        for i, name in enumerate(self.class_map.names):
-            values = [float(m[name]) for m in per_scan if isinstance(m, dict)
-                      and isinstance(m.get(name), (int, float)) and 0.0 < float(m[name]) <= 1.0]
-            if values:
-                out[i + 1] = float(np.exp(np.mean(np.log(values))))
-        return out
+        return reference_intensities(per_scan, self.class_map.names)
 
     @property
     def providers(self) -> list[str]:
@@ -336,6 +330,20 @@ def case_class_intensities(case, norm) -> dict:
     names = case.class_map.names
     found = class_intensity_medians(raw[idx], labels[idx], fitted.lo, fitted.hi, range(1, len(names) + 1))
     return {names[k - 1]: round(v, 4) for k, v in found.items()}
+
+
+def reference_intensities(per_scan, names) -> dict[int, float]:
+    """Class index (1..K) -> the geometric mean over the training scans of the class's median
+    normalised intensity (0..1). ``per_scan``: one ``{class name: median}`` per scan
+    (:func:`case_class_intensities`); ``names``: the class names in index order. Entries that are
+    not numbers in ``(0, 1]`` are ignored; a class no scan measured is left out."""
+    out = {}
+    for i, name in enumerate(names):
+        values = [float(m[name]) for m in per_scan if isinstance(m, dict)
+                  and isinstance(m.get(name), (int, float)) and 0.0 < float(m[name]) <= 1.0]
+        if values:
+            out[i + 1] = float(np.exp(np.mean(np.log(values))))
+    return out
 
 
 def intensity_factor(reference: dict[int, float], measured: dict[int, float],

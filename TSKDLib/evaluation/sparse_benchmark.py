@@ -20,7 +20,10 @@ Scores, per class, Dice and HD95 (mm):
 Each model's prediction is also scored after the 3D clean-up ``tskd segment`` applies by default
 (islands under 50 mm^3 removed, holes filled, components under a fifth of the largest removed
 for the classes the training run finds to be one object: :func:`TSKDLib.distillation.distill.single_object_classes`),
-as method ``<method>+post``: what the user gets from the exported model.
+as method ``<method>+post``: what the user gets from the exported model. For percentile-normalised
+scans (MR) ``+post`` also includes ``tskd segment``'s intensity standardisation: a scan whose
+classes come out darker or brighter than in the training scans' labelled slices is predicted
+again with its intensities scaled (:func:`TSKDLib.deploy.inference.intensity_factor`).
 
 One experiment = (training scans, seed). Its teacher, teacher outputs and prepared slices are kept
 in ``WORK/`` (``--work-dir``), so a rerun with other distillation settings reuses them (the
@@ -42,6 +45,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from TSKDLib.data.preprocess import FittedNormalization, Normalization
 from TSKDLib.errors import ConfigError, LabelError
 from TSKDLib.evaluation.metrics import dice_hd95, summarise_seeds
 from TSKDLib.pipeline.progress import ProgressReporter
@@ -148,10 +152,33 @@ def _proba_to_labels(probs, resizer) -> np.ndarray:
     return resizer.from_model(torch.as_tensor(probs).float(), "bilinear").argmax(1).to(torch.uint8).numpy()
 
 
-def _predict(proba: Callable, case, size: int) -> np.ndarray:
+def _predict(proba: Callable, case, size: int, normalization=None) -> np.ndarray:
     from TSKDLib.data.case import predict_case
 
-    return predict_case(proba, case, size)
+    return predict_case(proba, case, size, normalization)
+
+
+def _intensity_reference(train_cases, names) -> dict[int, float]:
+    """What ``tskd train`` records for the intensity standardisation, from the training scans'
+    labelled slices (:func:`TSKDLib.deploy.inference.case_class_intensities`, combined as
+    :attr:`TSKDLib.deploy.inference.ModelPackage.intensity_reference` combines them); {} for CT."""
+    from TSKDLib.deploy.inference import case_class_intensities, reference_intensities
+
+    per_scan = [case_class_intensities(c, Normalization.for_modality(c.modality, c.image_slices()))
+                for c in train_cases]
+    return reference_intensities(per_scan, names)
+
+
+@dataclass
+class _ScaledNormalization(Normalization):
+    """A normalisation whose normalised intensities are multiplied by ``factor`` (``hi`` becomes
+    ``lo + (hi - lo) / factor``, as :func:`TSKDLib.deploy.inference.standardized_range`)."""
+
+    factor: float = 1.0
+
+    def fit(self, volume: np.ndarray) -> FittedNormalization:
+        f = super().fit(volume)
+        return FittedNormalization(f.lo, f.lo + (f.hi - f.lo) / self.factor)
 
 
 class _Experiment:
@@ -294,6 +321,7 @@ class _Scorer:
         self.k, self.names = class_map.num_classes, class_map.names
         self.post_classes: tuple[int, ...] | None = None  # set: also score "<method>+post"
         self.locations: dict[int, tuple] = {}  # the one-object classes' training locations (x, y, radius)
+        self.intensity_reference: dict[int, float] = {}  # class -> training scans' median intensity
 
     def _post(self, pred: np.ndarray, case) -> np.ndarray:
         """``tskd segment``'s default 3D clean-up of a ``(N, H, W)`` prediction."""
@@ -310,6 +338,7 @@ class _Scorer:
         self.locations = mean_class_locations(
             [class_locations_lps(c.label_slices(), c.frame.frame_geometry(c.image), self.post_classes,
                                  self.picks[c.name]) for c in self.train_cases], self.post_classes)
+        self.intensity_reference = _intensity_reference(self.train_cases, self.names)
 
     def add(self, method: str, case, region: str, scores: dict) -> None:
         for cls, s in scores.items():
@@ -317,27 +346,53 @@ class _Scorer:
                               "seed": self.seed, "case": case.name, "region": region,
                               "class": self.names[cls - 1], **s})
 
-    def within(self, method: str, predict_case_fn: Callable) -> None:
-        """``predict_case_fn(ci, case) -> (N, H, W)`` labels of training case ``ci``."""
+    def within(self, method: str, predict_case_fn: Callable, proba: Callable | None = None) -> None:
+        """``predict_case_fn(ci, case) -> (N, H, W)`` labels of training case ``ci``; ``proba``:
+        the model's slice-batch probability function when it can be run again on rescaled
+        intensities (``+post``'s standardisation; None for cached outputs)."""
         for ci, case in enumerate(self.train_cases):
             pred = predict_case_fn(ci, case)
             masks = region_masks(case.num_slices, self.picks[case.name])
-            for name, p in self._variants(method, pred, case):
+            for name, p in self._variants(method, pred, case, proba):
                 for region, scores in score_regions(p, case.label_slices(), self.k, _spacing(case), masks).items():
                     self.add(name, case, region, scores)
 
     def other(self, method: str, proba: Callable) -> None:
         """``proba``: a slice-batch probability function, run on each other scan."""
         for case in self.tests:
-            for name, p in self._variants(method, _predict(proba, case, self.cfg.size), case):
+            for name, p in self._variants(method, _predict(proba, case, self.cfg.size), case, proba):
                 self.add(name, case, "other", dice_hd95(p, case.label_slices(), self.k, _spacing(case)))
 
-    def _variants(self, method: str, pred: np.ndarray, case) -> list[tuple[str, np.ndarray]]:
-        """The raw prediction, and (models only, when ``post_classes`` is set) the clean-up ``tskd
-        segment`` applies by default, scored as ``<method>+post``."""
+    def _variants(self, method: str, pred: np.ndarray, case, proba: Callable | None = None) -> list[tuple[str, np.ndarray]]:
+        """The raw prediction, and (models only, when ``post_classes`` is set) what ``tskd
+        segment`` makes of it by default, scored as ``<method>+post``: the intensity
+        standardisation (when ``proba`` is given) and the clean-up."""
         if self.post_classes is None or method == "fill_between":
             return [(method, pred)]
-        return [(method, pred), (f"{method}+post", self._post(pred, case))]
+        return [(method, pred), (f"{method}+post", self._post(self._standardized(pred, case, proba), case))]
+
+    def _standardized(self, pred: np.ndarray, case, proba: Callable | None) -> np.ndarray:
+        """``pred``, or the prediction of ``proba`` on ``case`` with its normalised intensities
+        scaled as :func:`TSKDLib.deploy.inference.segment_image` scales them: by
+        :func:`~TSKDLib.deploy.inference.intensity_factor` of the classes' medians under ``pred``
+        against :attr:`intensity_reference` (percentile-normalised 3D scans only)."""
+        from TSKDLib.deploy.inference import (
+            INTENSITY_MIN_MM3,
+            class_intensity_medians,
+            intensity_factor,
+        )
+
+        raw = case.image_slices()
+        norm = Normalization.for_modality(case.modality, raw)
+        if proba is None or not self.intensity_reference or norm.kind != "percentile" or raw.shape[0] < 2:
+            return pred
+        fitted = norm.fit(raw)
+        measured = class_intensity_medians(raw, pred, fitted.lo, fitted.hi, self.intensity_reference,
+                                           min_voxels=math.ceil(INTENSITY_MIN_MM3 / math.prod(_spacing(case))))
+        factor = intensity_factor(self.intensity_reference, measured)
+        if factor == 1.0:
+            return pred
+        return _predict(proba, case, self.cfg.size, _ScaledNormalization(**norm.to_dict(), factor=factor))
 
 
 def _run_methods(ex: _Experiment, scorer: _Scorer, cfg: SparseConfig, out: Path, timings: dict) -> None:
@@ -375,7 +430,7 @@ def _run_methods(ex: _Experiment, scorer: _Scorer, cfg: SparseConfig, out: Path,
                       cache, student=ex.stage["student"])
         timings.setdefault(f"distill_{method}", []).append(time.monotonic() - t0)
         proba = student_proba(res.model)
-        scorer.within(method, lambda ci, case: _predict(proba, case, cfg.size))
+        scorer.within(method, lambda ci, case: _predict(proba, case, cfg.size), proba)
         scorer.other(method, proba)
         summary = {k: res.metrics.get(k) for k in ("steps", "distill_steps", "planned_steps", "evidence_after",
                                                     "seconds", "stopped_by", "final_check")}

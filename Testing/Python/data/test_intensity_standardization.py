@@ -151,3 +151,59 @@ def test_tskd_update_adds_the_corrected_scan_to_the_reference(tmp_path):
     # CT windows and cards without a reference are returned as they are
     assert _with_scan_intensities({"normalization": PERCENTILE}, case, norm, MR) == {"normalization": PERCENTILE}
     assert case_class_intensities(case, Normalization.preset("ct")) == {}
+
+
+def test_sparse_benchmark_scores_post_with_the_standardisation(tmp_path):
+    """``tskd benchmark --protocol sparse-slices`` scores ``<method>+post`` as ``tskd segment``
+    would segment: trained on the real MR's sparse labels, a copy of it with a bright lesion is
+    predicted again with its intensities scaled back to the training scan's, and the scan itself
+    (within the tolerance) and a model without a reference are not."""
+    import torch
+
+    from TSKDLib.data.case import load_case, prepare_case_slices
+    from TSKDLib.evaluation.sparse_benchmark import (
+        SparseConfig,
+        _Scorer,
+        _with_sparse_labels,
+    )
+
+    image, _, raw = _scan()
+    lesion = sitk.GetImageFromArray(_with_bright_lesion(image, raw))
+    lesion.CopyInformation(sitk.ReadImage(str(MR)))
+    sitk.WriteImage(lesion, str(tmp_path / "lesion.nii.gz"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        case = load_case(MR, SEG, MAP, classes=list(ORGANS.values()))
+        bright = load_case(tmp_path / "lesion.nii.gz", SEG, MAP, classes=list(ORGANS.values()))
+    train, picks = _with_sparse_labels(case, 3)
+    scorer = _Scorer("mr", [(train, picks)], [bright], 0, SparseConfig(size=64), [], case.class_map)
+    scorer.set_post([])
+    # the reference: the training scan's labelled slices, normalised on the whole scan
+    lo, hi = fit_normalization(PERCENTILE, image)
+    names = case.class_map.names
+    on = train.label_slices()
+    for k, v in scorer.intensity_reference.items():
+        mask = on[picks] == k
+        assert v == pytest.approx(float(np.median(np.clip((train.image_slices()[picks][mask] - lo) / (hi - lo), 0, 1))),
+                                  abs=1e-4), names[k - 1]  # card values: 4 decimals
+    seen = []
+
+    def proba(x):  # records what the model is shown; predicts background
+        seen.append(x.clone())
+        return torch.nn.functional.one_hot(torch.zeros(x.shape[0], 64, 64, dtype=torch.long), 5).permute(0, 3, 1, 2).float()
+
+    ref_labels = bright.label_slices()
+    assert scorer._standardized(ref_labels, case, proba) is ref_labels and not seen  # the training scan itself
+    assert scorer._standardized(ref_labels, bright, None) is ref_labels  # cached outputs: nothing to rerun
+    again = scorer._standardized(ref_labels, bright, proba)
+    assert again.shape == ref_labels.shape and not again.any()  # the model's second prediction
+    shown = torch.cat(seen)[:, 0]
+    plain, _, _, _ = prepare_case_slices(case, 64)
+    inside = plain[:, 0] > 0.05
+    ratio = float(torch.median(shown[inside] / plain[:, 0][inside]))
+    assert ratio == pytest.approx(1.0, abs=0.05)  # the lesion's darkening undone
+    unscaled, _, _, _ = prepare_case_slices(bright, 64)
+    assert float(torch.median(unscaled[:, 0][inside] / plain[:, 0][inside])) < 0.75
+    # no reference (training scans with CT windows record none): nothing rerun
+    scorer.intensity_reference = {}
+    assert scorer._standardized(ref_labels, bright, proba) is ref_labels
