@@ -320,6 +320,7 @@ def _write_outputs(out: Path, rows: list[dict], timings: dict, config: Benchmark
     if not rows:
         return
     from TSKDLib.data.io import write_csv
+    from TSKDLib.deploy.export import tool_versions
 
     write_csv(out / "results.csv", rows)
     summary = summarise(rows)
@@ -336,6 +337,7 @@ def _write_outputs(out: Path, rows: list[dict], timings: dict, config: Benchmark
             cells += [_fmt(summary[(ds, method, b)]["hd95_mean"], summary[(ds, method, b)]["hd95_std"], 1)
                       if (ds, method, b) in summary else "" for b in budgets]
             lines.append(f"| {ds} | {method} | " + " | ".join(cells) + " |")
+    lines += ["", "tools: " + json.dumps(tool_versions())]  # students differ between torch versions
     (out / "results.md").write_text("\n".join(lines) + "\n")
     (out / "timings.json").write_text(json.dumps({k: {"mean_s": float(np.mean(v)), "runs": len(v)}
                                                   for k, v in timings.items()}, indent=1))

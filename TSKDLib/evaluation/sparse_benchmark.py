@@ -471,13 +471,15 @@ def _write(out: Path, rows: list[dict], timings: dict, name: str) -> None:
     if not rows:
         return
     from TSKDLib.data.io import write_csv
+    from TSKDLib.deploy.export import tool_versions
 
     write_csv(out / "results.csv", rows)
     s = summarise_sparse(rows)
     classes = list(dict.fromkeys(r["class"] for r in rows))
     methods = [m + post for m in SPARSE_METHODS for post in ("", "+post") if any(k[0] == m + post for k in s)]
     lines = [f"# {name}: sparse-slice benchmark", "",
-             "`+post`: after the 3D clean-up `tskd segment` applies by default (the exported model's output).", ""]
+             "`+post`: as `tskd segment` segments with the exported model by default: the intensity "
+             "standardisation (percentile-normalised scans) and the 3D clean-up.", ""]
     for region in REGIONS:
         if not any(k[1] == region for k in s):
             continue
@@ -497,6 +499,7 @@ def _write(out: Path, rows: list[dict], timings: dict, name: str) -> None:
         lines.append("")
     lines.append("seconds (mean per experiment): " + json.dumps({k: round(float(np.mean(v)), 1)
                                                                 for k, v in timings.items()}))
+    lines += ["", "tools: " + json.dumps(tool_versions())]  # students differ between torch versions
     (out / "results.md").write_text("\n".join(lines) + "\n")
     try:
         import matplotlib

@@ -302,7 +302,11 @@ def test_sparse_benchmark_keeps_the_methods_it_finished_when_stopped(ct_case, tm
         run_sparse_benchmark([ct_case], cfg, tmp_path / "out", NullProgress())
     rows = list(csv.DictReader((tmp_path / "out" / "results.csv").open()))
     assert {r["method"] for r in rows} == {"teacher", "teacher+post"}
-    assert "| teacher |" in (tmp_path / "out" / "results.md").read_text()
+    import torch
+
+    md = (tmp_path / "out" / "results.md").read_text()
+    assert "| teacher |" in md
+    assert f'"torch": "{torch.__version__}"' in md  # the figures name the tools that produced them
 
 
 # ------------------------------------------------------------------------------------------------
