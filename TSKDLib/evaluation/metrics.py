@@ -50,7 +50,9 @@ def dice(pred, ref, num_classes: int, ignore_empty: bool = True, dtype=None):
     """
     import torch
 
-    pred, ref = (torch.as_tensor(np.ascontiguousarray(x) if isinstance(x, np.ndarray) else x) for x in (pred, ref))
+    # a read-only view (e.g. a labelmap from SimpleITK) is copied: torch warns on non-writable arrays
+    pred, ref = (torch.as_tensor(np.require(x, requirements=("C", "W")) if isinstance(x, np.ndarray) else x)
+                 for x in (pred, ref))
     if pred.shape != ref.shape:
         raise ValueError(f"prediction {tuple(pred.shape)} and reference {tuple(ref.shape)} differ in shape")
     pred, ref = pred.reshape(pred.shape[0], -1), ref.reshape(ref.shape[0], -1)
