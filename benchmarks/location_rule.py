@@ -1,7 +1,8 @@
 """Issue 15: the one-object classes' location rule of ``tskd segment``'s clean-up, run by run.
 
     python benchmarks/location_rule.py run --groups 0,1,2 2,3,4 0,1,4 --seeds 0 1 2 \
-        [--data ../shared/data/chaos_mr_t2_dev] [--work-dir bench/work_noval] --out bench/location
+        [--data ../shared/data/chaos_mr_t2_dev] [--work-dir bench/work_noval] [--distillation JSON] \
+        --out bench/location
     python benchmarks/location_rule.py score bench/location [--margins 40 60 80]
 
 ``run`` trains, per (training scans, seed), the sparse-slice benchmark's TS-KD student (3
@@ -74,7 +75,8 @@ def run(args) -> None:
             try:
                 cfg = sparse.SparseConfig(seeds=[seed], train_groups=[idx], preset="fast", methods=["tskd_nosyn"],
                                           work_dir=args.work_dir, teacher_other=False, other_scans=True,
-                                          teacher={"val_fraction": 0.0})
+                                          teacher={"val_fraction": 0.0},
+                                          distillation=json.loads(args.distillation))
                 sparse.run_sparse_benchmark(scans, cfg, out)
             finally:
                 distill_module.distill, sparse._Scorer.set_post = plain_distill, plain_set_post
@@ -155,6 +157,8 @@ def main(argv=None) -> None:
     r.add_argument("--work-dir", default="bench/work_noval")
     r.add_argument("--out", default="bench/location")
     r.add_argument("--threads", type=int, default=2)
+    r.add_argument("--distillation", default="{}",
+                   help='JSON distillation overrides on the fast preset, e.g. \'{"ema_decay": 0.995}\'')
     s = sub.add_parser("score", help="Dice without and with the location rule")
     s.add_argument("folder")
     s.add_argument("--margins", type=float, nargs="+", default=[LOCATION_MARGIN_MM])
