@@ -4,6 +4,7 @@
         [--data ../shared/data/chaos_mr_t2_dev] [--work-dir bench/work_noval] [--distillation JSON] \
         --out bench/location
     python benchmarks/location_rule.py score bench/location [--margins 40 60 80]
+    python benchmarks/location_rule.py ensemble bench/location 012_s0 012_s1 012_s2
 
 ``run`` trains, per (training scans, seed), the sparse-slice benchmark's TS-KD student (3
 labelled slices per organ, ``fast`` preset, teacher with ``val_fraction 0`` as ``tskd train``'s
@@ -19,6 +20,9 @@ Dice of each organ on the new scans (``other``) and on the training scans' unlab
 (``within``), then per region the mean of each setting, the paired difference with its standard
 error and the runs with no organ below 0.70. Results: benchmarks/RESULTS.md, section 6, twelfth
 pass.
+
+``ensemble`` scores, on the new scans, each of several runs trained on the same scans and the
+mean of their softmax, with the clean-up and location rule (section 6, fourteenth pass).
 """
 
 from __future__ import annotations
@@ -99,15 +103,47 @@ def _dice(pred: np.ndarray, ref: np.ndarray) -> float:
     return math.nan if a + b == 0 else 2.0 * int((pred & ref).sum()) / (a + b)
 
 
-def score(args) -> None:
-    from TSKDLib.evaluation.sparse_benchmark import _spacing, sparse_slice_indices
+def _references(data: str):
+    """Every dev scan, its number of classes and class names, reference labels, labelled slices
+    (3 per organ) and frame geometry."""
+    from TSKDLib.evaluation.sparse_benchmark import sparse_slice_indices
 
-    cases = {s: load_scan(args.data, s) for s in SCANS}
+    cases = {s: load_scan(data, s) for s in SCANS}
     k = cases[SCANS[0]].class_map.num_classes
-    names = cases[SCANS[0]].class_map.names
     refs = {s: cases[s].label_slices() for s in SCANS}
     picks = {s: sparse_slice_indices(refs[s], k, 3) for s in SCANS}
     geometry = {s: cases[s].frame.frame_geometry(cases[s].image) for s in SCANS}
+    return cases, k, cases[SCANS[0]].class_map.names, refs, picks, geometry
+
+
+def ensemble(args) -> None:
+    """Per new scan, each run's Dice and that of the mean of their softmax (the runs must share
+    their training scans), after the product's clean-up with the location rule (the one-object
+    classes common to the runs)."""
+    from TSKDLib.evaluation.sparse_benchmark import _spacing
+
+    cases, k, names, refs, picks, geometry = _references(args.data)
+    infos = [json.loads((Path(args.folder) / r / "run.json").read_text()) for r in args.runs]
+    train = infos[0]["train"]
+    if any(i["train"] != train for i in infos):
+        raise SystemExit("the runs were trained on different scans")
+    single = tuple(sorted(set.intersection(*(set(i["one_object"]) for i in infos))))
+    locations = mean_class_locations([class_locations_lps(refs[s], geometry[s], single, picks[s])
+                                      for s in train], single)
+    options = Cleanup.segment_default(single, locations=locations)
+    print(f"trained on {train}, one-object {[names[c - 1] for c in single]}")
+    for scan in (s for s in SCANS if s not in train):
+        probas = [np.load(Path(args.folder) / r / f"proba_{scan}.npy").astype(np.float32) for r in args.runs]
+        for name, proba in [*zip(args.runs, probas), ("mean", sum(probas) / len(probas))]:
+            lab = cleanup_labels(proba.argmax(1).astype(np.uint8), k, _spacing(cases[scan]), options, geometry[scan])
+            organs = [_dice(lab == c, refs[scan] == c) for c in range(1, k + 1)]
+            print(f"  scan {scan} {name:>8}: " + " / ".join(f"{d:.2f}" for d in organs) + f" = {np.nanmean(organs):.3f}")
+
+
+def score(args) -> None:
+    from TSKDLib.evaluation.sparse_benchmark import _spacing
+
+    cases, k, names, refs, picks, geometry = _references(args.data)
     settings = ["size rule"] + [f"+ location {m:g} mm" for m in args.margins]
     # {region: {setting: [(run, mean Dice, lowest organ)]}}
     table: dict = {r: {s: [] for s in settings} for r in ("within", "other")}
@@ -162,10 +198,13 @@ def main(argv=None) -> None:
     s = sub.add_parser("score", help="Dice without and with the location rule")
     s.add_argument("folder")
     s.add_argument("--margins", type=float, nargs="+", default=[LOCATION_MARGIN_MM])
-    for p in (r, s):
+    e = sub.add_parser("ensemble", help="each run and the mean of their softmax on the new scans")
+    e.add_argument("folder")
+    e.add_argument("runs", nargs="+", help="run folders in FOLDER trained on the same scans (e.g. 012_s0 012_s1)")
+    for p in (r, s, e):
         p.add_argument("--data", default=str(DEFAULT_DIR))
     args = ap.parse_args(argv)
-    run(args) if args.command == "run" else score(args)
+    {"run": run, "score": score, "ensemble": ensemble}[args.command](args)
 
 
 if __name__ == "__main__":
