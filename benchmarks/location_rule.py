@@ -194,7 +194,7 @@ def main(argv=None) -> None:
     r.add_argument("--out", default="bench/location")
     r.add_argument("--threads", type=int, default=2)
     r.add_argument("--distillation", default="{}",
-                   help='JSON distillation overrides on the fast preset, e.g. \'{"ema_decay": 0.995}\'')
+                   help='JSON distillation overrides on the fast preset, e.g. \'{"min_epochs": 0}\'')
     s = sub.add_parser("score", help="Dice without and with the location rule")
     s.add_argument("folder")
     s.add_argument("--margins", type=float, nargs="+", default=[LOCATION_MARGIN_MM])

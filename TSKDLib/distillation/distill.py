@@ -141,14 +141,6 @@ class DistillConfig(StoppingSettings):
         MR artefact). Measured on CHAOS MR, 3 training scans, seed 0 (benchmarks/RESULTS.md,
         section 6): other scans 0.610 -> 0.713, the training scans' unlabelled slices 0.893 ->
         0.898 (both after ``tskd segment``'s clean-up).
-    ema_decay: 0 (default): the student handed over is the trained weights (the best check's,
-        then fine-tuned). Otherwise an exponential moving average of the weights is kept through
-        both phases (:class:`timm.utils.ModelEmaV3`, decay ``1 - (1 + n)^-3/4`` after ``n``
-        steps of the phase, capped at ``ema_decay``: about the last 100-200 steps of a 600-1400
-        step phase); the evidence checks score the average, the best check's average starts the
-        fine-tuning, the average restarts there, and the student handed over is the average.
-        Polyak averaging (Polyak and Juditsky, SIAM J. Control Optim. 1992); the weight average
-        of a semi-supervised mean teacher (Tarvainen and Valpola, NeurIPS 2017).
     checkpoint_every: steps between atomic checkpoints (when a checkpoint directory is given).
     log_every: steps between progress updates.
     seed: seed of the student initialisation, batches and augmentation.
@@ -186,8 +178,6 @@ class DistillConfig(StoppingSettings):
     fit_target: float = 0.9
     max_seconds: float | None = None
     log_every: int = 5
-    # weight averaging of the student (0: off)
-    ema_decay: float = 0.0
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "DistillConfig":
@@ -224,8 +214,6 @@ class DistillConfig(StoppingSettings):
             raise ConfigError(f"feature_loss must be 'cosine' or 'mse', not {self.feature_loss!r}.")
         if not 0.0 <= self.labelled_fraction <= 1.0:
             raise ConfigError("labelled_fraction must be within [0, 1].")
-        if not 0.0 <= self.ema_decay < 1.0:
-            raise ConfigError("ema_decay must be within [0, 1) (0: no weight averaging).")
         return self
 
     @property
@@ -254,12 +242,8 @@ class DistillConfig(StoppingSettings):
 
     def fingerprint(self) -> dict:
         """Fields that must match for a checkpoint to be resumed (all but
-        :data:`TSKDLib.engine.loop.RUNTIME_FIELDS`). ``ema_decay`` counts only when on, so a run
-        checkpointed before that setting existed still resumes."""
-        identity = settings_identity(self.to_dict())
-        if not identity.get("ema_decay"):
-            identity.pop("ema_decay", None)
-        return identity
+        :data:`TSKDLib.engine.loop.RUNTIME_FIELDS`)."""
+        return settings_identity(self.to_dict())
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1045,10 +1029,6 @@ class _Distillation:
         #: the MR intensity augmentation, resolved from the scans' normalisation when not set
         self.mr_augment = bool(cfg.mr_augment if cfg.mr_augment is not None else transfer.intensity == "percentile")
         self.monitor = _Monitor(transfer, self.pseudo) if cfg.steps > 0 else None
-        self.ema = None  # the weight average (cfg.ema_decay > 0), built with the model
-        if cfg.ema_decay > 0:
-            from timm.utils import ModelEmaV3
-            self.ema = ModelEmaV3(self.model, decay=cfg.ema_decay, use_warmup=True, warmup_power=0.75)
         self.ckdir = Path(checkpoint_dir) if checkpoint_dir is not None else None
         if self.ckdir is not None and self.main:
             self.ckdir.mkdir(parents=True, exist_ok=True)
@@ -1067,8 +1047,6 @@ class _Distillation:
             self.model.load_state_dict(state["model"])
             self.projector.load_state_dict(state["projector"])
             self.opt.load_state_dict(state["optimizer"])
-            if self.ema is not None:
-                self.ema.module.load_state_dict(state["ema"])
             start, self.history = int(state["step"]), list(state["history"])
             self.stop = _StopState(**state["stop"])
             log.info("resuming distillation at step %d", start)
@@ -1078,7 +1056,6 @@ class _Distillation:
     def _payload(self, step: int) -> dict:
         return {"step": step, "model": self.model.state_dict(), "projector": self.projector.state_dict(),
                 "optimizer": self.opt.state_dict(), "history": self.history,
-                "ema": self.ema.module.state_dict() if self.ema is not None else None,
                 "stop": {**self.stop.to_dict(), "elapsed": self.stop.elapsed + time.monotonic() - self.t0}}
 
     # -- one step -------------------------------------------------------------------------------
@@ -1137,22 +1114,6 @@ class _Distillation:
         return loss
 
     # -- hooks (after each step, in this order) ---------------------------------------------------
-    def _average(self, step: int) -> None:
-        """With ``ema_decay``: fold the step's weights into the average (the decay warms up again
-        in each phase); after the last fine-tuning step the model takes the average's weights."""
-        if self.ema is None:
-            return
-        stop = self.stop
-        in_phase = step if step <= stop.phase_end else step - stop.phase_end
-        self.ema.update(self.model, step=in_phase)  # the phase's first update copies the weights
-        if self.cfg.finetune_steps > 0 and step == stop.phase_end + self.cfg.finetune_steps:
-            self.model.load_state_dict(self.ema.module.state_dict())
-
-    @property
-    def _scored(self) -> nn.Module:
-        """The weights the checks score and the best check keeps: the average, when there is one."""
-        return self.ema.module if self.ema is not None else self.model
-
     def _record(self, step: int) -> None:
         """Accumulate the step's losses (the loss of the global batch: the mean over the ranks)."""
         self.parts["loss"] = float(Trainer.global_mean(self.loss))
@@ -1183,17 +1144,15 @@ class _Distillation:
         if not (self.phase == "distill" and self.monitor is not None
                 and (step % cfg.val_every == 0 or step == stop.phase_end)):
             return
-        self.rec = self.monitor.check(self._scored, step)
+        self.rec = self.monitor.check(self.model, step)
         self.model.train()
-        if stop.observe(self.rec, self._scored, cfg, step, stop.elapsed + time.monotonic() - self.t0,
+        if stop.observe(self.rec, self.model, cfg, step, stop.elapsed + time.monotonic() - self.t0,
                         self.evidence_after):
             stop.phase_end = step  # evidence says stop: fine-tune from the best weights next
         stop.phase_end = int(distributed.broadcast(stop.phase_end))
         self.trainer.end = stop.phase_end + cfg.finetune_steps
         if step == stop.phase_end and stop.best_state is not None:
             self.model.load_state_dict(stop.best_state)
-            if self.ema is not None:  # fine-tuning averages afresh from the kept weights
-                self.ema.module.load_state_dict(stop.best_state)
 
     def _last_of_phase(self, step: int) -> bool:
         return step in (self.stop.phase_end, self.stop.phase_end + self.cfg.finetune_steps)
@@ -1242,8 +1201,7 @@ class _Distillation:
         self.rec = None
         save = checkpoint_hook(self.resume, cfg.checkpoint_every, self._payload, self.trainer,
                                also=self._last_of_phase)
-        step = self.trainer.fit(start, self._train_step,
-                                [self._average, self._record, self._plan, self._check, self._log, save])
+        step = self.trainer.fit(start, self._train_step, [self._record, self._plan, self._check, self._log, save])
         return self._finish(step, open_stage)
 
     def _finish(self, step: int, open_stage: bool) -> DistillResult:

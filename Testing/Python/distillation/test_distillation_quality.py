@@ -17,7 +17,6 @@ import torch.nn.functional as F
 from TSKDLib.data.case import prepare_slices
 from TSKDLib.distillation.distill import (DistillConfig, TeacherCache, TransferSet, distill, quality_gate,
                                          single_object_classes, teacher_pseudo_labels)
-from TSKDLib.errors import ConfigError
 from TSKDLib.pipeline.progress import NullProgress
 from TSKDLib.evaluation.sparse_benchmark import region_masks, score_regions, sparse_slice_indices
 
@@ -212,37 +211,6 @@ def test_early_stop_state_survives_resume(full64, tmp_path):
     assert resumed.metrics["distill_steps"] == ref.metrics["distill_steps"]
     for (k, a), b in zip(ref.model.state_dict().items(), resumed.model.state_dict().values()):
         assert torch.equal(a, b), k
-
-
-def test_weight_average_is_handed_over_and_survives_resume(full64, tmp_path):
-    """``ema_decay``: the student handed over is the weights' moving average (timm ModelEmaV3),
-    a different model from the plain run's; killed in either phase, a rerun continues it exactly."""
-    transfer = TransferSet.build(full64.with_labelled([5, 10, 14]))
-    cache = TeacherCache(_probs_from(full64.labels, 3), None)
-    base = {"steps": 8, "finetune_steps": 4, "batch_size": 2, "seed": 1, "val_every": 4, "min_steps": 8,
-            "checkpoint_every": 3, "log_every": 1}
-    cfg = DistillConfig(**base, ema_decay=0.99)
-    with pytest.raises(ConfigError, match="ema_decay"):
-        DistillConfig(**base, ema_decay=1.0).validated()
-    assert "ema_decay" not in DistillConfig(**base).fingerprint()  # runs checkpointed before it still resume
-    ref = distill(transfer, cfg, cache, "unet-s", checkpoint_dir=tmp_path / "a")
-    plain = distill(transfer, DistillConfig(**base), cache, "unet-s")
-    assert ref.metrics["steps"] == plain.metrics["steps"] == 12
-    assert any(not torch.equal(a, b) for a, b in zip(ref.model.state_dict().values(),
-                                                      plain.model.state_dict().values()))
-
-    class Kill(Exception):
-        pass
-
-    for at in (5, 10):  # distillation phase, fine-tuning phase
-        def killer(event, at=at):
-            if event["event"] == "progress" and event["step"] == at:
-                raise Kill()
-        with pytest.raises(Kill):
-            distill(transfer, cfg, cache, "unet-s", checkpoint_dir=tmp_path / f"k{at}", progress=NullProgress(killer))
-        resumed = distill(transfer, cfg, cache, "unet-s", checkpoint_dir=tmp_path / f"k{at}")
-        for (k, a), b in zip(ref.model.state_dict().items(), resumed.model.state_dict().values()):
-            assert torch.equal(a, b), (at, k)
 
 
 def test_evidence_waits_for_passes_over_a_larger_transfer_set(full64, tmp_path):
