@@ -7,7 +7,8 @@ Each folder of ``location_rule.py run`` holds a sparse-slice TS-KD student (``st
 labelled slices per organ, ``fast`` preset) and its training scans and one-object classes
 (``run.json``). This script exports each student as the model package ``tskd train`` would
 write (one-object classes and their locations, and the training scans' class intensities:
-:func:`TSKDLib.deploy.inference.case_class_intensities` on the labelled slices), then segments
+:func:`TSKDLib.deploy.inference.case_class_intensities` on the labelled slices, after the
+run's ``intensity_factors`` when the student learnt the scans standardised), then segments
 every dev scan with :func:`TSKDLib.deploy.inference.segment_image` and the card's clean-up,
 once without and once with the intensity reference (``normalization.standardize``). It
 prints per run the factor and the Dice of each organ on the new scans (``other``) and on the
@@ -59,7 +60,8 @@ def _export(folder: Path, cases: dict, picks: dict, out: Path):
     prep = {"cases": train, "normalization": norm.to_dict()}
     class_map = cases[info["train"][0]].class_map
     summary = {"metrics": {"pseudo_labels": {"objects": {str(k): 1 for k in info["one_object"]}}}}
-    export_model_package(model, out, class_map, _card_normalization(prep), input_size=256,
+    factors = info.get("intensity_factors")  # absent: a student that learnt the scans as prepared
+    export_model_package(model, out, class_map, _card_normalization(prep, factors), input_size=256,
                          slice_axis=cases[info["train"][0]].axis, torchscript=False, overwrite=True,
                          postprocessing=_postprocessing(class_map.names, summary, prep))
     return load_model_package(out), info
@@ -86,7 +88,9 @@ def main(argv=None) -> None:
             pkg, info = _export(folder, cases, picks, Path(tmp) / folder.name)
             reference = dict(pkg.normalization["standardize"])
             print(f"== {folder.name}: trained on {info['train']}, reference "
-                  + " / ".join(f"{v:.3f}" for v in pkg.intensity_reference.values()))
+                  + " / ".join(f"{v:.3f}" for v in pkg.intensity_reference.values())
+                  + ("" if info.get("intensity_factors") is None else
+                     ", training factors " + " / ".join(f"{f:.2f}" for f in info["intensity_factors"])))
             scores: dict = {(r, s): [] for r in table for s in settings}
             for scan in SCANS:
                 region = "within" if scan in info["train"] else "other"

@@ -10,8 +10,10 @@
 labelled slices per organ, ``fast`` preset, teacher with ``val_fraction 0`` as ``tskd train``'s
 refit; teachers and their outputs kept in ``--work-dir``) and keeps its softmax on every dev scan
 at the native grid (``proba_<scan>.npy``, float16, ``(N, K+1, H, W)``), with the one-object
-classes and the training scans (``run.json``) and the student itself (``student.pt``) in
-``--out/<groups>_s<seed>/``.
+classes, the training scans and their intensity factors (``run.json``) and the student itself
+(``student.pt``) in ``--out/<groups>_s<seed>/``. The students learn the training scans
+intensity-standardised, as ``tskd train``'s do (``--distillation '{"standardize": false}'``: as
+prepared, the thirteenth and fourteenth passes).
 
 ``score`` cleans each kept prediction as ``tskd segment`` does, without and with the location
 rule (:class:`TSKDLib.deploy.inference.Cleanup`, ``locations``: where each one-object class's
@@ -95,7 +97,21 @@ def run(args) -> None:
                         probs.append(resizer.from_model(p, "bilinear").half())
                 np.save(out / f"proba_{scan}.npy", torch.cat(probs).numpy())
             (out / "run.json").write_text(json.dumps({"train": [SCANS[i] for i in idx], "seed": seed,
-                                                      "one_object": kept["one_object"]}))
+                                                      "one_object": kept["one_object"],
+                                                      "intensity_factors": _factors(scans, idx, cfg)}))
+
+
+def _factors(scans: list, idx: list[int], cfg) -> list[float]:
+    """The training scans' intensity factors the run's student learnt with (the sparse-slice
+    benchmark's, as ``tskd train``'s: :func:`TSKDLib.deploy.inference.training_intensity_factors`
+    of the 3 labelled slices per organ; all 1.0 with ``--distillation '{"standardize": false}'``)."""
+    import TSKDLib.evaluation.sparse_benchmark as sparse
+    from TSKDLib.deploy.inference import training_intensity_factors
+
+    if cfg.distillation.get("standardize") is False:
+        return [1.0] * len(idx)
+    train = [sparse._with_sparse_labels(scans[i], cfg.per_class)[0] for i in idx]
+    return training_intensity_factors(sparse._training_medians(train), scans[0].class_map.names)
 
 
 def _dice(pred: np.ndarray, ref: np.ndarray) -> float:

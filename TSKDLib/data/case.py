@@ -344,6 +344,22 @@ class SliceSet:
         s.labelled = flags
         return s
 
+    def with_intensity_factors(self, factors) -> SliceSet:
+        """A copy whose images of scan ``i`` (:attr:`case_index`) are multiplied by ``factors[i]``
+        and clipped to ``[0, 1]`` (the same as fitting that scan's normalisation with ``hi``
+        moved to ``lo + (hi - lo) / factor``; padding stays 0). The training side of the intensity
+        standardisation (:func:`TSKDLib.deploy.inference.training_intensity_factors`). Returns
+        ``self`` when every factor is 1. Raises ValueError when ``factors`` does not have one
+        entry per scan."""
+        if len(factors) != len(self.case_names):
+            raise ValueError(f"{len(factors)} intensity factors for {len(self.case_names)} scans.")
+        if all(float(f) == 1.0 for f in factors):
+            return self
+        scale = torch.as_tensor([float(f) for f in factors], dtype=torch.float32)[self.case_index]
+        s = self.subset(torch.arange(len(self)))
+        s.images = (self.images.float() * scale[:, None, None, None]).clamp(0, 1).to(self.images.dtype)
+        return s
+
     def save(self, path: str | Path) -> None:
         """Atomic save as a torch file (tensors + class map)."""
         from TSKDLib.data.io import atomic_write

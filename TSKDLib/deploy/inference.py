@@ -346,6 +346,39 @@ def reference_intensities(per_scan, names) -> dict[int, float]:
     return out
 
 
+def training_intensity_factors(per_scan, names) -> list[float]:
+    """Per training scan, the factor by which its normalised intensities are multiplied before
+    the student learns from it, so that its classes look as bright as in the other training
+    scans: :func:`intensity_factor` of the scan's class medians against their geometric mean
+    over the scans (:func:`reference_intensities`), every factor applied (no tolerance).
+
+    ``per_scan``: one ``{class name: median}`` per training scan (:func:`case_class_intensities`,
+    ``cases.json``'s ``class_intensity_medians``; {} for CT and 2D images); ``names``: the class
+    names in index order. Returns one factor per scan, 1.0 for scans with fewer than
+    :data:`INTENSITY_MIN_CLASSES` measured classes, and all 1.0 when fewer than two scans are
+    measured (a single scan is its own reference).
+
+    Why: the landmark standardisation is applied to every image, training and test, as Nyul and
+    Udupa (1999) do; three CHAOS MR training scans differ among themselves by factors of
+    0.66-1.54, and a student trained on standardised scans, with :func:`segment_image`
+    standardising new scans to the same reference, reaches 0.861 on new scans against 0.849
+    (seed SD 0.015 against 0.031; benchmarks/RESULTS.md, section 6, fifteenth pass)."""
+    measured = [{i + 1: float(m[n]) for i, n in enumerate(names) if isinstance(m, dict)
+                 and isinstance(m.get(n), (int, float)) and 0.0 < float(m[n]) <= 1.0} for m in per_scan]
+    if sum(len(m) >= INTENSITY_MIN_CLASSES for m in measured) < 2:
+        return [1.0] * len(per_scan)
+    reference = reference_intensities(per_scan, names)
+    return [intensity_factor(reference, m, tolerance=1.0) for m in measured]
+
+
+def standardized_medians(per_scan, factors) -> list[dict]:
+    """The class medians of each training scan after its factor (:func:`training_intensity_factors`):
+    ``{name: min(median * factor, 1)}`` per scan, rounded to 4 decimals: what the student saw,
+    hence the reference :func:`segment_image` standardises new scans to."""
+    return [{k: round(min(float(v) * float(f), 1.0), 4) for k, v in (m or {}).items()
+             if isinstance(v, (int, float))} for m, f in zip(per_scan, factors)]
+
+
 def intensity_factor(reference: dict[int, float], measured: dict[int, float],
                      tolerance: float = INTENSITY_TOLERANCE) -> float:
     """The factor by which a scan's normalised intensities are multiplied so that its classes

@@ -141,6 +141,15 @@ class DistillConfig(StoppingSettings):
         MR artefact). Measured on CHAOS MR, 3 training scans, seed 0 (benchmarks/RESULTS.md,
         section 6): other scans 0.610 -> 0.713, the training scans' unlabelled slices 0.893 ->
         0.898 (both after ``tskd segment``'s clean-up).
+    standardize: train the student on intensity-standardised scans: each training scan's
+        normalised intensities multiplied by the factor that brings its labelled classes to their
+        geometric mean over the scans (:func:`TSKDLib.deploy.inference.training_intensity_factors`;
+        the teacher and its cached outputs keep the scans as prepared), and the card's reference
+        for ``tskd segment``'s standardisation of new scans is the standardised medians. None
+        (default): on when two or more scans record class intensities (MR, ultrasound 3D scans;
+        never CT windows), which leaves one-scan runs unchanged. Applied by the pipeline and the
+        sparse-slice benchmark, not by :func:`distill` itself. Measured on CHAOS MR, 3 training
+        scans (benchmarks/RESULTS.md, section 6, fifteenth pass).
     checkpoint_every: steps between atomic checkpoints (when a checkpoint directory is given).
     log_every: steps between progress updates.
     seed: seed of the student initialisation, batches and augmentation.
@@ -171,6 +180,7 @@ class DistillConfig(StoppingSettings):
     labelled_fraction: float = 0.5
     augment: bool = True
     mr_augment: bool | None = None
+    standardize: bool | None = None
     # evidence-based stopping of phase 1
     min_steps: int = 200
     min_epochs: float = 0.0

@@ -146,12 +146,7 @@ def quick_update(model: str | Path, image: str | Path, labels: str | Path, slice
 
     t0 = time.monotonic()
     run_dir, package = find_run(model, run)
-    out = Path(out)
-    if out.exists() and not overwrite:
-        from TSKDLib.errors import RunExistsError
-
-        raise RunExistsError("output model package exists and would be overwritten.", out,
-                             "Choose another --out folder or pass --overwrite.")
+    out = _free_output(Path(out), overwrite)
     card, model_axis = _read_card(package, run_dir, axis)
     slices = sorted(set(int(s) for s in slices))
     if not slices:
@@ -159,11 +154,13 @@ def quick_update(model: str | Path, image: str | Path, labels: str | Path, slice
     base = SliceSet.load(run_dir / "prepare" / "slices.pt")
     names = list(base.class_map.names)
     case, new, norm = _corrected_slices(image, labels, slices, class_map, card, base, model_axis)
+    base_factors, factor, medians = _update_intensities(run_dir, card, case, norm, base)
+    base, new = base.with_intensity_factors(base_factors), new.with_intensity_factors([factor])
     ext, ext_cache = _extended_transfer(run_dir, base, new, len(names))
 
     student = load_student(_student_weights(package, run_dir))
     dice_before, painted_before = corrected_slice_scores(student, new.images, new.labels, names)
-    elsewhere = _Elsewhere(case, base.size, norm, names, student)  # the previous model on the other slices
+    elsewhere = _Elsewhere(case, base.size, norm, names, student, factor)  # the previous model on the other slices
     res = distill(ext, _update_config(steps, finetune_steps, seed, device, threads), ext_cache, student=student,
                   progress=progress, validation=(new.images.float(), new.labels))
     updated = res.model.eval().cpu()
@@ -173,8 +170,9 @@ def quick_update(model: str | Path, image: str | Path, labels: str | Path, slice
     record = {"image": str(Path(image).resolve()), "slices": slices, "steps": int(steps), "finetune_steps": int(finetune_steps),
               "dice_before": dice_before, "dice_after": dice_after, "painted_before": painted_before,
               "painted_after": painted_after, "changes": changes, "review": review,
-              "from": card.get("name"), "seconds": round(time.monotonic() - t0, 1)}
-    _write_package(updated, out, _with_scan_intensities(card, case, norm, image), base, run_dir, model_axis,
+              "from": card.get("name"), "seconds": round(time.monotonic() - t0, 1),
+              **({"intensity_factor": round(factor, 4)} if factor != 1.0 else {})}
+    _write_package(updated, out, _with_scan_intensities(card, medians, image), base, run_dir, model_axis,
                    record, overwrite)
     mean = (lambda d: float(np.nanmean(list(d.values()))) if d and not all(np.isnan(list(d.values()))) else None)
     return {"model_dir": str(out), "dice_before": dice_before, "dice_after": dice_after,
@@ -184,19 +182,63 @@ def quick_update(model: str | Path, image: str | Path, labels: str | Path, slice
             "painted_after": painted_after}
 
 
-def _with_scan_intensities(card: dict, case, norm, image) -> dict:
-    """The card with the corrected scan among the intensity standardisation's landmarks: its
-    class medians on the corrected slices (:func:`TSKDLib.deploy.inference.case_class_intensities`)
-    are added to ``normalization.standardize.class_medians``, replacing those of an earlier
-    update of the same file. The model has now learnt that scan as it is, so the reference it
-    is standardised to includes it (:attr:`TSKDLib.deploy.inference.ModelPackage.intensity_reference`).
-    Unchanged for cards without ``standardize``."""
-    from TSKDLib.deploy.inference import case_class_intensities
+def _free_output(out: Path, overwrite: bool) -> Path:
+    """``out``; RunExistsError when it exists and ``overwrite`` is not given."""
+    if out.exists() and not overwrite:
+        from TSKDLib.errors import RunExistsError
 
+        raise RunExistsError("output model package exists and would be overwritten.", out,
+                             "Choose another --out folder or pass --overwrite.")
+    return out
+
+
+def _update_intensities(run_dir: Path, card: dict, case, norm, base) -> tuple[list[float], float, dict]:
+    """``(base factors, factor, medians)``: the intensity standardisation of a quick update.
+
+    A run whose student learnt intensity-standardised scans (its ``distillation/summary.json``
+    records ``intensity_factors``, one per scan of ``base``; ``DistillConfig.standardize``) is
+    updated the same way: its scans get their training factors again, and the corrected scan
+    the factor that brings its class medians on the corrected slices
+    (:func:`TSKDLib.deploy.inference.case_class_intensities`) to the card's reference
+    (:attr:`TSKDLib.deploy.inference.ModelPackage.intensity_reference`;
+    :func:`TSKDLib.deploy.inference.intensity_factor`, every factor applied), as ``tskd segment``
+    scales it. ``medians``: those medians after the factor (``{class name: median}``; {} for CT,
+    2D images or cards without ``standardize``). Older runs: factors 1.0 and the medians as they
+    are (the model then learns the scan as it is)."""
+    from TSKDLib.deploy.inference import (
+        case_class_intensities,
+        intensity_factor,
+        reference_intensities,
+    )
+
+    std = (card.get("normalization") or {}).get("standardize")
+    medians = case_class_intensities(case, norm) if isinstance(std, dict) else {}
+    summary_path = run_dir / "distillation" / "summary.json"
+    try:
+        recorded = (json.loads(summary_path.read_text()).get("metrics") or {}).get("intensity_factors")
+    except (OSError, json.JSONDecodeError):
+        recorded = None
+    if not isinstance(recorded, list) or len(recorded) != len(base.case_names):
+        return [1.0] * len(base.case_names), 1.0, medians
+    names = list(base.class_map.names)
+    reference = reference_intensities(std.get("class_medians") or [], names) if isinstance(std, dict) else {}
+    measured = {names.index(k) + 1: float(v) for k, v in medians.items() if k in names and float(v) > 0}
+    factor = intensity_factor(reference, measured, tolerance=1.0) if reference and measured else 1.0
+    return ([float(f) for f in recorded], factor,
+            {k: round(min(float(v) * factor, 1.0), 4) for k, v in medians.items()})
+
+
+def _with_scan_intensities(card: dict, medians: dict, image) -> dict:
+    """The card with the corrected scan among the intensity standardisation's landmarks: its
+    class medians on the corrected slices (``medians``, :func:`_update_intensities`) are added to
+    ``normalization.standardize.class_medians``, replacing those of an earlier update of the same
+    file. The model has now learnt that scan (standardised, for runs that standardise their scans),
+    so the reference it is standardised to includes it
+    (:attr:`TSKDLib.deploy.inference.ModelPackage.intensity_reference`). Unchanged for cards
+    without ``standardize``."""
     normalization = dict(card.get("normalization") or {})
     std = normalization.get("standardize")
-    medians = case_class_intensities(case, norm) if isinstance(std, dict) else {}
-    if not medians:
+    if not medians or not isinstance(std, dict):
         return card
     key = str(Path(image).resolve())
     per_scan = list(std.get("class_medians") or [])
@@ -265,7 +307,7 @@ class _Elsewhere:
     """The slices of the corrected scan that nobody corrected (model grid, the model's
     normalisation) and the previous student's labels there, taken before the update trains it."""
 
-    def __init__(self, case, size: int, norm, names: Sequence[str], previous_model):
+    def __init__(self, case, size: int, norm, names: Sequence[str], previous_model, factor: float = 1.0):
         from TSKDLib.data.case import prepare_case_slices
         from TSKDLib.distillation.distill import predict_labels
 
@@ -273,7 +315,8 @@ class _Elsewhere:
         rest = [i for i in range(case.num_slices) if not flags[i]]
         self.names = list(names)
         self.file_slices = [case.frame.frame_to_file_slice(i) for i in rest]
-        self.images = prepare_case_slices(case, size, norm, rest)[0] if rest else None
+        # the scan's intensities as the update trains on them (:func:`_update_intensities`)
+        self.images = (prepare_case_slices(case, size, norm, rest)[0] * factor).clamp(0, 1) if rest else None
         self.previous = predict_labels(previous_model, self.images) if rest else None
 
     def report(self, updated_model) -> tuple[dict, dict]:

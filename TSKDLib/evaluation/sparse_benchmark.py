@@ -158,14 +158,25 @@ def _predict(proba: Callable, case, size: int, normalization=None) -> np.ndarray
     return predict_case(proba, case, size, normalization)
 
 
-def _intensity_reference(train_cases, names) -> dict[int, float]:
-    """What ``tskd train`` records for the intensity standardisation, from the training scans'
-    labelled slices (:func:`TSKDLib.deploy.inference.case_class_intensities`, combined as
-    :attr:`TSKDLib.deploy.inference.ModelPackage.intensity_reference` combines them); {} for CT."""
-    from TSKDLib.deploy.inference import case_class_intensities, reference_intensities
+def _training_medians(train_cases) -> list[dict]:
+    """``{class name: median}`` per training scan, on its labelled slices, as ``tskd train``
+    records them (:func:`TSKDLib.deploy.inference.case_class_intensities`); {} for CT."""
+    from TSKDLib.deploy.inference import case_class_intensities
 
-    per_scan = [case_class_intensities(c, Normalization.for_modality(c.modality, c.image_slices()))
-                for c in train_cases]
+    return [case_class_intensities(c, Normalization.for_modality(c.modality, c.image_slices()))
+            for c in train_cases]
+
+
+def _intensity_reference(train_cases, names, factors=None) -> dict[int, float]:
+    """What ``tskd train`` records for the intensity standardisation, from the training scans'
+    labelled slices (:func:`_training_medians`, after the students' training factors when
+    ``factors`` is given: :func:`TSKDLib.deploy.inference.standardized_medians`), combined as
+    :attr:`TSKDLib.deploy.inference.ModelPackage.intensity_reference` combines them; {} for CT."""
+    from TSKDLib.deploy.inference import reference_intensities, standardized_medians
+
+    per_scan = _training_medians(train_cases)
+    if factors is not None:
+        per_scan = standardized_medians(per_scan, factors)
     return reference_intensities(per_scan, names)
 
 
@@ -416,15 +427,18 @@ def _run_methods(ex: _Experiment, scorer: _Scorer, cfg: SparseConfig, out: Path,
         if cfg.teacher_other:
             scorer.other("teacher", lambda x: ex.teacher.predict_proba(x))
         _write(out, scorer.rows, timings, scorer.dataset)
+    students = set(cfg.methods) & {"scratch", "task_agnostic", "tskd_nosyn", "tskd"}
+    student_slices = _standardized_slices(ex, scorer, dcfg.standardize) if students else None
     for method in ("scratch", "task_agnostic", "tskd_nosyn", "tskd"):
         if method not in cfg.methods:
             continue
-        transfer = TransferSet.build(ex.slices)
+        transfer = TransferSet.build(student_slices)
         cache = None if method == "scratch" else ex.cache
         if method == "task_agnostic":  # the pre-trained (not fine-tuned) encoder's embeddings
-            cache = task_agnostic_cache(ex.teacher, ex.cache, transfer, ex.stage["teacher"], ex._timed, {})
+            cache = task_agnostic_cache(ex.teacher, ex.cache, TransferSet.build(ex.slices), ex.stage["teacher"],
+                                        ex._timed, {})
         if method == "tskd":
-            transfer, cache = _with_synthesis(ex, transfer, cache)
+            transfer, cache = _with_synthesis(ex, transfer, cache, student_slices)
         t0 = time.monotonic()
         res = distill(transfer, method_config("tskd" if method.startswith("tskd") else method, dcfg),
                       cache, student=ex.stage["student"])
@@ -439,7 +453,24 @@ def _run_methods(ex: _Experiment, scorer: _Scorer, cfg: SparseConfig, out: Path,
         _write(out, scorer.rows, timings, scorer.dataset)
 
 
-def _with_synthesis(ex: _Experiment, transfer, cache):
+def _standardized_slices(ex: _Experiment, scorer: _Scorer, setting: bool | None):
+    """The slices the students learn from, as ``tskd train`` gives them: each training scan's
+    intensities multiplied by its factor (:func:`TSKDLib.deploy.inference.training_intensity_factors`,
+    unless ``setting`` (``DistillConfig.standardize``) is False); the students' ``+post`` then
+    standardises scans to the standardised medians (:attr:`_Scorer.intensity_reference`)."""
+    from TSKDLib.deploy.inference import training_intensity_factors
+
+    if setting is False:
+        return ex.slices
+    factors = training_intensity_factors(_training_medians(scorer.train_cases), scorer.names)
+    scorer.intensity_reference = _intensity_reference(scorer.train_cases, scorer.names, factors)
+    return ex.slices.with_intensity_factors(factors)
+
+
+def _with_synthesis(ex: _Experiment, transfer, cache, slices):
+    """The transfer set with the synthetic slices (generated from, and labelled by the teacher
+    on, the slices as prepared) appended to the students' ``slices``, and the teacher cache
+    extended to them."""
     import tempfile
 
     from TSKDLib.evaluation.benchmark import with_synthetic_outputs
@@ -448,7 +479,7 @@ def _with_synthesis(ex: _Experiment, transfer, cache):
     scfg = replace(ex.stage["synthesis"], seed=ex.seed)
     d = ex.work / "synthesis" if ex.work else Path(tempfile.mkdtemp(prefix="tskd-sparse-syn-"))
     syn = ex._timed("synthesis", lambda: run_synthesis(ex.slices, ex.teacher.predict_proba, d, scfg))
-    full = TransferSet.build(ex.slices, syn.images)
+    full = TransferSet.build(slices, syn.images)
     if len(full) == len(transfer):
         return transfer, cache
     return full, with_synthetic_outputs(ex.teacher, cache, full.images[len(transfer):])

@@ -529,8 +529,17 @@ class _Job:
         slices = prepared.slices
 
         def produce():
-            transfer = TransferSet.build(slices, synthetic.images if synthetic is not None else None)
+            syn = synthetic.images if synthetic is not None else None
+            transfer = TransferSet.build(slices, syn)
             cache = self._teacher_cache(transfer, teacher, folder / "teacher_cache")
+            # the student learns the scans intensity-standardised; the teacher's outputs stay as cached
+            factors = _training_factors(prepared.info, slices.class_map.names,
+                                        self.stage_cfgs["distillation"].standardize)
+            std = slices.with_intensity_factors(factors)
+            if std is not slices:
+                self.progress.log("intensity standardisation of the training scans: " + ", ".join(
+                    f"{name} x{f:.2f}" for name, f in zip(slices.case_names, factors)))
+                transfer = TransferSet.build(std, syn)
             # Validation: the teacher's held-out labelled slices are too few to spare; report Dice
             # on all labelled slices (training fit) and the teacher's held-out validation Dice.
             init = self.cfg.distillation.get("init_student")
@@ -539,9 +548,10 @@ class _Job:
                 self.progress.log(f"fine-tuning the existing student from {init}")
             res = distill(transfer, self.stage_cfgs["distillation"], cache, student=student,
                           checkpoint_dir=folder / "checkpoints", progress=self.progress,
-                          validation=slices.labelled_subset())
+                          validation=std.labelled_subset())
+            res.metrics["intensity_factors"] = [round(float(f), 4) for f in factors]
             if self.main:  # rank 0 writes the student and its summary
-                self._write_student(res, slices, teacher, folder)
+                self._write_student(res, std, teacher, folder)
 
         def load():
             return load_student(folder / "student.pt"), json.loads((folder / "summary.json").read_text())
@@ -573,7 +583,8 @@ class _Job:
             from TSKDLib.deploy.export import export_model_package
             progress.stage_start("export", 1)
             meta = _model_metadata(cfg, run, prepared, teacher.meta, summary)
-            export_model_package(student, run.model_dir, prepared.slices.class_map, _card_normalization(prepared.info),
+            norm = _card_normalization(prepared.info, (summary.get("metrics") or {}).get("intensity_factors"))
+            export_model_package(student, run.model_dir, prepared.slices.class_map, norm,
                                  input_size=prepared.slices.size, slice_axis=cfg.data.axis, overwrite=True,
                                  acquisition=_acquisition_of(prepared.info),
                                  postprocessing=_postprocessing(prepared.slices.class_map.names, summary,
@@ -694,20 +705,42 @@ def _class_locations(case) -> dict:
     return {names[k - 1]: [round(v, 2) for v in xyr] for k, xyr in found.items()}
 
 
-def _card_normalization(info: dict) -> dict:
+def _training_factors(info: dict, names: Sequence[str], setting: bool | None) -> list[float]:
+    """One intensity factor per scan of ``cases.json`` (``info``), in its order (the slice set's
+    ``case_index``): :func:`TSKDLib.deploy.inference.training_intensity_factors` of the scans'
+    ``class_intensity_medians``; all 1.0 when ``setting`` (``DistillConfig.standardize``) is False
+    or fewer than two scans record class intensities (CT, 2D images, one scan)."""
+    from TSKDLib.deploy.inference import training_intensity_factors
+
+    per_scan = [c.get("class_intensity_medians") or {} for c in info.get("cases", [])]
+    if setting is False:
+        return [1.0] * len(per_scan)
+    return training_intensity_factors(per_scan, names)
+
+
+def _card_normalization(info: dict, factors: Sequence[float] | None = None) -> dict:
     """The model card's ``normalization`` entry: the run's :class:`TSKDLib.data.preprocess.Normalization`
     and, when the training scans recorded class intensities (``cases.json``'s
     ``class_intensity_medians``), ``standardize``: one ``{class name: median}`` per training
     scan (``class_medians``; ``scans``: their image files) for
-    :attr:`TSKDLib.deploy.inference.ModelPackage.intensity_reference`."""
-    from TSKDLib.deploy.inference import INTENSITY_TOLERANCE
+    :attr:`TSKDLib.deploy.inference.ModelPackage.intensity_reference`. ``factors``: the
+    distillation's ``intensity_factors`` (one per scan of ``info``, :func:`_training_factors`):
+    the medians recorded are then those of the standardised scans the student learnt from
+    (:func:`TSKDLib.deploy.inference.standardized_medians`), and the factors are kept as
+    ``training_factors``."""
+    from TSKDLib.deploy.inference import INTENSITY_TOLERANCE, standardized_medians
 
     norm = dict(info["normalization"])
-    cases = [c for c in info.get("cases", []) if c.get("class_intensity_medians")]
-    if cases:
+    all_cases = info.get("cases", [])
+    if factors is None or len(factors) != len(all_cases):
+        factors = [1.0] * len(all_cases)
+    pairs = [(c, float(f)) for c, f in zip(all_cases, factors) if c.get("class_intensity_medians")]
+    if pairs:
+        cases, kept = [c for c, _ in pairs], [f for _, f in pairs]
         norm["standardize"] = {
-            "class_medians": [c["class_intensity_medians"] for c in cases],
+            "class_medians": standardized_medians([c["class_intensity_medians"] for c in cases], kept),
             "scans": [str(Path(c["image"]).resolve()) if c.get("image") else str(c.get("name")) for c in cases],
+            "training_factors": [round(f, 4) for f in kept],
             "tolerance": INTENSITY_TOLERANCE,
             "note": "median normalised intensity of each class's labelled voxels, per training scan: "
                     "tskd segment scales a scan whose classes come out darker or brighter than these "

@@ -4,7 +4,9 @@ A fluid-bright lesion raises a scan's 99.5th percentile, so percentile normalisa
 every organ (CHAOS scan 36, benchmarks/RESULTS.md, section 6, thirteenth pass). The factor that
 :func:`TSKDLib.deploy.inference.standardized_range` finds from the organs' own intensities must
 undo exactly that, leave an ordinary scan alone, and the reference must come from the training
-scans' labelled voxels (``tskd train``) and take in a scan corrected by ``tskd update``.
+scans' labelled voxels (``tskd train``) and take in a scan corrected by ``tskd update``. The
+training scans themselves are standardised to one another before the student learns them, and
+``tskd update`` trains a corrected scan standardised the same way.
 """
 
 from __future__ import annotations
@@ -134,11 +136,11 @@ def test_tskd_update_adds_the_corrected_scan_to_the_reference(tmp_path):
                                     abs=1e-4)
     card = {"normalization": {**PERCENTILE, "standardize": {"class_medians": [{"liver": 0.3}], "scans": ["/train/a"],
                                                             "tolerance": 1.1}}}
-    once = _with_scan_intensities(card, case, norm, MR)
+    once = _with_scan_intensities(card, medians, MR)
     std = once["normalization"]["standardize"]
     assert std["class_medians"] == [{"liver": 0.3}, medians] and std["scans"] == ["/train/a", str(MR.resolve())]
     assert card["normalization"]["standardize"]["class_medians"] == [{"liver": 0.3}]  # the input card untouched
-    twice = _with_scan_intensities(once, case, norm, MR)  # a second round on the same file replaces its entry
+    twice = _with_scan_intensities(once, medians, MR)  # a second round on the same file replaces its entry
     assert twice["normalization"]["standardize"]["class_medians"] == [{"liver": 0.3}, medians]
     # tskd train's card: one entry per training scan that recorded medians, with its image file
     from TSKDLib.pipeline.run import _card_normalization
@@ -149,7 +151,8 @@ def test_tskd_update_adds_the_corrected_scan_to_the_reference(tmp_path):
     assert card_norm["standardize"]["scans"] == [str(MR.resolve())]
     assert "standardize" not in _card_normalization({**info, "cases": info["cases"][1:]})
     # CT windows and cards without a reference are returned as they are
-    assert _with_scan_intensities({"normalization": PERCENTILE}, case, norm, MR) == {"normalization": PERCENTILE}
+    assert _with_scan_intensities({"normalization": PERCENTILE}, medians, MR) == {"normalization": PERCENTILE}
+    assert _with_scan_intensities(card, {}, MR) == card  # CT: no medians
     assert case_class_intensities(case, Normalization.preset("ct")) == {}
 
 
@@ -207,3 +210,109 @@ def test_sparse_benchmark_scores_post_with_the_standardisation(tmp_path):
     # no reference (training scans with CT windows record none): nothing rerun
     scorer.intensity_reference = {}
     assert scorer._standardized(ref_labels, bright, proba) is ref_labels
+
+
+def _cases(tmp_path, labelled=(6, 10, 14)):
+    """The real MR and a copy with a bright lesion (the organs darker after normalisation), both
+    labelled on ``labelled``, as :class:`TSKDLib.data.case.Case` objects."""
+    from TSKDLib.data.case import load_case
+
+    image, _, raw = _scan()
+    lesion = sitk.GetImageFromArray(_with_bright_lesion(image, raw))
+    lesion.CopyInformation(sitk.ReadImage(str(MR)))
+    sitk.WriteImage(lesion, str(tmp_path / "lesion.nii.gz"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return [load_case(path, SEG, MAP, classes=list(ORGANS.values()), labelled_slices=list(labelled))
+                for path in (MR, tmp_path / "lesion.nii.gz")]
+
+
+def _organ_medians(slices, ci, k) -> float:
+    """Median of class ``k``'s pixels on the labelled prepared slices of scan ``ci``."""
+    sel = slices.labelled & (slices.case_index == ci)
+    return float(slices.images[sel][:, 0][slices.labels[sel] == k].median())
+
+
+def test_training_scans_are_standardised_to_one_another(tmp_path):
+    """``tskd train`` multiplies each training scan's normalised intensities by the factor that
+    brings its labelled classes to their geometric mean over the scans, so the student learns the
+    same organ as equally bright in every scan; the card's reference is then those medians."""
+    import torch
+
+    from TSKDLib.data.case import prepare_slices
+    from TSKDLib.data.preprocess import Normalization
+    from TSKDLib.deploy.inference import (
+        case_class_intensities,
+        standardized_medians,
+        training_intensity_factors,
+    )
+    from TSKDLib.pipeline.run import _card_normalization, _training_factors
+
+    cases = _cases(tmp_path)
+    names = cases[0].class_map.names
+    norm = Normalization.preset("mr")
+    per_scan = [case_class_intensities(c, norm) for c in cases]
+    ratios = [per_scan[0][n] / per_scan[1][n] for n in names]
+    assert min(ratios) > 1.3  # the lesion darkened every organ
+    factors = training_intensity_factors(per_scan, names)
+    assert factors[0] < 1.0 < factors[1]
+    # the median over classes of the ratio to the geometric mean: sqrt of the scans' ratio here
+    assert factors[1] / factors[0] == pytest.approx(float(np.exp(np.median(np.log(ratios)))), rel=1e-6)
+    assert factors[0] * factors[1] == pytest.approx(1.0, rel=0.02)
+    after = standardized_medians(per_scan, factors)
+    for n in names:  # the two scans' organs now agree
+        assert after[1][n] == pytest.approx(after[0][n], rel=0.08), n
+
+    slices = prepare_slices(cases, 64)
+    std = slices.with_intensity_factors(factors)
+    assert std is not slices and torch.equal(std.labels, slices.labels)
+    for k in range(1, len(names) + 1):
+        before = _organ_medians(slices, 1, k) / _organ_medians(slices, 0, k)
+        now = _organ_medians(std, 1, k) / _organ_medians(std, 0, k)
+        assert before < 0.77 and now == pytest.approx(1.0, abs=0.08), (names[k - 1], before, now)
+    assert float(std.images.max()) <= 1.0 and not std.images[~std.valid[:, None]].any()  # padding stays 0
+    assert slices.with_intensity_factors([1.0, 1.0]) is slices
+    with pytest.raises(ValueError, match="2 scans"):
+        slices.with_intensity_factors([1.0])
+    # one scan is its own reference; CT windows and unlabelled scans record no medians
+    assert training_intensity_factors(per_scan[:1], names) == [1.0]
+    assert training_intensity_factors([{}, {}], names) == [1.0, 1.0]
+    assert training_intensity_factors([per_scan[0], {}, per_scan[1]], names)[1] == 1.0
+
+    # the pipeline's factors come from cases.json, the card records what the student saw
+    info = {"normalization": norm.to_dict(),
+            "cases": [{"image": str(c.image_path), "class_intensity_medians": m} for c, m in zip(cases, per_scan)]}
+    assert _training_factors(info, names, None) == pytest.approx(factors)
+    assert _training_factors(info, names, False) == [1.0, 1.0]
+    card = _card_normalization(info, factors)["standardize"]
+    assert card["class_medians"] == after and card["training_factors"] == [round(f, 4) for f in factors]
+    assert _card_normalization(info)["standardize"]["class_medians"] == per_scan  # older runs: as measured
+
+
+def test_tskd_update_standardises_the_corrected_scan(tmp_path):
+    """A run that standardised its scans (``summary.json``'s ``intensity_factors``) is updated on
+    a corrected scan scaled to the card's reference, and that scan's standardised medians join the
+    reference; a run without them learns the scan as it is."""
+    import json
+
+    from TSKDLib.data.case import prepare_slices
+    from TSKDLib.data.preprocess import Normalization
+    from TSKDLib.deploy.inference import case_class_intensities
+    from TSKDLib.distillation.update import _update_intensities
+
+    plain, lesion = _cases(tmp_path)
+    norm = Normalization.preset("mr")
+    base = prepare_slices([plain], 64)
+    reference = case_class_intensities(plain, norm)
+    card = {"normalization": {**PERCENTILE, "standardize": {"class_medians": [reference], "tolerance": 1.1}}}
+    run = tmp_path / "run"
+    (run / "distillation").mkdir(parents=True)
+    assert _update_intensities(run, card, lesion, norm, base) == ([1.0], 1.0, case_class_intensities(lesion, norm))
+    (run / "distillation" / "summary.json").write_text(json.dumps({"metrics": {"intensity_factors": [1.0]}}))
+    base_factors, factor, medians = _update_intensities(run, card, lesion, norm, base)
+    raw = case_class_intensities(lesion, norm)
+    assert base_factors == [1.0] and factor > 1.3
+    assert factor == pytest.approx(float(np.exp(np.median([np.log(reference[n] / raw[n]) for n in raw]))), rel=1e-6)
+    for n, v in medians.items():
+        assert v == pytest.approx(reference[n], rel=0.08), n
+    assert _update_intensities(run, {"normalization": PERCENTILE}, lesion, norm, base)[1:] == (1.0, {})
