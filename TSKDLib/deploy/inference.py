@@ -360,9 +360,10 @@ def training_intensity_factors(per_scan, names) -> list[float]:
 
     Why: the landmark standardisation is applied to every image, training and test, as Nyul and
     Udupa (1999) do; three CHAOS MR training scans differ among themselves by factors of
-    0.66-1.54, and a student trained on standardised scans, with :func:`segment_image`
-    standardising new scans to the same reference, reaches 0.861 on new scans against 0.849
-    (seed SD 0.015 against 0.031; benchmarks/RESULTS.md, section 6, fifteenth pass)."""
+    0.66-1.52, and a student trained on standardised scans, with :func:`segment_image`
+    standardising new scans to the same reference, reaches 0.862 on new scans against 0.854 (nine
+    runs), with no organ below 0.70 in 8 runs of 9 against 6 and a seed SD of at most 0.028 per
+    rotation against 0.031 (benchmarks/RESULTS.md, section 6, fifteenth pass)."""
     measured = [{i + 1: float(m[n]) for i, n in enumerate(names) if isinstance(m, dict)
                  and isinstance(m.get(n), (int, float)) and 0.0 < float(m[n]) <= 1.0} for m in per_scan]
     if sum(len(m) >= INTENSITY_MIN_CLASSES for m in measured) < 2:
