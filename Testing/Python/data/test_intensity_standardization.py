@@ -163,21 +163,15 @@ def test_sparse_benchmark_scores_post_with_the_standardisation(tmp_path):
     (within the tolerance) and a model without a reference are not."""
     import torch
 
-    from TSKDLib.data.case import load_case, prepare_case_slices
+    from TSKDLib.data.case import prepare_case_slices
     from TSKDLib.evaluation.sparse_benchmark import (
         SparseConfig,
         _Scorer,
         _with_sparse_labels,
     )
 
-    image, _, raw = _scan()
-    lesion = sitk.GetImageFromArray(_with_bright_lesion(image, raw))
-    lesion.CopyInformation(sitk.ReadImage(str(MR)))
-    sitk.WriteImage(lesion, str(tmp_path / "lesion.nii.gz"))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        case = load_case(MR, SEG, MAP, classes=list(ORGANS.values()))
-        bright = load_case(tmp_path / "lesion.nii.gz", SEG, MAP, classes=list(ORGANS.values()))
+    image, _, _ = _scan()
+    case, bright = _cases(tmp_path, labelled=None)
     train, picks = _with_sparse_labels(case, 3)
     scorer = _Scorer("mr", [(train, picks)], [bright], 0, SparseConfig(size=64), [], case.class_map)
     scorer.set_post([])
@@ -214,7 +208,7 @@ def test_sparse_benchmark_scores_post_with_the_standardisation(tmp_path):
 
 def _cases(tmp_path, labelled=(6, 10, 14)):
     """The real MR and a copy with a bright lesion (the organs darker after normalisation), both
-    labelled on ``labelled``, as :class:`TSKDLib.data.case.Case` objects."""
+    labelled on ``labelled`` (None: every slice), as :class:`TSKDLib.data.case.Case` objects."""
     from TSKDLib.data.case import load_case
 
     image, _, raw = _scan()
@@ -223,7 +217,8 @@ def _cases(tmp_path, labelled=(6, 10, 14)):
     sitk.WriteImage(lesion, str(tmp_path / "lesion.nii.gz"))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return [load_case(path, SEG, MAP, classes=list(ORGANS.values()), labelled_slices=list(labelled))
+        return [load_case(path, SEG, MAP, classes=list(ORGANS.values()),
+                          labelled_slices=None if labelled is None else list(labelled))
                 for path in (MR, tmp_path / "lesion.nii.gz")]
 
 
