@@ -209,6 +209,7 @@ def _update_intensities(run_dir: Path, card: dict, case, norm, base) -> tuple[li
         case_class_intensities,
         intensity_factor,
         reference_intensities,
+        standardized_medians,
     )
 
     std = (card.get("normalization") or {}).get("standardize")
@@ -224,8 +225,7 @@ def _update_intensities(run_dir: Path, card: dict, case, norm, base) -> tuple[li
     reference = reference_intensities(std.get("class_medians") or [], names) if isinstance(std, dict) else {}
     measured = {names.index(k) + 1: float(v) for k, v in medians.items() if k in names and float(v) > 0}
     factor = intensity_factor(reference, measured, tolerance=1.0) if reference and measured else 1.0
-    return ([float(f) for f in recorded], factor,
-            {k: round(min(float(v) * factor, 1.0), 4) for k, v in medians.items()})
+    return [float(f) for f in recorded], factor, standardized_medians([medians], [factor])[0]
 
 
 def _with_scan_intensities(card: dict, medians: dict, image) -> dict:

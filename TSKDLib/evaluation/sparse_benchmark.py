@@ -167,17 +167,14 @@ def _training_medians(train_cases) -> list[dict]:
             for c in train_cases]
 
 
-def _intensity_reference(train_cases, names, factors=None) -> dict[int, float]:
+def _intensity_reference(train_cases, names) -> dict[int, float]:
     """What ``tskd train`` records for the intensity standardisation, from the training scans'
-    labelled slices (:func:`_training_medians`, after the students' training factors when
-    ``factors`` is given: :func:`TSKDLib.deploy.inference.standardized_medians`), combined as
-    :attr:`TSKDLib.deploy.inference.ModelPackage.intensity_reference` combines them; {} for CT."""
-    from TSKDLib.deploy.inference import reference_intensities, standardized_medians
+    labelled slices (:func:`_training_medians`), combined as
+    :attr:`TSKDLib.deploy.inference.ModelPackage.intensity_reference` combines them; {} for CT.
+    Students that learn the scans standardised replace it (:func:`_standardized_slices`)."""
+    from TSKDLib.deploy.inference import reference_intensities
 
-    per_scan = _training_medians(train_cases)
-    if factors is not None:
-        per_scan = standardized_medians(per_scan, factors)
-    return reference_intensities(per_scan, names)
+    return reference_intensities(_training_medians(train_cases), names)
 
 
 @dataclass
@@ -458,12 +455,17 @@ def _standardized_slices(ex: _Experiment, scorer: _Scorer, setting: bool | None)
     intensities multiplied by its factor (:func:`TSKDLib.deploy.inference.training_intensity_factors`,
     unless ``setting`` (``DistillConfig.standardize``) is False); the students' ``+post`` then
     standardises scans to the standardised medians (:attr:`_Scorer.intensity_reference`)."""
-    from TSKDLib.deploy.inference import training_intensity_factors
+    from TSKDLib.deploy.inference import (
+        reference_intensities,
+        standardized_medians,
+        training_intensity_factors,
+    )
 
     if setting is False:
         return ex.slices
-    factors = training_intensity_factors(_training_medians(scorer.train_cases), scorer.names)
-    scorer.intensity_reference = _intensity_reference(scorer.train_cases, scorer.names, factors)
+    per_scan = _training_medians(scorer.train_cases)  # read once: the factors and the reference
+    factors = training_intensity_factors(per_scan, scorer.names)
+    scorer.intensity_reference = reference_intensities(standardized_medians(per_scan, factors), scorer.names)
     return ex.slices.with_intensity_factors(factors)
 
 
