@@ -605,7 +605,8 @@ def _postprocessing(names: Sequence[str], summary: dict, info: dict | None = Non
     through the teacher's prediction, form one 3D object in every scan): ``tskd segment`` removes
     their components smaller than a fifth (``min_fraction``) of the largest one, and those lying
     far from where the class lay in the training scans (``locations``: mean over the scans of
-    ``cases.json``'s ``class_locations_mm``; see :class:`TSKDLib.deploy.inference.Cleanup`)."""
+    ``cases.json``'s ``class_locations_mm``), and gives a removed part that touches another
+    one-object class where that class lies to it (see :class:`TSKDLib.deploy.inference.Cleanup`)."""
     from TSKDLib.deploy.inference import (
         LOCATION_MARGIN_MM,
         ONE_OBJECT_MIN_FRACTION,
@@ -622,7 +623,8 @@ def _postprocessing(names: Sequence[str], summary: dict, info: dict | None = Non
                     "components smaller than a fifth of the largest one, and parts whose centre lies "
                     "farther from where the class lay (locations: LPS x, y mm from the scan's centre) "
                     "than the best-placed part's by more than location_margin_mm or twice the class's "
-                    "radius (--all-components keeps all)"}
+                    "radius; a removed part of at least 1 mL touching another one-object class where "
+                    "that class lies joins it (--all-components keeps all)"}
 
 
 def _teacher_val_per_class(meta: dict) -> list[float] | None:

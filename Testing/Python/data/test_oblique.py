@@ -307,3 +307,49 @@ def test_cleanup_removes_the_one_object_part_that_lies_on_the_wrong_side(tmp_pat
     # posterior): with a 30 mm margin the real liver goes, as the header says it is on the left
     assert np.array_equal(clean(liver_at, mirrored, margin=30.0) == 1, labels == 2)
     assert np.array_equal(clean(liver_at, g, margin=30.0) == 1, labels == 1)
+
+
+def test_cleanup_gives_a_misnamed_part_back_to_the_organ_it_touches(tmp_path):
+    """The real CT's spleen with its middle third of slices named "liver" (the student's organ
+    confusion), on a header turned 30 degrees about S with anisotropic spacing: the liver's
+    location rule removes that part; it touches the spleen's kept body and lies where the spleen
+    lay, so it is spleen again and the result is the clean-up of the true labels. It stays
+    removed without the rule, when the spleen's place is unknown or far, when a slice of gap
+    keeps it from the spleen, and when it is under 1 mL."""
+    from TSKDLib.deploy.inference import (
+        REASSIGN_MIN_MM3,
+        Cleanup,
+        class_locations_lps,
+        cleanup_labels,
+    )
+
+    r, sp = ROTATIONS["z30"], (0.8, 1.1, 3.0)
+    case = load_case(rewrite(CT, tmp_path / "ct.nii.gz", r, sp), rewrite(SEG, tmp_path / "seg.nii.gz", r, sp),
+                     CMAP, classes=["liver", "spleen"])
+    labels = np.ascontiguousarray(case.label_slices())
+    g = case.frame.frame_geometry(case.image)
+    at = class_locations_lps(labels, g, (1, 2))
+    spacing = case.canonical_image.GetSpacing()[::-1]
+    zs = np.flatnonzero((labels == 2).any(axis=(1, 2)))
+    mid = zs[len(zs) // 3: 2 * len(zs) // 3]
+    named = np.zeros_like(labels, bool)
+    named[mid] = labels[mid] == 2
+    pred = np.where(named, 1, labels).astype(np.uint8)
+    assert named.sum() * float(np.prod(spacing)) > REASSIGN_MIN_MM3
+
+    def clean(labelmap, locations, reassign=True, spacing_zyx=spacing):
+        opts = Cleanup(fill_holes=True, single_object=(1, 2), locations=locations, reassign_parts=reassign)
+        return cleanup_labels(labelmap, 2, spacing_zyx, opts, g)
+
+    both = {1: at[1], 2: at[2]}
+    assert np.array_equal(clean(pred, both), clean(labels, both))  # the spleen whole again
+    assert (clean(pred, both, reassign=False)[named] == 0).all()  # the liver's rule alone removes it
+    assert (clean(pred, {1: at[1]})[named] == 0).all()  # where the spleen lies is unknown
+    far = {1: at[1], 2: (at[2][0] + 300.0, at[2][1], at[2][2])}
+    assert (clean(pred, far)[named] == 0).all()  # the part lies far from the spleen's place
+    gap = pred.copy()
+    gap[[mid[0] - 1, mid[-1] + 1]] = np.where(labels[[mid[0] - 1, mid[-1] + 1]] == 2, 0, labels[[mid[0] - 1, mid[-1] + 1]])
+    assert (clean(gap, both)[named] == 0).all()  # it touches no spleen
+    tiny = tuple(s / 10 for s in spacing)  # the same part measured 1000 times smaller: under 1 mL
+    out = clean(pred, both, spacing_zyx=tiny)
+    assert (out[named] == 0).all() and np.array_equal(out == 2, clean(pred, both, reassign=False) == 2)
