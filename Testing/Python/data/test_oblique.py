@@ -353,3 +353,44 @@ def test_cleanup_gives_a_misnamed_part_back_to_the_organ_it_touches(tmp_path):
     tiny = tuple(s / 10 for s in spacing)  # the same part measured 1000 times smaller: under 1 mL
     out = clean(pred, both, spacing_zyx=tiny)
     assert (out[named] == 0).all() and np.array_equal(out == 2, clean(pred, both, reassign=False) == 2)
+
+
+def test_a_labelled_slice_where_the_organ_vanishes_is_named_before_training(tmp_path):
+    """A labelling slip: the real CT's spleen erased on one labelled slice in the middle of its
+    labelled extent (as CHAOS scan 31's reference has it), on a mirrored, rotated header with
+    anisotropic spacing. ``check_label_coverage`` warns once, naming the class and the file's own
+    slice indices of the slip and of its labelled neighbours; the same slip copied onto the next
+    labelled slice is found on both; the intact labels, an organ end and the same slip on a grid
+    where the spleen covers under 5 cm^2 (fine in-plane spacing) give no warning."""
+    from TSKDLib.data.case import labelled_slice_dips
+
+    r = ROTATIONS["x30z30"] @ np.diag([1.0, 1.0, -1.0])  # the frame runs against the file's k
+    spleen = int(next(k for k, v in json.loads(CMAP.read_text()).items() if v == "spleen"))
+
+    def warnings_for(erase, labelled, sp=(2.5, 3.5, 4.0), copy=False):
+        img_p = rewrite(CT, tmp_path / "ct.nii.gz", r, sp)
+        seg = sitk.ReadImage(str(rewrite(SEG, tmp_path / "seg.nii.gz", r, sp)))
+        arr = sitk.GetArrayFromImage(seg)  # (k, j, i): the file's slices along k
+        for k in erase:
+            arr[k][arr[k] == spleen] = 0
+            if copy:  # the slipped slice's labels copied onto the next one, every class
+                arr[k + 1] = arr[k]
+        lab = sitk.GetImageFromArray(arr)
+        lab.CopyInformation(seg)
+        sitk.WriteImage(lab, str(tmp_path / "slip.nii.gz"))
+        case = load_case(img_p, tmp_path / "slip.nii.gz", CMAP, classes=["liver", "spleen"], labelled_slices=labelled)
+        warns = labelled_slice_dips(case)
+        assert check_label_coverage([case]) == warns
+        return warns
+
+    picks = list(range(1, 30, 4))  # the spleen spans all 30 slices of the file's k axis
+    mid = picks[len(picks) // 2]
+    assert warnings_for([], picks) == []
+    warns = warnings_for([mid], picks)
+    i = picks.index(mid)
+    assert len(warns) == 1 and "'spleen'" in warns[0]
+    assert f"labelled slice {mid}, against" in warns[0] and f"slices {picks[i + 1]} and {picks[i - 1]}:" in warns[0]
+    both = warnings_for([mid], sorted(picks + [mid + 1]), copy=True)
+    assert len(both) == 2 and f"slice {mid + 1}," in both[0] and f"slice {mid}," in both[1]
+    assert warnings_for([picks[0]], picks) == []  # an organ end: nothing before it to compare with
+    assert warnings_for([mid], picks, sp=(0.8, 1.1, 4.0)) == []  # under 5 cm^2 either side
