@@ -124,8 +124,18 @@ def test_train_segment_reload(finished_run, tmp_path):
         assert n == 0 or sizes.min() >= 0.2 * sizes.max(), (name, sizes)
     every = segment(model, tmp_path / "all.nii.gz", "--all-components")
     assert set(np.unique(every)) <= {0, 1, 5}
+    # the same clean-up without giving removed parts to the one-object class they touch
+    from dataclasses import replace
+
+    from TSKDLib.deploy.inference import Cleanup, load_model_package, segment_image
+    pkg = load_model_package(model)
+    lut = np.array([0] + [values[n] for n in pkg.class_map.names], np.uint8)  # class index -> label value
+    assert np.array_equal(lut[sitk.GetArrayFromImage(segment_image(pkg, str(SCAN), cleanup=Cleanup.for_package(pkg)))], a)
+    plain = lut[sitk.GetArrayFromImage(segment_image(pkg, str(SCAN), cleanup=replace(Cleanup.for_package(pkg),
+                                                                                       reassign_parts=False)))]
     for name in CLASSES:  # keeping every component only adds voxels
-        assert ((a == values[name]) & (every != values[name])).sum() == 0 or name not in single
+        assert ((plain == values[name]) & (every != values[name])).sum() == 0 or name not in single
+    assert (plain[a != plain] == 0).all()  # the reassignment labels only what the clean-up had removed
 
 
 def test_progress_json_lines_follow_the_schema(finished_run):
