@@ -18,7 +18,8 @@ region, ``within_valid``: the unlabelled slices minus the dips (and the label sl
 them); with ``--groups``, the scans outside a group are scored as ``other`` and, without their
 defective slices, ``other_valid``. ``--swap`` moves a protocol pick that falls on a dip to the nearest slice that is neither
 a dip nor a copy of one, as a radiologist labelling the organ there would draw it (the pick and
-its neighbour are one slice, 7.7 mm, apart); the teacher is then trained anew in ``--work-dir``.
+its neighbour are one slice, 7.7 mm, apart); give it a ``--work-dir`` of its own, where the teacher
+is trained anew (the work folders are kept per scan and seed, not per labelled slices).
 Prints the tables (``within`` and ``within_valid``, after ``tskd segment``'s clean-up) and writes
 ``results.csv`` to ``--out``. Results: benchmarks/RESULTS.md, section 6, "A defect in the
 reference labels". CHAOS data stay outside the project (SOURCE.md).
@@ -78,7 +79,7 @@ def _patch(defects: dict[str, list[int]], swap: bool) -> None:
     slices as if adjacent, so read its Dice); with ``swap``, move picks off the defective slices."""
     original_within, original_picks = sparse._Scorer.within, sparse._with_sparse_labels
 
-    def within(self, method, predict_case_fn):
+    def within(self, method, predict_case_fn, proba=None):
         preds: dict = {}  # each case predicted once, for both scorings
 
         def predict_once(ci, case):
@@ -86,11 +87,11 @@ def _patch(defects: dict[str, list[int]], swap: bool) -> None:
                 preds[ci] = predict_case_fn(ci, case)
             return preds[ci]
 
-        original_within(self, method, predict_once)
+        original_within(self, method, predict_once, proba)
         for ci, case in enumerate(self.train_cases):
             mask = sparse.region_masks(case.num_slices, self.picks[case.name])["within"]
             mask[defects.get(case.name, [])] = False
-            for name, p in self._variants(method, predict_once(ci, case), case):
+            for name, p in self._variants(method, predict_once(ci, case), case, proba):
                 for region, scores in sparse.score_regions(p, case.label_slices(), self.k, sparse._spacing(case),
                                                            {"within_valid": mask}).items():
                     self.add(name, case, region, scores)
@@ -131,7 +132,7 @@ def _patch(defects: dict[str, list[int]], swap: bool) -> None:
         for case in self.tests:
             keep = np.setdiff1d(np.arange(case.num_slices), defects.get(case.name, []))
             ref = case.label_slices()[keep]
-            for name, p in self._variants(method, predict_once(proba, case, self.cfg.size), case):
+            for name, p in self._variants(method, predict_once(proba, case, self.cfg.size), case, proba):
                 self.add(name, case, "other_valid", sparse.dice_hd95(p[keep], ref, self.k, sparse._spacing(case)))
 
     sparse._Scorer.within = within
