@@ -500,20 +500,25 @@ def labelled_slice_dips(case: Case, ratio: float = DIP_RATIO, min_area_mm2: floa
     idx = case.labelled_indices()
     if lab is None or len(idx) < 3:
         return []
-    pixel_mm2 = float(np.prod(case.slice_spacing()))
+    names = case.class_map.names
+    # (labelled slice, class) areas in mm^2, one pass per slice
+    area = np.stack([np.bincount(lab[i].ravel(), minlength=len(names) + 1)[:len(names) + 1] for i in idx])
+    area = area * float(np.prod(case.slice_spacing()))
+    neighbours = []  # (j, lo, hi): each inner labelled slice and its nearest labelled slices that differ
+    for j in range(1, len(idx) - 1):
+        lo, hi = j - 1, j + 1
+        while lo > 0 and np.array_equal(lab[idx[lo]], lab[idx[j]]):
+            lo -= 1
+        while hi < len(idx) - 1 and np.array_equal(lab[idx[hi]], lab[idx[j]]):
+            hi += 1
+        neighbours.append((j, lo, hi))
     out = []
-    for k, name in enumerate(case.class_map.names, start=1):
-        area = [float(np.count_nonzero(lab[i] == k)) * pixel_mm2 for i in idx]
-        for j in range(1, len(idx) - 1):
-            lo, hi = j - 1, j + 1
-            while lo > 0 and np.array_equal(lab[idx[lo]], lab[idx[j]]):
-                lo -= 1
-            while hi < len(idx) - 1 and np.array_equal(lab[idx[hi]], lab[idx[j]]):
-                hi += 1
-            before, after = area[lo], area[hi]
-            if min(before, after) >= min_area_mm2 and area[j] < ratio * min(before, after):
+    for k, name in enumerate(names, start=1):
+        for j, lo, hi in neighbours:
+            before, after = area[lo, k], area[hi, k]
+            if min(before, after) >= min_area_mm2 and area[j, k] < ratio * min(before, after):
                 s, a, b = (case.frame.frame_to_file_slice(idx[i]) for i in (j, lo, hi))
-                out.append(f"{case.name}: class '{name}' covers {area[j]:.0f} mm^2 on labelled slice {s}, against "
+                out.append(f"{case.name}: class '{name}' covers {area[j, k]:.0f} mm^2 on labelled slice {s}, against "
                            f"{before:.0f} and {after:.0f} mm^2 on labelled slices {a} and {b}: if the organ is "
                            "there, label it (the model learns each labelled slice as drawn); if it is truly "
                            "absent, ignore this.")

@@ -755,10 +755,12 @@ def _reassign_parts(labels: np.ndarray, out: np.ndarray, voxel_mm3: float, opts:
     clean = out.copy()
     min_vox = max(int(np.ceil(REASSIGN_MIN_MM3 / voxel_mm3)), 1)
     owners = [j for j in opts.single_object if j in opts.locations]
+    if not owners:
+        return 0
     given = 0
     for k in opts.single_object:
         removed = (labels == k) & (clean == 0)
-        if not owners or removed.sum() < min_vox:
+        if removed.sum() < min_vox:
             continue
         cc = sitk.RelabelComponent(sitk.ConnectedComponent(sitk.GetImageFromArray(removed.astype(np.uint8)), False),
                                    minimumObjectSize=min_vox)
@@ -778,8 +780,8 @@ def _reassign_parts(labels: np.ndarray, out: np.ndarray, voxel_mm3: float, opts:
             j = max(near, key=lambda j: touch[j])
             centre = np.array([stats.GetCentroid(c)[::-1]])
             loc = opts.locations[j]
-            reach = max(opts.location_margin_mm, LOCATION_RADII * float(loc[2])) if len(loc) > 2 else opts.location_margin_mm
-            if np.linalg.norm(geometry_of.offsets_lps(centre)[0, :2] - np.asarray(loc[:2], float)) <= reach:
+            if (np.linalg.norm(geometry_of.offsets_lps(centre)[0, :2] - np.asarray(loc[:2], float))
+                    <= _reach(loc, opts.location_margin_mm)):
                 out[box][part] = j
                 given += 1
     return given
@@ -809,9 +811,15 @@ def _well_placed(cc: sitk.Image, sizes: np.ndarray, start_zyx, geometry_of, loca
     n = len(sizes)
     centres = np.array([stats.GetCentroid(c)[::-1] for c in range(1, n + 1)]) + np.asarray(start_zyx, float)
     dist = np.linalg.norm(geometry_of.offsets_lps(centres)[:, :2] - np.asarray(location[:2], float), axis=1)
-    margin = max(margin_mm, LOCATION_RADII * float(location[2])) if len(location) > 2 else margin_mm
+    margin = _reach(location, margin_mm)
     best = dist[np.asarray(sizes) >= LOCATION_ANCHOR_FRACTION * max(sizes)].min()
     return [c for c in range(1, n + 1) if dist[c - 1] <= best + margin]
+
+
+def _reach(location, margin_mm: float) -> float:
+    """How far (mm) from a one-object class's ``location`` ``(x, y[, radius])`` its parts may lie:
+    ``max(margin_mm, LOCATION_RADII x radius)``, or ``margin_mm`` without a radius."""
+    return max(margin_mm, LOCATION_RADII * float(location[2])) if len(location) > 2 else margin_mm
 
 
 # ------------------------------------------------------------------------------------------------
